@@ -1,0 +1,199 @@
+"""Run folders, atomic checkpoint files, RNG state and recorded versions."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+import random
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from collab_distill.task import ConfigError
+
+__all__ = [
+    "atomic_save",
+    "load_checkpoint",
+    "new_run_dir",
+    "latest_run_dir",
+    "versions",
+    "rng_state",
+    "set_rng_state",
+    "load_weights",
+    "write_json",
+]
+
+CHECKPOINT_FORMAT = 1
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """Write ``obj`` with ``torch.save`` to a temporary file, then rename it into place.
+
+    A crash mid-write leaves the previous file intact.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(obj: Any, path: str | Path) -> None:
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a collab-distill checkpoint, with an error that says what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise ConfigError(f"checkpoint {str(path)!r} cannot be read ({type(err).__name__}: {err}); is it a torch file?") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or "students" not in state:
+        raise ConfigError(
+            f"{str(path)!r} is not a collab-distill checkpoint (no 'format'/'students' keys); "
+            "to load plain weights use cohort.student_checkpoints or a teacher's `checkpoint`"
+        )
+    return state
+
+
+def load_weights(model: torch.nn.Module, path: str | Path, *, member: str, field: str) -> None:
+    """Load a state dict into ``model`` from a plain state dict, an export or a run checkpoint.
+
+    ``member`` picks the model out of a run checkpoint (students first, then teachers).
+    ``field`` names the config key in error messages.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{field}: file {str(path)!r} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise ConfigError(f"{field}: {str(path)!r} cannot be read as a torch file ({type(err).__name__}: {err})") from None
+    if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
+        pool = {**obj.get("teachers", {}), **obj.get("students", {})}
+        if member not in pool:
+            if len(pool) == 1:
+                member = next(iter(pool))
+            else:
+                raise ConfigError(f"{field}: checkpoint {str(path)!r} has no member {member!r}; it has {sorted(pool)}")
+        obj = pool[member]
+    elif isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if isinstance(obj, torch.nn.Module):
+        obj = obj.state_dict()
+    if not isinstance(obj, Mapping):
+        raise ConfigError(f"{field}: {str(path)!r} holds a {type(obj).__name__}, not a state dict")
+    own = model.state_dict()
+    missing = [k for k in own if k not in obj]
+    unexpected = [k for k in obj if k not in own]
+    wrong = [
+        f"{k}: file {tuple(obj[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in obj and hasattr(obj[k], "shape") and tuple(obj[k].shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or wrong:
+        parts = []
+        if wrong:
+            parts.append("shape mismatch " + "; ".join(wrong[:4]) + (" ..." if len(wrong) > 4 else ""))
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {missing[:3]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
+        raise ConfigError(
+            f"{field}: {str(path)!r} does not fit the configured model: " + ", ".join(parts)
+            + ". Check the architecture and the number of classes."
+        )
+    model.load_state_dict(obj)
+
+
+def _version_of(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _git_commit() -> str | None:
+    try:
+        here = Path(__file__).resolve().parent
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5, check=False
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def versions() -> dict[str, Any]:
+    """What produced a run: package versions, Python, platform, git commit of the code."""
+    packages = ["collab-distill", "torch", "torchvision", "lightning-fabric", "pluggy", "jsonargparse", "numpy"]
+    out: dict[str, Any] = {p: _version_of(p) for p in packages}
+    out["python"] = platform.python_version()
+    out["platform"] = platform.platform()
+    out["cuda"] = torch.version.cuda if torch.cuda.is_available() else None
+    out["git_commit"] = _git_commit()
+    return out
+
+
+def new_run_dir(root: str | Path, name: str) -> Path:
+    """A fresh ``root/name/version_N`` (never an existing folder: nothing is overwritten)."""
+    base = Path(root) / name
+    base.mkdir(parents=True, exist_ok=True)
+    taken = [int(m.group(1)) for p in base.iterdir() if (m := re.fullmatch(r"version_(\d+)", p.name))]
+    n = max(taken, default=-1) + 1
+    while True:
+        path = base / f"version_{n}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            n += 1
+
+
+def latest_run_dir(root: str | Path, name: str) -> Path | None:
+    """The newest ``version_N`` under ``root/name`` that has a ``checkpoints/last.ckpt``."""
+    base = Path(root) / name
+    if not base.is_dir():
+        return None
+    runs = sorted(
+        (int(m.group(1)), p)
+        for p in base.iterdir()
+        if (m := re.fullmatch(r"version_(\d+)", p.name)) and (p / "checkpoints" / "last.ckpt").is_file()
+    )
+    return runs[-1][1] if runs else None
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

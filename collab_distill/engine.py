@@ -1,0 +1,811 @@
+"""The cohort training loop on Lightning Fabric.
+
+One screen of control flow (:meth:`Engine.fit` and :meth:`Engine.training_step`); every
+decision about *what* each student learns from comes from plugin hooks, and the bilevel meta
+step is a separate named function (:meth:`Engine.meta_step`). Nothing in here knows a method by
+name.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Optional
+
+import torch
+from lightning_fabric import Fabric
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.utils.data import DataLoader
+
+from collab_distill import console
+from collab_distill.checkpoint import (
+    CHECKPOINT_FORMAT,
+    atomic_save,
+    latest_run_dir,
+    load_checkpoint,
+    load_weights,
+    new_run_dir,
+    rng_state,
+    set_rng_state,
+    versions,
+    write_json,
+)
+from collab_distill.config import Cohort, Teacher, TrainerConfig
+from collab_distill.data import SeededSampler
+from collab_distill.meta import BilevelConfig, MetaModule, hypergradient
+from collab_distill.optim import Constant, OptimizerCallable, Schedule, sgd
+from collab_distill.plugin_manager import make_plugin_manager
+from collab_distill.records import Knowledge, LossWeights, SoftTarget, per_image_mean
+from collab_distill.task import ConfigError, Task, TaskInfo
+
+__all__ = ["Engine", "NonFiniteLossError"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss became NaN or infinite; the message names the student and the term."""
+
+
+class _TaskCall(nn.Module):
+    """Lets ``functional_call`` swap a model's parameters while the task runs it.
+
+    The task may call submodules of the model directly (detectors do), so parameters are
+    replaced on the whole model for the duration of :meth:`Task.knowledge`.
+    """
+
+    def __init__(self, task: Task, model: nn.Module) -> None:
+        super().__init__()
+        self.task = task
+        self.model = model
+
+    def forward(self, batch: Any, view: int, context: Any) -> Knowledge:
+        return self.task.knowledge(self.model, batch, view=view, context=context)
+
+
+class _Cycle:
+    """An endless, resumable iterator over a loader with a :class:`SeededSampler`."""
+
+    def __init__(self, loader: DataLoader, sampler: SeededSampler) -> None:
+        self.loader, self.sampler = loader, sampler
+        self.epoch, self.position = 0, 0
+        self._it: Optional[Iterator] = None
+
+    def __next__(self) -> Any:
+        if self._it is None:
+            self.sampler.select_epoch(self.epoch, self.position)
+            self._it = iter(self.loader)
+        try:
+            batch = next(self._it)
+        except StopIteration:
+            self.epoch, self.position = self.epoch + 1, 0
+            self.sampler.select_epoch(self.epoch, 0)
+            self._it = iter(self.loader)
+            batch = next(self._it)
+        self.position += 1
+        return batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        self.epoch, self.position, self._it = state["epoch"], state["position"], None
+
+
+class Engine:
+    """Trains a cohort (students, frozen teachers, meta-learned modules) on a task.
+
+    Args:
+        task: the task adapter (data, models' forward, metrics).
+        cohort: students and teachers.
+        trainer: loop, hardware, run folder.
+        optimizer: the student optimizer (``class_path: torch.optim.SGD`` + ``init_args``).
+        schedule: the per-epoch learning-rate schedule of the students.
+        meta: when and how the bilevel meta step runs (used only if a plugin has meta modules).
+        plugins: configured plugins (methods); always-on plugins come from entry points.
+        disable_plugins: names of always-on plugins to leave out.
+        seed: seeds model initialisation, data splits, data order and augmentation.
+        trace_plugins: print every hook call (debugging a plugin).
+    """
+
+    def __init__(
+        self,
+        task: Task,
+        cohort: Cohort,
+        trainer: Optional[TrainerConfig] = None,
+        optimizer: OptimizerCallable = sgd,
+        schedule: Optional[Schedule] = None,
+        meta: Optional[BilevelConfig] = None,
+        plugins: Optional[list[Any]] = None,
+        disable_plugins: Optional[list[str]] = None,
+        seed: int = 0,
+        trace_plugins: bool = False,
+        config_text: Optional[str] = None,
+        fabric: Optional[Fabric] = None,
+    ) -> None:
+        self.task = task
+        self.cohort = cohort
+        self.trainer = trainer or TrainerConfig()
+        self.optimizer_factory = optimizer
+        self.schedule = schedule or Constant()
+        self.meta_config = meta or BilevelConfig()
+        self.seed = seed
+        self.config_text = config_text
+        self.pm = make_plugin_manager(plugins or [], disable_plugins or [], trace=trace_plugins)
+        self.hook = self.pm.hook
+        self.fabric = fabric
+        self._owns_fabric = fabric is None
+        self.info: Optional[TaskInfo] = None
+        self.students: dict[str, nn.Module] = {}
+        self.teachers: dict[str, nn.Module] = {}
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.schedulers: dict[str, Any] = {}
+        self.meta_modules: dict[str, nn.Module] = {}
+        self.meta_optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.run_dir: Optional[Path] = None
+        self.epoch = 0
+        self.global_step = 0
+        self.batch_in_epoch = 0
+        self.history: list[dict[str, Any]] = []
+        self.best: dict[str, dict[str, Any]] = {}
+        self.model_summary: dict[str, dict[str, Any]] = {}
+        self._is_setup = False
+
+    # ------------------------------------------------------------------ setup
+
+    @property
+    def in_warmup(self) -> bool:
+        return self.epoch < self.trainer.warmup_epochs
+
+    @property
+    def has_meta(self) -> bool:
+        return bool(self.meta_modules)
+
+    def setup(self) -> None:
+        """Validate everything and build the cohort; writes no file."""
+        if self._is_setup:
+            return
+        t = self.trainer
+        if self.fabric is None:
+            loggers = []  # attached once the run folder exists
+            self.fabric = Fabric(
+                accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
+                strategy=t.strategy, precision=t.precision, loggers=loggers,
+            )
+            self.fabric.launch()
+        self.fabric.seed_everything(self.seed, verbose=False)
+        self.info = self.task.setup(self.seed)
+        self._build_members()
+        self.hook.collab_distill_configure(engine=self)
+        self._collect_meta_modules()
+        self._is_setup = True
+
+    def _build_members(self) -> None:
+        assert self.info is not None and self.fabric is not None
+        example = self.task.example_input(self.info)
+        from collab_distill.profiling import count_macs, count_parameters
+
+        def build(name: str, factory: Any, kind: str) -> nn.Module:
+            # each member's initialisation depends on the seed and its name only
+            torch.manual_seed(self.seed * 1_000 + sum(map(ord, name)))
+            try:
+                model = self.task.build_model(factory, self.info)
+            except ConfigError:
+                raise
+            except Exception as err:
+                raise ConfigError(f"cohort.{kind}.{name}: building {factory.describe()} failed: {type(err).__name__}: {err}") from err
+            summary: dict[str, Any] = {"kind": kind[:-1], "model": factory.describe(), "params": count_parameters(model)}
+            if example is not None:
+                summary["macs"] = count_macs(model, example)
+            self.model_summary[name] = summary
+            return model
+
+        for name, teacher in self.cohort.teachers.items():
+            model = build(name, teacher.model, "teachers")
+            if teacher.checkpoint is not None:
+                load_weights(model, teacher.checkpoint, member=name, field=f"cohort.teachers.{name}.checkpoint")
+            self.teachers[name] = model
+        for name, factory in self.cohort.students.items():
+            model = build(name, factory, "students")
+            path = self.cohort.student_checkpoints.get(name)
+            if path is not None:
+                load_weights(model, path, member=name, field=f"cohort.student_checkpoints.{name}")
+            self.students[name] = model
+        if example is not None:
+            self._check_outputs(example)
+
+    def _check_outputs(self, example: Any) -> None:
+        """Every member must output one logit per class of the data."""
+        assert self.info is not None
+        for kind, members in (("teachers", self.teachers), ("students", self.students)):
+            for name, model in members.items():
+                was_training = model.training
+                model.eval()
+                with torch.no_grad():
+                    out = model(example)
+                model.train(was_training)
+                if isinstance(out, Tensor) and out.shape[-1] != self.info.num_classes:
+                    raise ConfigError(
+                        f"cohort.{kind}.{name}: the model outputs {out.shape[-1]} classes but the data has "
+                        f"{self.info.num_classes}; build it for {self.info.num_classes} classes (or fix the checkpoint/data)"
+                    )
+
+    def _collect_meta_modules(self) -> None:
+        specs: list[MetaModule] = [m for group in self.hook.collab_distill_meta_modules(engine=self) if group for m in group]
+        self._meta_specs = {}
+        for spec in specs:
+            if spec.name in self._meta_specs:
+                raise ConfigError(f"two plugins declare a meta module named {spec.name!r}")
+            self._meta_specs[spec.name] = spec
+
+    def _setup_training(self) -> None:
+        """Wrap students for the strategy, build optimizers, schedulers and loaders."""
+        fabric = self.fabric
+        assert fabric is not None
+        for name, model in list(self.students.items()):
+            optimizer = self.optimizer_factory(model.parameters())
+            model, optimizer = fabric.setup(model, optimizer)
+            self.students[name], self.optimizers[name] = model, optimizer
+            self.schedulers[name] = self.schedule.build(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer, self.trainer.max_epochs)
+        for name, model in list(self.teachers.items()):
+            # a frozen teacher must not be wrapped in DDP
+            self.teachers[name] = fabric.to_device(model.eval().requires_grad_(False))
+        for name, spec in self._meta_specs.items():
+            module = fabric.to_device(spec.module)
+            self.meta_modules[name] = module
+            self.meta_optimizers[name] = spec.optimizer(module.parameters())
+        self.loaders = {split: self._loader(split) for split in ("train", "meta", "val", "test")}
+        self.meta_batches = _Cycle(*self.loaders["meta"])
+
+    def _loader(self, split: str) -> tuple[DataLoader, SeededSampler]:
+        assert self.fabric is not None
+        dataset = self.task.dataset(split)
+        options = dict(self.task.loader_options(split))
+        batch_size = int(options.pop("batch_size"))
+        train = split in ("train", "meta")
+        drop_last = split == "train" and len(dataset) > batch_size * self.fabric.world_size
+        sampler = SeededSampler(
+            len(dataset), shuffle=train, seed=self.seed + (0 if split == "train" else 17), rank=self.fabric.global_rank,
+            world_size=self.fabric.world_size, batch_size=batch_size, drop_last=drop_last,
+        )
+        if split != "train":
+            sampler = _PlainIndices(sampler)  # type: ignore[assignment]
+        loader = DataLoader(
+            dataset, batch_size=batch_size, sampler=sampler, collate_fn=self.task.collate,
+            drop_last=drop_last, **options,
+        )
+        return loader, sampler if isinstance(sampler, SeededSampler) else sampler.inner
+
+    # ------------------------------------------------------------------ the loss
+
+    def cohort_loss(
+        self,
+        batch: Any,
+        records: Mapping[str, Knowledge],
+        teacher_records: Mapping[str, Knowledge],
+        phase: str = "train",
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """``sum_s mean_i [alpha*sup + beta*tau^2*KL(target||s) + gamma*tau^2*KL(consensus||s)]``.
+
+        Returns the total loss and detached per-student terms for logging.
+        """
+        tau = self.trainer.temperature
+        num_images = next(iter(records.values())).num_images
+        if self.in_warmup:
+            device = next(iter(records.values())).logits.device
+            weights = {s: LossWeights.constant(num_images, 1.0, 0.0, 0.0, device) for s in records}
+            targets: Mapping[str, SoftTarget] = {}
+            consensus: Mapping[str, SoftTarget] = {}
+        else:
+            with torch.set_grad_enabled(phase != "train" and torch.is_grad_enabled()):
+                weights = self.hook.collab_distill_loss_weights(engine=self, batch=batch, records=records, phase=phase)
+            if weights is None:
+                raise ConfigError("no plugin provides loss weights (the built-in `defaults` plugin is disabled?)")
+            kwargs = dict(engine=self, batch=batch, records=records, teacher_records=teacher_records, temperature=tau)
+            targets = self.hook.collab_distill_soft_targets(**kwargs) or {}
+            consensus = self.hook.collab_distill_consensus_targets(**kwargs) or {}
+        total: Tensor | float = 0.0
+        logs: dict[str, Tensor] = {}
+        for name, rec in records.items():
+            w = weights.get(name)
+            if w is None:
+                raise ConfigError(f"the loss-weight provider returned no weights for student {name!r}")
+            per_image = w.alpha * rec.supervised_loss
+            logs[f"{name}/supervised"] = rec.supervised_loss.detach().mean()
+            for term, target, mix in (("distill", targets.get(name), w.beta), ("consensus", consensus.get(name), w.gamma)):
+                if target is None:
+                    continue
+                kl = per_image_mean(target.kl_per_unit(rec.logits, tau), rec.unit_image, rec.num_images)
+                per_image = per_image + mix * (tau * tau) * kl
+                logs[f"{name}/{term}"] = kl.detach().mean()
+            student_loss = per_image.mean()
+            logs[f"{name}/loss"] = student_loss.detach()
+            for key, value in (("alpha", w.alpha), ("beta", w.beta), ("gamma", w.gamma)):
+                logs[f"{name}/{key}"] = value.detach().float().mean()
+            total = total + student_loss
+        extra = self.hook.collab_distill_auxiliary_losses(
+            engine=self, batch=batch, records=records, teacher_records=teacher_records, weights=weights
+        )
+        for group in extra:
+            for key, value in (group or {}).items():
+                total = total + value
+                logs[key] = value.detach()
+        assert isinstance(total, Tensor)
+        logs["loss"] = total.detach()
+        return total, logs
+
+    # ------------------------------------------------------------------ steps
+
+    def _teacher_records(self, batch: Any, context: Any) -> dict[str, Knowledge]:
+        with torch.no_grad():
+            return {name: self.task.knowledge(model, batch, view=0, context=context) for name, model in self.teachers.items()}
+
+    def training_step(self, batch: Any) -> dict[str, Tensor]:
+        """One optimisation step of every student (and a meta step when one is due)."""
+        assert self.fabric is not None
+        context = self.task.shared_context(batch, self.teachers, self.students)
+        teacher_records = self._teacher_records(batch, context)
+        meta_log: dict[str, Tensor] = {}
+        if self._meta_step_due():
+            meta_log = self.meta_step(batch, teacher_records, context)
+        records = {
+            name: self.task.knowledge(model, batch, view=i, context=context)
+            for i, (name, model) in enumerate(self.students.items())
+        }
+        loss, logs = self.cohort_loss(batch, records, teacher_records, phase="train")
+        if self.trainer.detect_nonfinite and not torch.isfinite(loss):
+            self._raise_nonfinite(logs)
+        self.fabric.backward(loss)
+        for name, optimizer in self.optimizers.items():
+            if self.trainer.gradient_clip is not None:
+                self.fabric.clip_gradients(self.students[name], optimizer, max_norm=self.trainer.gradient_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        logs.update(meta_log)
+        return logs
+
+    def _raise_nonfinite(self, logs: Mapping[str, Tensor]) -> None:
+        bad = [k for k, v in logs.items() if k != "loss" and not torch.isfinite(v)]
+        raise NonFiniteLossError(
+            f"non-finite loss at epoch {self.epoch} step {self.global_step}: {', '.join(bad) or 'loss'} "
+            "is NaN/inf. Lower the learning rate, enable trainer.gradient_clip, or check the data and "
+            "the teacher. The last good checkpoint was left untouched."
+        )
+
+    def _meta_step_due(self) -> bool:
+        # decided from counters only, so every DDP rank takes the same branch
+        if not self.has_meta or self.in_warmup:
+            return False
+        if self.meta_config.every_n_epochs is not None:
+            return self.batch_in_epoch == 0 and self.epoch % self.meta_config.every_n_epochs == 0
+        return self.global_step % self.meta_config.every_n_steps == 0
+
+    def meta_step(self, batch: Any, teacher_records: Mapping[str, Knowledge], context: Any) -> dict[str, Tensor]:
+        """The bilevel step: look ahead one step of every student, score the result on a
+        held-out meta batch, and update only the meta modules."""
+        assert self.fabric is not None
+        meta_batch = self.task.move_batch(next(self.meta_batches), self.fabric)
+        with torch.no_grad():
+            meta_context = self.task.shared_context(meta_batch, self.teachers, self.students)
+        raw = {name: _unwrap(model) for name, model in self.students.items()}
+        params = {name: {n: p for n, p in m.named_parameters() if p.requires_grad} for name, m in raw.items()}
+        names = list(raw)
+
+        def run(name: str, theta: Mapping[str, Tensor], data: Any, view: int, ctx: Any) -> Knowledge:
+            # clone buffers: BatchNorm statistics must not move twice for one real step
+            state = {f"model.{k}": v for k, v in theta.items()}
+            state.update({f"model.{k}": b.clone() for k, b in raw[name].named_buffers()})
+            with self.fabric.autocast():
+                return functional_call(_TaskCall(self.task, raw[name]), state, (data, view, ctx), strict=False)
+
+        def train_loss(theta: Mapping[str, Mapping[str, Tensor]]) -> Tensor:
+            records = {n: run(n, theta[n], batch, i, context) for i, n in enumerate(names)}
+            return self.cohort_loss(batch, records, teacher_records, phase="lookahead")[0]
+
+        def meta_loss(theta: Mapping[str, Mapping[str, Tensor]]) -> Tensor:
+            records = {n: run(n, theta[n], meta_batch, 0, meta_context) for n in names}
+            value = self.hook.collab_distill_meta_objective(engine=self, batch=meta_batch, records=records)
+            if value is None:
+                raise ConfigError("no plugin provides a meta objective")
+            return value
+
+        meta_params = [p for m in self.meta_modules.values() for p in m.parameters() if p.requires_grad]
+        optimizers = {n: _unwrap_optimizer(o) for n, o in self.optimizers.items()}
+        grads, value = hypergradient(
+            params=params, meta_params=meta_params, train_loss=train_loss, meta_loss=meta_loss,
+            optimizers=optimizers, config=self.meta_config,
+        )
+        for p, g in zip(meta_params, grads):
+            p.grad = g.detach()
+        self._reduce_meta_grads(meta_params)
+        if self.meta_config.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(meta_params, self.meta_config.grad_clip)
+        for optimizer in self.meta_optimizers.values():
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        self._sync_meta_buffers()
+        self.hook.collab_distill_meta_step_end(engine=self, step=self.global_step, meta_loss=value)
+        return {"meta/loss": torch.tensor(value)}
+
+    def _reduce_meta_grads(self, params: list[nn.Parameter]) -> None:
+        assert self.fabric is not None
+        if self.fabric.world_size == 1 or not params:
+            return
+        flat = torch.cat([p.grad.flatten() for p in params])  # type: ignore[union-attr]
+        flat = self.fabric.all_reduce(flat, reduce_op="mean")
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad = flat[offset : offset + n].view_as(p).clone()
+            offset += n
+
+    def _sync_meta_buffers(self) -> None:
+        assert self.fabric is not None
+        if self.fabric.world_size == 1:
+            return
+        for module in self.meta_modules.values():
+            for b in module.buffers():
+                if b.is_floating_point():
+                    b.copy_(self.fabric.all_reduce(b, reduce_op="mean"))
+
+    # ------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def evaluate(self, split: str, members: Optional[Mapping[str, nn.Module]] = None) -> dict[str, dict[str, float]]:
+        """Metrics of every student (or of ``members``) on ``split``."""
+        assert self.fabric is not None
+        members = dict(members) if members is not None else dict(self.students)
+        loader, _ = self.loaders[split]
+        evaluators = {name: self.task.evaluator(self.fabric) for name in members}
+        modes = {name: m.training for name, m in members.items()}
+        for m in members.values():
+            m.eval()
+        for i, batch in enumerate(loader):
+            if self.trainer.limit_eval_batches is not None and i >= self.trainer.limit_eval_batches:
+                break
+            batch = self.task.move_batch(batch, self.fabric)
+            for name, model in members.items():
+                with self.fabric.autocast():
+                    outputs = self.task.predict(model, batch)
+                evaluators[name].update(outputs, batch)
+        for name, m in members.items():
+            m.train(modes[name])
+        metrics = {name: ev.compute() for name, ev in evaluators.items()}
+        self.hook.collab_distill_evaluation_end(engine=self, split=split, metrics=metrics)
+        return metrics
+
+    # ------------------------------------------------------------------ fit
+
+    def fit(self, resume: Optional[str] = None) -> dict[str, Any]:
+        """Train the cohort; returns (and writes) the run's results."""
+        self.setup()
+        state = self._resolve_resume(resume)
+        self._open_run_dir(state)
+        self._train_teachers()
+        self._setup_training()
+        if state is not None:
+            self._restore(state)
+        self.hook.collab_distill_fit_start(engine=self)
+        fabric = self.fabric
+        assert fabric is not None
+        loader, sampler = self.loaders["train"]
+        steps_per_epoch = len(loader) if self.trainer.limit_train_batches is None else min(len(sampler) // max(1, loader.batch_size or 1) or len(loader), self.trainer.limit_train_batches)
+        steps_per_epoch = min(len(loader), self.trainer.limit_train_batches or len(loader))
+        stop = False
+        while self.epoch < self.trainer.max_epochs and not stop:
+            sampler.select_epoch(self.epoch, self.batch_in_epoch)
+            for m in self.students.values():
+                m.train()
+            started = time.perf_counter()
+            with console.progress(fabric, f"epoch {self.epoch + 1}/{self.trainer.max_epochs}", steps_per_epoch - self.batch_in_epoch, self.trainer.progress_bar) as bar:
+                for batch in loader:
+                    if self.batch_in_epoch >= steps_per_epoch:
+                        break
+                    batch = self.task.move_batch(batch, fabric)
+                    logs = self.training_step(batch)
+                    self.global_step += 1
+                    self.batch_in_epoch += 1
+                    self.hook.collab_distill_train_step_end(engine=self, step=self.global_step, losses=logs)
+                    if self.global_step % self.trainer.log_every_n_steps == 0:
+                        fabric.log_dict({f"train/{k}": float(v) for k, v in logs.items()}, step=self.global_step)
+                    bar.advance(float(logs["loss"]) if bar.enabled else None)
+                    if self.trainer.checkpoint_every_n_steps and self.global_step % self.trainer.checkpoint_every_n_steps == 0:
+                        self.save_checkpoint()
+                    if self.trainer.max_steps is not None and self.global_step >= self.trainer.max_steps:
+                        stop = True
+                        break
+            if stop and self.batch_in_epoch < steps_per_epoch:
+                self.save_checkpoint()
+                break
+            self._end_epoch(time.perf_counter() - started)
+        results = self._finish()
+        return results
+
+    def _end_epoch(self, seconds: float) -> None:
+        assert self.fabric is not None
+        for scheduler in self.schedulers.values():
+            scheduler.step()
+        row: dict[str, Any] = {"epoch": self.epoch + 1, "seconds": round(seconds, 3)}
+        last = self.epoch + 1 == self.trainer.max_epochs
+        if (self.epoch + 1) % self.trainer.val_every_n_epochs == 0 or last:
+            metrics = self.evaluate("val")
+            for name, values in metrics.items():
+                for key, value in values.items():
+                    row[f"{name}/val_{key}"] = value
+                self._track_best(name, values)
+            self.fabric.log_dict({f"val/{k}": v for k, v in row.items() if "/" in k}, step=self.global_step)
+            console.epoch_table(self.fabric, row, list(self.students), self.task_selection_metric)
+        self.history.append(row)
+        self.epoch += 1
+        self.batch_in_epoch = 0
+        self.hook.collab_distill_epoch_end(engine=self, epoch=self.epoch, metrics=row)
+        if self.epoch % self.trainer.checkpoint_every_n_epochs == 0 or last:
+            self.save_checkpoint()
+
+    @property
+    def task_selection_metric(self) -> str:
+        return getattr(self.task, "selection_metric", "top1")
+
+    def _track_best(self, name: str, values: Mapping[str, float]) -> None:
+        key = self.task_selection_metric
+        value = values.get(key)
+        if value is None:
+            return
+        current = self.best.get(name)
+        if current is None or value > current["value"]:
+            state = {k: v.detach().cpu().clone() for k, v in _unwrap(self.students[name]).state_dict().items()}
+            self.best[name] = {"value": value, "epoch": self.epoch + 1, "state": state}
+
+    def _finish(self) -> dict[str, Any]:
+        """Test every student with its last and its best-on-val weights; write results.json."""
+        assert self.fabric is not None and self.run_dir is not None
+        if self.trainer.max_steps is not None and self.epoch < self.trainer.max_epochs:
+            results = {"status": "stopped", "global_step": self.global_step, "epoch": self.epoch}
+            if self.fabric.is_global_zero:
+                write_json(results, self.run_dir / "results.json")
+            return results
+        last = self.evaluate("test")
+        best_members = {}
+        for name, model in self.students.items():
+            entry = self.best.get(name)
+            clone = copy.deepcopy(_unwrap(model))
+            if entry is not None:
+                clone.load_state_dict(entry["state"])
+            best_members[name] = clone
+        best = self.evaluate("test", best_members)
+        last_val = self.history[-1] if self.history else {}
+        students: dict[str, Any] = {}
+        for name in self.students:
+            entry = self.best.get(name, {})
+            students[name] = {
+                **self.model_summary.get(name, {}),
+                "last": {"epoch": self.epoch, **{f"val_{k.split('/val_', 1)[1]}": v for k, v in last_val.items() if k.startswith(f"{name}/val_")}, **{f"test_{k}": v for k, v in last[name].items()}},
+                "best_on_val": {"epoch": entry.get("epoch"), f"val_{self.task_selection_metric}": entry.get("value"), **{f"test_{k}": v for k, v in best[name].items()}},
+            }
+        results = {
+            "status": "finished",
+            "seed": self.seed,
+            "epochs": self.epoch,
+            "global_step": self.global_step,
+            "selection_metric": self.task_selection_metric,
+            "students": students,
+            "teachers": {n: self.model_summary.get(n, {}) for n in self.teachers},
+            "history": self.history,
+        }
+        if self.teachers:
+            teacher_test = self.evaluate("test", self.teachers)
+            for name, values in teacher_test.items():
+                results["teachers"][name]["test"] = values
+        if self.fabric.is_global_zero:
+            write_json(results, self.run_dir / "results.json")
+            console.results_table(self.fabric, results)
+            console.info(self.fabric, f"run folder: {self.run_dir}")
+        for logger in self.fabric.loggers:
+            logger.finalize("success")
+        self.hook.collab_distill_fit_end(engine=self, results=results)
+        return results
+
+    # ------------------------------------------------------------------ teachers
+
+    def _train_teachers(self) -> None:
+        """Teachers with ``train_epochs`` and no checkpoint are first trained with plain CE,
+        as their own run inside this run's folder; the result is stored as their checkpoint."""
+        assert self.run_dir is not None and self.fabric is not None
+        for name, teacher in self.cohort.teachers.items():
+            if teacher.checkpoint is not None:
+                continue
+            target = self.run_dir / "teachers" / name / "teacher.pt"
+            if target.is_file():  # already trained by the run we resume
+                load_weights(self.teachers[name], target, member=name, field=f"cohort.teachers.{name}")
+                continue
+            console.info(self.fabric, f"training teacher {name!r} with cross-entropy for {teacher.train_epochs} epochs")
+            sub = Engine(
+                task=self.task,
+                cohort=Cohort(students={name: teacher.model}),
+                trainer=_replace(self.trainer, max_epochs=teacher.train_epochs, warmup_epochs=0, max_steps=None,
+                                 root_dir=str(self.run_dir / "teachers"), name=name, loggers=["csv"]),
+                optimizer=self.optimizer_factory,
+                schedule=self.schedule,
+                seed=self.seed,
+                fabric=self.fabric,
+                disable_plugins=[],
+            )
+            sub.setup()
+            sub.students[name].load_state_dict(self.teachers[name].state_dict())
+            sub._run_dir_override = self.run_dir / "teachers" / name
+            own_loggers = self.fabric._loggers
+            try:
+                sub.fit()
+            finally:
+                self.fabric._loggers = own_loggers
+            weights = sub.best.get(name, {}).get("state") or _unwrap(sub.students[name]).state_dict()
+            if self.fabric.is_global_zero:
+                atomic_save(weights, target)
+            self.fabric.barrier()
+            self.teachers[name].load_state_dict(weights)
+
+    # ------------------------------------------------------------------ run folder & checkpoints
+
+    def _resolve_resume(self, resume: Optional[str]) -> Optional[dict[str, Any]]:
+        if resume is None:
+            return None
+        if resume == "last":
+            found = latest_run_dir(self.trainer.root_dir, self._name())
+            if found is None:
+                raise ConfigError(
+                    f"--resume last: no run with checkpoints/last.ckpt under {self.trainer.root_dir}/{self._name()}; "
+                    "give the checkpoint path instead"
+                )
+            path = found / "checkpoints" / "last.ckpt"
+        else:
+            path = Path(resume)
+        state = load_checkpoint(path)
+        missing = set(self.students) - set(state["students"])
+        if missing:
+            raise ConfigError(f"--resume {path}: the checkpoint has no student(s) {sorted(missing)}; it has {sorted(state['students'])}")
+        state["_path"] = path
+        return state
+
+    def _name(self) -> str:
+        return self.trainer.name or "run"
+
+    def _open_run_dir(self, state: Optional[Mapping[str, Any]]) -> None:
+        assert self.fabric is not None
+        override = getattr(self, "_run_dir_override", None)
+        if override is not None:
+            run_dir = Path(override)
+            run_dir.mkdir(parents=True, exist_ok=True)
+        elif state is not None:
+            run_dir = Path(state["_path"]).resolve().parent.parent
+        else:
+            run_dir = new_run_dir(self.trainer.root_dir, self._name()) if self.fabric.is_global_zero else None
+            run_dir = self.fabric.broadcast(run_dir, src=0)
+        self.run_dir = Path(run_dir)
+        if self.fabric.is_global_zero:
+            (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+            if self.config_text is not None and not (self.run_dir / "config.yaml").exists():
+                (self.run_dir / "config.yaml").write_text(self.config_text)
+            write_json(versions(), self.run_dir / "versions.json")
+            write_json(self.model_summary, self.run_dir / "models.json")
+        self.fabric.barrier()
+        console.model_table(self.fabric, self.model_summary)
+        self._attach_loggers()
+
+    def _attach_loggers(self) -> None:
+        assert self.fabric is not None and self.run_dir is not None
+        from lightning_fabric.loggers import CSVLogger, TensorBoardLogger
+
+        loggers = []
+        if "csv" in self.trainer.loggers:
+            loggers.append(CSVLogger(root_dir=str(self.run_dir), name="logs", version="csv", flush_logs_every_n_steps=50))
+        if "tensorboard" in self.trainer.loggers:
+            loggers.append(TensorBoardLogger(root_dir=str(self.run_dir), name="logs", version="tensorboard"))
+        self.fabric._loggers = loggers
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "format": CHECKPOINT_FORMAT,
+            "students": {n: _unwrap(m).state_dict() for n, m in self.students.items()},
+            "teachers": {n: m.state_dict() for n, m in self.teachers.items()},
+            "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
+            "schedulers": {n: s.state_dict() for n, s in self.schedulers.items()},
+            "meta_modules": {n: m.state_dict() for n, m in self.meta_modules.items()},
+            "meta_optimizers": {n: o.state_dict() for n, o in self.meta_optimizers.items()},
+            "meta_batches": self.meta_batches.state_dict(),
+            "loop": {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "global_step": self.global_step},
+            "best": self.best,
+            "history": self.history,
+            "rng": rng_state(),
+            "model_summary": self.model_summary,
+            "task_info": None if self.info is None else {
+                "num_classes": self.info.num_classes, "in_channels": self.info.in_channels,
+                "image_size": list(self.info.image_size),
+            },
+            "config": self.config_text,
+            "versions": versions(),
+            "plugins": {},
+        }
+        self.hook.collab_distill_save_state(engine=self, state=state["plugins"])
+        return state
+
+    def save_checkpoint(self) -> Path:
+        """Write ``checkpoints/last.ckpt`` atomically (once, from rank 0)."""
+        assert self.fabric is not None and self.run_dir is not None
+        path = self.run_dir / "checkpoints" / "last.ckpt"
+        state = self.checkpoint_state()
+        if self.fabric.is_global_zero:
+            atomic_save(state, path)
+        self.fabric.barrier()
+        return path
+
+    def _restore(self, state: Mapping[str, Any]) -> None:
+        for name, model in self.students.items():
+            _unwrap(model).load_state_dict(state["students"][name])
+            self.optimizers[name].load_state_dict(state["optimizers"][name])
+            self.schedulers[name].load_state_dict(state["schedulers"][name])
+        for name, model in self.teachers.items():
+            if name in state["teachers"]:
+                model.load_state_dict(state["teachers"][name])
+        for name, module in self.meta_modules.items():
+            if name not in state["meta_modules"]:
+                raise ConfigError(f"--resume: the checkpoint has no meta module {name!r}; was it written with the same plugins?")
+            module.load_state_dict(state["meta_modules"][name])
+            self.meta_optimizers[name].load_state_dict(state["meta_optimizers"][name])
+        self.meta_batches.load_state_dict(state["meta_batches"])
+        loop = state["loop"]
+        self.epoch, self.batch_in_epoch, self.global_step = loop["epoch"], loop["batch_in_epoch"], loop["global_step"]
+        self.best = dict(state["best"])
+        self.history = list(state["history"])
+        set_rng_state(state["rng"])
+        self.hook.collab_distill_load_state(engine=self, state=state.get("plugins", {}))
+        console.info(self.fabric, f"resumed from {state['_path']} at epoch {self.epoch}, step {self.global_step}")
+
+    # ------------------------------------------------------------------ validate / test
+
+    def evaluate_checkpoint(self, split: str, checkpoint: Optional[str], which: str = "last") -> dict[str, Any]:
+        """``collab-distill validate|test``: metrics of every student from a checkpoint."""
+        self.setup()
+        if checkpoint is not None:
+            state = load_checkpoint(checkpoint)
+            for name, model in self.students.items():
+                if name not in state["students"]:
+                    raise ConfigError(f"--ckpt_path {checkpoint}: no student {name!r} in it (has {sorted(state['students'])})")
+                weights = state["students"][name]
+                if which == "best" and name in state.get("best", {}):
+                    weights = state["best"][name]["state"]
+                model.load_state_dict(weights)
+        assert self.fabric is not None
+        self.students = {n: self.fabric.to_device(m) for n, m in self.students.items()}
+        self.teachers = {n: self.fabric.to_device(m) for n, m in self.teachers.items()}
+        self.loaders = {split: self._loader(split)}
+        metrics = self.evaluate(split)
+        console.metrics_table(self.fabric, split, metrics)
+        return metrics
+
+
+class _PlainIndices(torch.utils.data.Sampler):
+    """Evaluation order: plain indices (no augmentation seed), sharded like training."""
+
+    def __init__(self, inner: SeededSampler) -> None:
+        self.inner = inner
+
+    def __iter__(self):
+        return (i for i, _ in self.inner)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The user's module inside Fabric's (and DDP's) wrappers."""
+    return getattr(model, "module", model) if type(model).__name__ == "_FabricModule" else model
+
+
+def _unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def _replace(config: TrainerConfig, **changes: Any) -> TrainerConfig:
+    return TrainerConfig(**{**asdict(config), **changes})

@@ -1,0 +1,65 @@
+"""Export one student of a run: a plain state dict, and TorchScript when the model traces."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from collab_distill.checkpoint import atomic_save, load_checkpoint
+from collab_distill.task import ConfigError
+
+__all__ = ["export_student"]
+
+
+def _rebuild(state: dict, student: str) -> tuple[torch.nn.Module, Optional[torch.Tensor]]:
+    """Rebuild the student's architecture from the config saved in the checkpoint."""
+    from jsonargparse import ArgumentParser
+
+    from collab_distill.cli import build_parser
+    from collab_distill.task import TaskInfo
+
+    text, info = state.get("config"), state.get("task_info")
+    if not text or not info:
+        raise ConfigError("the checkpoint carries no config/task info; only the state dict can be exported")
+    parser: ArgumentParser = build_parser()._subcommands_action._name_parser_map["fit"]
+    cfg = parser.parse_string(text)
+    factory_cfg = cfg.cohort.students[student]
+    factory = parser.instantiate_classes(cfg).cohort.students[student] if factory_cfg else None
+    task_info = TaskInfo(num_classes=info["num_classes"], in_channels=info["in_channels"], image_size=tuple(info["image_size"]))
+    model = factory.build(task_info)
+    example = torch.zeros(1, task_info.in_channels, *task_info.image_size)
+    return model, example
+
+
+def export_student(
+    ckpt_path: str, student: str, output: Optional[str] = None, weights: str = "last", torchscript: bool = True
+) -> list[Path]:
+    state = load_checkpoint(ckpt_path)
+    if student not in state["students"]:
+        raise ConfigError(f"--student {student!r}: the checkpoint has students {sorted(state['students'])}")
+    tensors = state["students"][student]
+    if weights == "best":
+        best = state.get("best", {}).get(student)
+        if best is None:
+            raise ConfigError(f"--weights best: no best-on-val weights recorded for {student!r} (was val ever run?)")
+        tensors = best["state"]
+    out = Path(output) if output else Path(ckpt_path).resolve().parent.parent / "exports"
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    plain = out / f"{student}-{weights}.pt"
+    atomic_save(tensors, plain)
+    written.append(plain)
+    if torchscript:
+        model, example = _rebuild(state, student)
+        model.load_state_dict(tensors)
+        model.eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            traced = torch.jit.trace(model, example)
+        path = out / f"{student}-{weights}.torchscript.pt"
+        traced.save(str(path))
+        written.append(path)
+    return written

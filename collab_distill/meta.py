@@ -1,0 +1,201 @@
+"""The generic bilevel meta step shared by every meta-learned plugin.
+
+Given students with parameters ``theta``, meta-learned modules with parameters ``phi``, a
+training loss ``L_train(theta, phi)`` and a meta objective ``L_meta(theta)`` on held-out data,
+one meta step does::
+
+    theta'(phi) = theta - lr * d L_train(theta, phi) / d theta         (one-step lookahead)
+    phi        <- phi - meta_opt( d L_meta(theta'(phi)) / d phi )
+
+Two ways to get ``d L_meta / d phi``:
+
+* ``second_order`` (exact): the lookahead keeps its graph (``create_graph=True``) and the meta
+  objective is differentiated through it.
+* ``finite_difference`` (cheap, DARTS-style): no double backward. With ``v = dL_meta/dtheta'``
+  the hypergradient ``-sum_s lr_s * d^2 L_train / (d phi d theta_s) v_s`` is approximated by a
+  central difference of ``dL_train/dphi`` at ``theta +- eps * lr * v``. Works through
+  operations without double-backward support (``roi_align``).
+
+Dropping the second-order term (MAML's "first-order") would give the meta modules a zero
+gradient here, because ``phi`` reaches ``theta'`` only through the inner gradient; so it is not
+offered.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Literal, Mapping
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["MetaModule", "BilevelConfig", "Params", "hypergradient", "lookahead"]
+
+#: ``{student name: {parameter name: tensor}}``
+Params = dict[str, dict[str, Tensor]]
+
+
+def _default_meta_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=1e-3, weight_decay=1e-4)
+
+
+@dataclass
+class MetaModule:
+    """A meta-learned module a plugin hands to the engine.
+
+    The engine owns its device placement, optimizer, checkpointing and updates (only in the
+    bilevel step). ``optimizer`` builds the module's optimizer from its parameters.
+    """
+
+    name: str
+    module: nn.Module
+    optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] = _default_meta_optimizer
+
+
+@dataclass
+class BilevelConfig:
+    """How and when the engine runs the meta step.
+
+    Args:
+        every_n_steps: a meta step every this many training steps (MC-Distil's release: 20).
+        every_n_epochs: if set, a meta step at the first step of every this many epochs instead.
+        hypergradient: ``second_order`` (exact, double backward) or ``finite_difference``.
+        lookahead_momentum: include the optimizer's momentum buffer in the lookahead, as
+            MC-Distil's release does.
+        lookahead_weight_decay: include the optimizer's weight decay in the lookahead.
+        fd_epsilon: relative step of the finite-difference hypergradient.
+        grad_clip: clip the meta gradient's norm (``None``: no clipping).
+    """
+
+    every_n_steps: int = 20
+    every_n_epochs: int | None = None
+    hypergradient: Literal["second_order", "finite_difference"] = "second_order"
+    lookahead_momentum: bool = False
+    lookahead_weight_decay: bool = False
+    fd_epsilon: float = 0.01
+    grad_clip: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.every_n_steps < 1:
+            raise ValueError("meta.every_n_steps must be >= 1")
+        if self.every_n_epochs is not None and self.every_n_epochs < 1:
+            raise ValueError("meta.every_n_epochs must be >= 1 or null")
+
+
+def _optimizer_terms(optimizer: torch.optim.Optimizer | None) -> dict[int, tuple[float, float, float, Tensor | None]]:
+    """``id(param) -> (lr, momentum, weight_decay, momentum_buffer)`` read from an optimizer."""
+    terms: dict[int, tuple[float, float, float, Tensor | None]] = {}
+    if optimizer is None:
+        return terms
+    for group in optimizer.param_groups:
+        lr = float(group["lr"])
+        momentum = float(group.get("momentum", 0.0) or 0.0)
+        wd = float(group.get("weight_decay", 0.0) or 0.0)
+        for p in group["params"]:
+            buf = optimizer.state.get(p, {}).get("momentum_buffer")
+            terms[id(p)] = (lr, momentum, wd, buf)
+    return terms
+
+
+def lookahead(
+    params: Params,
+    originals: Mapping[str, Mapping[str, nn.Parameter]],
+    grads: Mapping[str, Mapping[str, Tensor]],
+    optimizers: Mapping[str, torch.optim.Optimizer | None],
+    config: BilevelConfig,
+    scale: float = 1.0,
+) -> Params:
+    """One SGD-like step ``theta - lr * (g [+ wd*theta] [+ mu*buf])`` at each student's lr.
+
+    ``scale`` multiplies the step (used by the finite-difference perturbation).
+    """
+    new: Params = {}
+    for student, p in params.items():
+        terms = _optimizer_terms(optimizers.get(student))
+        new[student] = {}
+        for name, value in p.items():
+            g = grads[student][name]
+            lr, momentum, wd, buf = terms.get(id(originals[student][name]), (1.0, 0.0, 0.0, None))
+            step = g
+            if config.lookahead_weight_decay and wd:
+                step = step + wd * value.detach()
+            if config.lookahead_momentum and momentum and buf is not None:
+                step = step + momentum * buf
+            new[student][name] = value - scale * lr * step
+    return new
+
+
+def _flat(params: Params) -> tuple[list[str], list[str], list[Tensor]]:
+    students, names, tensors = [], [], []
+    for s, p in params.items():
+        for n, t in p.items():
+            students.append(s)
+            names.append(n)
+            tensors.append(t)
+    return students, names, tensors
+
+
+def _unflat(students: list[str], names: list[str], tensors: Iterable[Tensor | None], like: list[Tensor]) -> Params:
+    out: Params = {}
+    for s, n, t, ref in zip(students, names, tensors, like):
+        out.setdefault(s, {})[n] = torch.zeros_like(ref) if t is None else t
+    return out
+
+
+def hypergradient(
+    *,
+    params: Mapping[str, Mapping[str, nn.Parameter]],
+    meta_params: list[nn.Parameter],
+    train_loss: Callable[[Params], Tensor],
+    meta_loss: Callable[[Params], Tensor],
+    optimizers: Mapping[str, torch.optim.Optimizer | None],
+    config: BilevelConfig,
+) -> tuple[list[Tensor], float]:
+    """``d L_meta(theta'(phi)) / d phi`` for every meta parameter, and ``L_meta``'s value.
+
+    ``train_loss(params)`` and ``meta_loss(params)`` evaluate the students functionally with the
+    given parameters (``{student: {name: tensor}}``); ``params`` are the students' real
+    parameters (only those that require grad), which are not modified.
+    """
+    students, names, theta = _flat({s: dict(p) for s, p in params.items()})  # type: ignore[arg-type]
+    second_order = config.hypergradient == "second_order"
+
+    inner = train_loss({s: dict(p) for s, p in params.items()})  # type: ignore[arg-type]
+    g = torch.autograd.grad(inner, theta, create_graph=second_order, allow_unused=True)
+    grads = _unflat(students, names, g if second_order else [x.detach() if x is not None else None for x in g], theta)
+    base = {s: dict(p) for s, p in params.items()}
+    if not second_order:
+        base = {s: {n: t.detach() for n, t in p.items()} for s, p in params.items()}
+    ahead = lookahead(base, params, grads, optimizers, config)  # type: ignore[arg-type]
+
+    if second_order:
+        outer = meta_loss(ahead)
+        meta_grads = torch.autograd.grad(outer, meta_params, allow_unused=True)
+        return [torch.zeros_like(p) if q is None else q for p, q in zip(meta_params, meta_grads)], float(outer.detach())
+
+    # finite differences: v = dL_meta/dtheta' (and any direct dL_meta/dphi)
+    ahead_leaves = {s: {n: t.detach().requires_grad_(True) for n, t in p.items()} for s, p in ahead.items()}
+    _, _, ahead_flat = _flat(ahead_leaves)
+    outer = meta_loss(ahead_leaves)
+    both = torch.autograd.grad(outer, ahead_flat + list(meta_params), allow_unused=True)
+    v = _unflat(students, names, both[: len(ahead_flat)], ahead_flat)
+    direct = [torch.zeros_like(p) if q is None else q for p, q in zip(meta_params, both[len(ahead_flat) :])]
+
+    # the perturbation direction is lr_s * v_s (the lookahead's own step with v as gradient)
+    zero = {s: {n: torch.zeros_like(t) for n, t in p.items()} for s, p in base.items()}
+    no_extras = BilevelConfig(**{**config.__dict__, "lookahead_momentum": False, "lookahead_weight_decay": False})
+    direction = lookahead(zero, params, v, optimizers, no_extras, scale=-1.0)  # = +lr * v
+    norm = torch.sqrt(sum((d.float() ** 2).sum() for p in direction.values() for d in p.values()))
+    if float(norm) == 0.0:
+        return direct, float(outer.detach())
+    eps = config.fd_epsilon / float(norm)
+
+    def grad_phi_at(sign: float) -> list[Tensor]:
+        shifted = {s: {n: (base[s][n] + sign * eps * direction[s][n]) for n in p} for s, p in base.items()}
+        loss = train_loss(shifted)
+        gp = torch.autograd.grad(loss, meta_params, allow_unused=True)
+        return [torch.zeros_like(p) if q is None else q for p, q in zip(meta_params, gp)]
+
+    plus, minus = grad_phi_at(+1.0), grad_phi_at(-1.0)
+    hyper = [d - (gp - gm) / (2 * eps) for d, gp, gm in zip(direct, plus, minus)]
+    return hyper, float(outer.detach())

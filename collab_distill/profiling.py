@@ -1,0 +1,54 @@
+"""Model size and cost, reported next to each cohort member so results can be compared fairly.
+
+MACs are counted by :class:`torch.utils.flop_counter.FlopCounterMode`, i.e. for the matrix
+products and convolutions that dominate a network's cost; normalisation, activations, pooling
+and biases are not counted, which is the usual convention of papers' "MACs" columns.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+__all__ = ["count_parameters", "count_macs", "format_count"]
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameters, trainable or not (shared parameters count once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_macs(model: nn.Module, example_input: Any) -> int:
+    """Multiply-accumulates of one forward pass on ``example_input`` (usually ``[1, C, H, W]``).
+
+    The pass runs without gradients and with every submodule in eval mode, so BatchNorm running
+    statistics and dropout state are untouched; each submodule's own train/eval flag is put
+    back afterwards (a model may deliberately keep some parts, e.g. frozen BN, in eval mode).
+    A tuple or list ``example_input`` is unpacked into positional arguments.
+    """
+    modes = {m: m.training for m in model.modules()}
+    args = tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
+    counter = FlopCounterMode(display=False)
+    try:
+        model.eval()
+        with torch.no_grad(), counter:
+            model(*args)
+    finally:
+        for module, training in modes.items():
+            module.training = training
+    return counter.get_total_flops() // 2
+
+
+def format_count(n: int) -> str:
+    """Short human form of a count: ``1234567 -> "1.23M"``, ``456700 -> "456.7K"``, ``12 -> "12"``."""
+    if abs(n) < 1000:
+        return str(n)
+    for suffix, scale, decimals in (("K", 1e3, 1), ("M", 1e6, 2), ("G", 1e9, 2), ("T", 1e12, 2)):
+        value = round(n / scale, decimals)
+        # move up a unit when rounding reaches 1000 ("1.00M", not "1000.0K")
+        if abs(value) < 1000 or suffix == "T":
+            return f"{value:.{decimals}f}{suffix}"
+    raise AssertionError("unreachable")

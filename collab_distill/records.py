@@ -1,0 +1,140 @@
+"""The data that flows between a task adapter, the engine and the plugins.
+
+A task adapter turns one model and one batch into a :class:`Knowledge` record. Everything a
+distillation rule needs (supervised loss, logits to distil, which image each logit row belongs
+to) is in the record, so rules never need to know which task produced it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["Knowledge", "SoftTarget", "LossWeights", "per_image_mean"]
+
+
+@dataclass
+class Knowledge:
+    """What one cohort member knows about one batch.
+
+    Attributes:
+        supervised_loss: ``[B]`` the member's own supervised loss per image (cross-entropy for
+            classification, the sum of a detector's losses for detection).
+        logits: ``[U, K]`` class logits over *distillation units*. For classification a unit is
+            an image (``U == B``); for detection it is a region shared by every cohort member.
+        unit_image: ``[U]`` index of the image each unit belongs to.
+        unit_labels: ``[U]`` ground-truth class of each unit (``-1`` where there is none).
+        num_images: ``B``; needed because an image may own no unit at all.
+        features: optional named tensors (feature maps, box deltas) for feature-level rules.
+    """
+
+    supervised_loss: Tensor
+    logits: Tensor
+    unit_image: Tensor
+    unit_labels: Tensor
+    num_images: int
+    features: dict[str, Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.supervised_loss.dim() != 1 or self.supervised_loss.shape[0] != self.num_images:
+            raise ValueError(
+                f"Knowledge.supervised_loss must have shape [num_images]={self.num_images}, "
+                f"got {tuple(self.supervised_loss.shape)}"
+            )
+        if self.logits.dim() != 2:
+            raise ValueError(f"Knowledge.logits must be [units, classes], got {tuple(self.logits.shape)}")
+        units = self.logits.shape[0]
+        if self.unit_image.shape != (units,) or self.unit_labels.shape != (units,):
+            raise ValueError(
+                "Knowledge.unit_image and unit_labels must both have shape [units]="
+                f"{units}, got {tuple(self.unit_image.shape)} and {tuple(self.unit_labels.shape)}"
+            )
+
+    @classmethod
+    def for_images(cls, logits: Tensor, labels: Tensor, **features: Tensor) -> Knowledge:
+        """The record of a classifier: one unit per image, cross-entropy as supervised loss."""
+        index = torch.arange(logits.shape[0], device=logits.device)
+        return cls(
+            supervised_loss=F.cross_entropy(logits, labels, reduction="none"),
+            logits=logits,
+            unit_image=index,
+            unit_labels=labels,
+            num_images=logits.shape[0],
+            features=dict(features),
+        )
+
+    def detach(self) -> Knowledge:
+        """A copy whose tensors carry no graph (for targets built from peers)."""
+        return Knowledge(
+            supervised_loss=self.supervised_loss.detach(),
+            logits=self.logits.detach(),
+            unit_image=self.unit_image,
+            unit_labels=self.unit_labels,
+            num_images=self.num_images,
+            features={k: v.detach() for k, v in self.features.items()},
+        )
+
+
+@dataclass
+class SoftTarget:
+    """A distribution over classes for every distillation unit, already at temperature ``tau``.
+
+    Targets are stored as probabilities rather than logits so that rules that average
+    distributions (DML, multi-teacher) and rules that combine logits (MinLogit, PooledStudent)
+    fit the same hook. ``weight`` optionally scales each unit (e.g. to drop units without a
+    trustworthy target); ``None`` means every unit counts fully.
+    """
+
+    probs: Tensor
+    weight: Tensor | None = None
+
+    @classmethod
+    def from_logits(cls, logits: Tensor, temperature: float, weight: Tensor | None = None) -> SoftTarget:
+        return cls(probs=F.softmax(logits.detach().float() / temperature, dim=-1), weight=weight)
+
+    def kl_per_unit(self, student_logits: Tensor, temperature: float) -> Tensor:
+        """``KL(target || softmax(student / tau))`` for every unit, ``[U]``."""
+        log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
+        p = self.probs.to(log_q.dtype)
+        kl = (torch.xlogy(p, p) - p * log_q).sum(dim=-1)
+        if self.weight is not None:
+            kl = kl * self.weight
+        return kl
+
+
+@dataclass
+class LossWeights:
+    """Per-image loss mixing for one student: ``[B]`` tensors for each term.
+
+    ``alpha`` weighs the supervised loss, ``beta`` the distillation from the soft target
+    (teacher), ``gamma`` the distillation from the consensus target. Weights produced by a
+    meta-learned module keep their graph so that the bilevel step can differentiate them.
+    """
+
+    alpha: Tensor
+    beta: Tensor
+    gamma: Tensor
+
+    @classmethod
+    def constant(cls, num_images: int, alpha: float, beta: float, gamma: float, device: Any = None) -> LossWeights:
+        full = lambda v: torch.full((num_images,), float(v), device=device)  # noqa: E731
+        return cls(full(alpha), full(beta), full(gamma))
+
+    @classmethod
+    def from_tensor(cls, weights: Tensor) -> LossWeights:
+        """From a ``[B, 3]`` tensor whose columns are alpha, beta, gamma."""
+        return cls(weights[:, 0], weights[:, 1], weights[:, 2])
+
+    def as_tensor(self) -> Tensor:
+        return torch.stack([self.alpha, self.beta, self.gamma], dim=1)
+
+
+def per_image_mean(values: Tensor, unit_image: Tensor, num_images: int) -> Tensor:
+    """Average per-unit values over the units of each image; images without units get 0."""
+    total = values.new_zeros(num_images).index_add(0, unit_image, values)
+    count = values.new_zeros(num_images).index_add(0, unit_image, torch.ones_like(values))
+    return total / count.clamp_min(1.0)

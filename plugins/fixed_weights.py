@@ -1,0 +1,69 @@
+"""Fixed loss mixing: the CE and KD baselines (and any constant alpha/beta/gamma)."""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+from collab_distill.hookspecs import hookimpl
+from collab_distill.plugin_manager import Plugin
+from collab_distill.records import Knowledge, LossWeights
+from collab_distill.task import ConfigError
+
+__all__ = ["FixedLossWeights"]
+
+
+class FixedLossWeights(Plugin):
+    """The same alpha, beta, gamma for every image (optionally per student).
+
+    CE is ``alpha=1, beta=0``; Hinton's KD is ``alpha=1-lambda, beta=lambda`` with the
+    engine's temperature tau (the KL term is already scaled by tau^2).
+
+    Args:
+        alpha: weight of the supervised loss.
+        beta: weight of the distillation term (soft target, e.g. the teacher).
+        gamma: weight of the consensus term (needs a consensus plugin).
+        per_student: ``{student: [alpha, beta, gamma]}`` overrides for some students.
+    """
+
+    def __init__(
+        self,
+        alpha: float = 1.0,
+        beta: float = 0.0,
+        gamma: float = 0.0,
+        per_student: Optional[dict[str, tuple[float, float, float]]] = None,
+    ) -> None:
+        for key, value in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
+            if value < 0:
+                raise ConfigError(f"FixedLossWeights.{key}={value} must be >= 0")
+        self.default = (alpha, beta, gamma)
+        self.per_student = {k: tuple(v) for k, v in (per_student or {}).items()}
+
+    @hookimpl
+    def collab_distill_configure(self, engine) -> None:
+        unknown = set(self.per_student) - set(engine.cohort.students)
+        if unknown:
+            raise ConfigError(f"FixedLossWeights.per_student names {sorted(unknown)}, not students of the cohort")
+        if any(w[1] > 0 for w in [self.default, *self.per_student.values()]) and not engine.cohort.teachers:
+            # without teachers the default soft target is empty: beta would silently do nothing
+            plugins = [p for p in engine.pm.get_plugins() if p is not self]
+            if not any(hasattr(p, "collab_distill_soft_targets") and not _is_default(p) for p in plugins):
+                raise ConfigError(
+                    "FixedLossWeights.beta > 0 but the cohort has no teacher and no plugin provides soft "
+                    "targets: add `cohort.teachers` or a soft-target plugin, or set beta: 0"
+                )
+
+    @hookimpl
+    def collab_distill_loss_weights(self, records: Mapping[str, Knowledge]) -> dict[str, LossWeights]:
+        out = {}
+        for name, rec in records.items():
+            a, b, g = self.per_student.get(name, self.default)
+            out[name] = LossWeights.constant(rec.num_images, a, b, g, rec.logits.device)
+        return out
+
+    def __repr__(self) -> str:
+        a, b, g = self.default
+        return f"FixedLossWeights(alpha={a}, beta={b}, gamma={g})"
+
+
+def _is_default(plugin: object) -> bool:
+    return getattr(plugin, "__name__", "") == "collab_distill.plugins.defaults"

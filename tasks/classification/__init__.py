@@ -1,0 +1,26 @@
+"""Image classification: data sets, the ResNet10 family and torchvision models, the task adapter."""
+
+from collab_distill.tasks.classification.data import (
+    CIFAR10,
+    CIFAR100,
+    ClassificationData,
+    Digits,
+    ImageFolderData,
+    TinyImageNet,
+)
+from collab_distill.tasks.classification.models import ResNet, ResNetCifar, TorchvisionModel
+from collab_distill.tasks.classification.task import ImageClassification, TopKEvaluator
+
+__all__ = [
+    "CIFAR10",
+    "CIFAR100",
+    "ClassificationData",
+    "Digits",
+    "ImageFolderData",
+    "TinyImageNet",
+    "ResNet",
+    "ResNetCifar",
+    "TorchvisionModel",
+    "ImageClassification",
+    "TopKEvaluator",
+]
