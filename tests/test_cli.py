@@ -1,0 +1,148 @@
+"""The command line as a user runs it: real subprocesses, real files on disk."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from conftest import REPO, digits_args
+
+pytestmark = pytest.mark.slow
+
+
+def run_cli(args, env, check=True, timeout=300):
+    proc = subprocess.run(
+        [sys.executable, "-m", "collab_distill", *args], env=env, capture_output=True, text=True, timeout=timeout,
+        cwd=str(REPO.parent),
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """One small digits KD run through the CLI, shared by the tests that inspect its outputs."""
+    import os
+
+    from conftest import TESTS
+
+    env = dict(os.environ, PYTHONPATH=str(TESTS), NO_COLOR="1", COLUMNS="200")
+    root = tmp_path_factory.mktemp("runs")
+    proc = run_cli(digits_args(root, "kd", epochs=2), env)
+    return root / "kd" / "version_0", proc, env
+
+
+def test_fit_writes_a_complete_run_folder(finished_run):
+    run, proc, _ = finished_run
+    results = json.loads((run / "results.json").read_text())
+    assert results["status"] == "finished" and results["epochs"] == 2
+    for name in ("xxs", "xs", "s"):
+        entry = results["students"][name]
+        assert 0 <= entry["last"]["test_top1"] <= 100
+        assert entry["best_on_val"]["epoch"] in (1, 2)
+        assert entry["params"] > 0 and entry["macs"] > 0
+    assert "test" in results["teachers"]["teacher"]
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["trainer"]["max_epochs"] == 2 and config["seed"] == 0
+    versions = json.loads((run / "versions.json").read_text())
+    assert versions["torch"] == torch.__version__.split("+")[0] or versions["torch"].startswith(torch.__version__[:4])
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert (run / "teachers" / "teacher" / "teacher.pt").is_file()
+    metrics = (run / "logs" / "csv" / "metrics.csv").read_text().splitlines()
+    assert metrics[0].startswith("step") and "train/loss" in metrics[0] and len(metrics) > 2
+    assert list((run / "logs" / "tensorboard").glob("events.out.tfevents.*"))
+    # the parameter/MAC table and the results table are printed
+    assert "MACs" in proc.stdout and "best val" in proc.stdout
+
+
+def test_a_second_fit_never_overwrites_the_first(finished_run, tmp_path):
+    run, _, env = finished_run
+    before = (run / "results.json").read_bytes()
+    proc = run_cli(digits_args(run.parent.parent, "kd", epochs=1), env)
+    assert (run.parent / "version_1" / "results.json").is_file()
+    assert (run / "results.json").read_bytes() == before
+    assert "version_1" in proc.stdout
+
+
+def test_print_config_round_trips(tmp_path, cli_env):
+    first = run_cli(digits_args(tmp_path, "p", extra=["--print_config"]), cli_env).stdout
+    dumped = tmp_path / "dumped.yaml"
+    dumped.write_text(first)
+    second = run_cli(["fit", "--config", str(dumped), "--print_config"], cli_env).stdout
+    assert yaml.safe_load(first) == yaml.safe_load(second)
+    assert not any(tmp_path.glob("p/*")), "--print_config must not start a run"
+
+
+def test_overrides_and_seed_reach_the_config(tmp_path, cli_env):
+    out = run_cli(digits_args(tmp_path, "o", extra=["--trainer.max_epochs", "7", "--seed", "3", "--print_config"]), cli_env)
+    cfg = yaml.safe_load(out.stdout)
+    assert cfg["trainer"]["max_epochs"] == 7 and cfg["seed"] == 3
+
+
+def test_plugins_command_lists_builtins_and_their_hooks(cli_env):
+    out = run_cli(["plugins"], cli_env).stdout
+    assert "defaults" in out and "always on" in out
+    assert "fixed_loss_weights" in out and "configurable" in out
+    assert "loss_weights" in out and "soft_targets" in out and "meta_objective" in out
+
+
+def test_export_writes_state_dict_and_torchscript(finished_run, tmp_path):
+    run, _, env = finished_run
+    out = run_cli(["export", "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), "--student", "xs",
+                   "--output", str(tmp_path), "--weights", "best"], env)
+    assert "xs-best.pt" in out.stdout
+    from collab_distill.task import TaskInfo
+    from collab_distill.tasks.classification import ResNet
+
+    model = ResNet("xs").build(TaskInfo(num_classes=10, in_channels=1, image_size=(8, 8))).eval()
+    model.load_state_dict(torch.load(tmp_path / "xs-best.pt"))
+    scripted = torch.jit.load(str(tmp_path / "xs-best.torchscript.pt"))
+    x = torch.randn(4, 1, 8, 8)
+    torch.testing.assert_close(scripted(x), model(x))
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    for key, value in ckpt["best"]["xs"]["state"].items():
+        assert torch.equal(model.state_dict()[key], value)
+
+
+def test_test_command_reproduces_the_runs_test_metrics(finished_run):
+    run, _, env = finished_run
+    results = json.loads((run / "results.json").read_text())
+    config = run / "config.yaml"
+    for weights, key in (("last", "last"), ("best", "best_on_val")):
+        out = run_cli(["test", "--config", str(config), "--ckpt_path", str(run / "checkpoints" / "last.ckpt"),
+                       "--weights", weights, "--trainer.progress_bar", "false"], env).stdout
+        for name in ("xxs", "xs", "s"):
+            expected = results["students"][name][key]["test_top1"]
+            row = next(line for line in out.splitlines() if line.strip("│ ").startswith(name + " "))
+            assert f"{expected:.2f}" in row, (name, weights, row, expected)
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path, cli_env):
+    """SIGKILL mid-epoch, ``--resume last``: the final weights equal an uninterrupted run's."""
+    common = ["--trainer.checkpoint_every_n_steps", "5", "--task.init_args.data.init_args.subset", "600"]
+    run_cli(digits_args(tmp_path, "whole", epochs=2, extra=common), cli_env)
+    killed = run_cli(
+        digits_args(tmp_path, "cut", epochs=2, extra=[*common, "--plugins+", "support_plugins.KillAtStep",
+                                                       "--plugins.step", "13"]),
+        cli_env, check=False,
+    )
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    ckpt = torch.load(tmp_path / "cut" / "version_0" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["loop"]["global_step"] == 10
+    assert not (tmp_path / "cut" / "version_0" / "results.json").exists()
+    run_cli(digits_args(tmp_path, "cut", epochs=2, extra=[*common, "--resume", "last"]), cli_env)
+    a = torch.load(tmp_path / "whole" / "version_0" / "checkpoints" / "last.ckpt", weights_only=False)
+    b = torch.load(tmp_path / "cut" / "version_0" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert a["loop"] == b["loop"]
+    for name in a["students"]:
+        for key, value in a["students"][name].items():
+            assert torch.equal(value, b["students"][name][key]), f"{name}.{key} differs after resume"
+    ra = json.loads((tmp_path / "whole" / "version_0" / "results.json").read_text())
+    rb = json.loads((tmp_path / "cut" / "version_0" / "results.json").read_text())
+    assert ra["students"] == rb["students"]

@@ -1,0 +1,75 @@
+"""Every YAML in examples/ runs: a short fit of each on small data written to disk by the test."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import REPO, digits_args
+from test_classification_data import make_cifar100, make_folder, make_tiny
+from test_cli import run_cli
+
+pytestmark = pytest.mark.slow
+
+QUICK = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.progress_bar", "false",
+         "--trainer.accelerator", "cpu", "--trainer.precision", "32-true", "--trainer.loggers", "[csv]"]
+
+
+def data_args(root, batch=8, checksums=None):
+    out = ["--task.init_args.data.init_args.root", str(root),
+           "--task.init_args.data.init_args.batch_size", str(batch),
+           "--task.init_args.data.init_args.num_workers", "0"]
+    if checksums is not None:
+        out += ["--task.init_args.data.init_args.verify_checksums", checksums]
+    return out
+
+
+def finished(run_root, name):
+    results = json.loads((run_root / name / "version_0" / "results.json").read_text())
+    assert results["status"] == "finished"
+    return results
+
+
+def test_cifar100_teacher_then_cohort(tmp_path, cli_env):
+    """The paper's two-step recipe: train the teacher with CE, then distil from its checkpoint."""
+    make_cifar100(tmp_path / "data", n_train=80, n_test=20)
+    runs = tmp_path / "runs"
+    common = [*QUICK, *data_args(tmp_path / "data", checksums="false"), "--trainer.root_dir", str(runs)]
+    run_cli(["fit", "--config", str(REPO / "examples" / "cifar100_teacher.yaml"), *common], cli_env)
+    teacher = runs / "cifar100_teacher" / "version_0" / "checkpoints" / "last.ckpt"
+    run_cli(["fit", "--config", str(REPO / "examples" / "cifar100.yaml"), *common,
+             "--cohort.teachers.teacher.checkpoint", str(teacher)], cli_env)
+    results = finished(runs, "cifar100")
+    assert set(results["students"]) == {"xxs", "xs", "s", "m"}
+    assert results["teachers"]["teacher"]["params"] > 4_000_000  # ResNet10 for 100 classes
+
+
+def test_tiny_imagenet_example(tmp_path, cli_env):
+    make_tiny(tmp_path / "data", per_class=8)
+    from collab_distill.task import TaskInfo
+    from collab_distill.tasks.classification import ResNet
+
+    teacher = tmp_path / "teacher.pt"
+    torch.save(ResNet("resnet18").build(TaskInfo(num_classes=3, in_channels=3, image_size=(64, 64))).state_dict(), teacher)
+    run_cli(["fit", "--config", str(REPO / "examples" / "tiny_imagenet.yaml"), *QUICK, *data_args(tmp_path / "data", batch=4),
+             "--trainer.root_dir", str(tmp_path / "runs"), "--cohort.teachers.teacher.checkpoint", str(teacher)], cli_env)
+    finished(tmp_path / "runs", "tiny_imagenet")
+
+
+def test_imagefolder_example(tmp_path, cli_env):
+    make_folder(tmp_path / "data", n_train=8, n_test=3)
+    run_cli(["fit", "--config", str(REPO / "examples" / "imagefolder.yaml"), *QUICK, *data_args(tmp_path / "data", batch=4),
+             "--trainer.root_dir", str(tmp_path / "runs"), "--cohort.teachers.teacher.train_epochs", "1"], cli_env)
+    results = finished(tmp_path / "runs", "imagefolder")
+    assert set(results["students"]) == {"mobilenet", "s"}
+
+
+@pytest.mark.parametrize("method", ["ce", "kd"])
+def test_method_files_compose_with_digits(tmp_path, cli_env, method):
+    run_cli([*digits_args(tmp_path, method, epochs=1), "--config", str(REPO / "examples" / "methods" / f"{method}.yaml"),
+             "--trainer.limit_train_batches", "3"], cli_env)
+    cfg = (tmp_path / method / "version_0" / "config.yaml").read_text()
+    assert ("beta: 0.0" in cfg) == (method == "ce")
+    finished(tmp_path, method)
