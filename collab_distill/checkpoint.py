@@ -60,18 +60,26 @@ def write_json(obj: Any, path: str | Path) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a collab-distill checkpoint, with an error that says what is wrong."""
+def load_checkpoint(path: str | Path, field: str | None = None) -> dict[str, Any]:
+    """Load a collab-distill checkpoint, with an error that says what is wrong.
+
+    ``field`` names the option the path came from (e.g. ``--resume``) in error messages.
+    """
     path = Path(path)
+    where = f"{field}: checkpoint {str(path)!r}" if field else f"checkpoint {str(path)!r}"
+    fix = "Give the checkpoints/last.ckpt of a collab-distill run" + (" (or `--resume last`)." if field == "--resume" else ".")
     if not path.is_file():
-        raise ConfigError(f"checkpoint {str(path)!r} does not exist")
+        raise ConfigError(f"{where} does not exist. {fix}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:
-        raise ConfigError(f"checkpoint {str(path)!r} cannot be read ({type(err).__name__}: {err}); is it a torch file?") from None
+        raise ConfigError(
+            f"{where} cannot be read ({type(err).__name__}: {err}); it is not a torch file, or it is "
+            f"truncated. {fix}"
+        ) from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or "students" not in state:
         raise ConfigError(
-            f"{str(path)!r} is not a collab-distill checkpoint (no 'format'/'students' keys); "
+            f"{where} is not a collab-distill checkpoint (no 'format'/'students' keys); "
             "to load plain weights use cohort.student_checkpoints or a teacher's `checkpoint`"
         )
     return state
@@ -85,11 +93,14 @@ def load_weights(model: torch.nn.Module, path: str | Path, *, member: str, field
     """
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{field}: file {str(path)!r} does not exist")
+        raise ConfigError(f"{field}: file {str(path)!r} does not exist. Fix the path (relative paths start at the working directory).")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:
-        raise ConfigError(f"{field}: {str(path)!r} cannot be read as a torch file ({type(err).__name__}: {err})") from None
+        raise ConfigError(
+            f"{field}: {str(path)!r} cannot be read as a torch file ({type(err).__name__}: {err}). Give a file "
+            "written by torch.save: a state dict, a `collab-distill export` or a run's last.ckpt."
+        ) from None
     if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
         pool = {**obj.get("teachers", {}), **obj.get("students", {})}
         if member not in pool:
@@ -107,24 +118,48 @@ def load_weights(model: torch.nn.Module, path: str | Path, *, member: str, field
     own = model.state_dict()
     missing = [k for k in own if k not in obj]
     unexpected = [k for k in obj if k not in own]
-    wrong = [
-        f"{k}: file {tuple(obj[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in obj and hasattr(obj[k], "shape") and tuple(obj[k].shape) != tuple(own[k].shape)
+    wrong_keys = [
+        k for k in own if k in obj and hasattr(obj[k], "shape") and tuple(obj[k].shape) != tuple(own[k].shape)
     ]
+    wrong = [f"{k}: file {tuple(obj[k].shape)} vs model {tuple(own[k].shape)}" for k in wrong_keys]
+    classes = _class_count_mismatch(obj, own, wrong_keys)
+    if classes is not None and not missing and not unexpected:
+        saved, built = classes
+        raise ConfigError(
+            f"{field}: {str(path)!r} was saved for {saved} classes but the model is built for {built} (the "
+            f"classes of the data). Use a checkpoint trained on this data, or data with {saved} classes."
+        )
     if missing or unexpected or wrong:
         parts = []
         if wrong:
-            parts.append("shape mismatch " + "; ".join(wrong[:4]) + (" ..." if len(wrong) > 4 else ""))
+            parts.append("shape mismatch " + "; ".join(wrong[:4]) + (f" (and {len(wrong) - 4} more)" if len(wrong) > 4 else ""))
         if missing:
             parts.append(f"{len(missing)} missing keys (e.g. {missing[:3]})")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
         raise ConfigError(
             f"{field}: {str(path)!r} does not fit the configured model: " + ", ".join(parts)
-            + ". Check the architecture and the number of classes."
+            + ". Configure the architecture (class_path/init_args) the file was saved from, or give a "
+            "checkpoint of the configured architecture."
         )
     model.load_state_dict(obj)
+
+
+def _class_count_mismatch(obj: Mapping[str, Any], own: Mapping[str, Any], wrong_keys: list[str]) -> tuple[int, int] | None:
+    """``(saved, built)`` output sizes when only the classifier (the last weight and bias of the
+    state dict) differs, and only in its number of outputs; otherwise ``None``."""
+    if not wrong_keys or len(wrong_keys) > 2:
+        return None
+    tail = [k for k in own if hasattr(own[k], "shape") and own[k].dim() >= 1][-2:]
+    if set(wrong_keys) - set(tail):
+        return None
+    sizes = set()
+    for k in wrong_keys:
+        a, b = tuple(obj[k].shape), tuple(own[k].shape)
+        if len(a) != len(b) or a[1:] != b[1:]:
+            return None
+        sizes.add((a[0], b[0]))
+    return next(iter(sizes)) if len(sizes) == 1 else None
 
 
 def _version_of(dist: str) -> str | None:

@@ -11,18 +11,22 @@ fit) stops with one message naming the field before any file is written.
 
 from __future__ import annotations
 
+import argparse
+import difflib
+import importlib
+import re
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
-from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, get_loader, set_loader
 
 from collab_distill import __version__
 from collab_distill.config import Cohort, TrainerConfig
 from collab_distill.meta import BilevelConfig
 from collab_distill.optim import Cosine, OptimizerCallable, Schedule
 from collab_distill.plugin_manager import Plugin, discover, hooks_implemented_by
-from collab_distill.task import ConfigError, Task
+from collab_distill.task import ConfigError, ModelFactory, Task
 
 __all__ = ["main", "build_parser"]
 
@@ -35,6 +39,74 @@ def _import_known_classes() -> None:
 
     for info in discover():
         pass  # loading the entry point imports its module
+
+
+def _duplicate_keys(node: Any, path: str = "") -> Iterator[tuple[str, int, int]]:
+    """``(dotted key, first line, second line)`` of every key given twice in one YAML mapping."""
+    import yaml
+
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[Any, int] = {}
+        for key, value in node.value:
+            name = key.value if isinstance(key, yaml.ScalarNode) else None
+            where = f"{path}.{name}" if path else str(name)
+            if name is not None:
+                if name in seen:
+                    yield where, seen[name] + 1, key.start_mark.line + 1
+                seen.setdefault(name, key.start_mark.line)
+            yield from _duplicate_keys(value, where)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            yield from _duplicate_keys(item, f"{path}[{i}]")
+
+
+def _duplicate_message(key: str, first: int, second: int) -> str:
+    return (
+        f"key {key!r} is given twice (lines {first} and {second}); YAML would silently keep only the "
+        "last one. Give every key (and every cohort member) a distinct name."
+    )
+
+
+def _check_config_files(argv: list[str]) -> None:
+    """Refuse a ``--config`` file with a key given twice, naming the file (the loader check
+    below also catches inline YAML values, but does not know which file it reads)."""
+    import yaml
+
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            path = argv[i + 1]
+        elif arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        else:
+            continue
+        try:
+            node = yaml.compose(Path(path).read_text(), Loader=yaml.SafeLoader)
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            continue  # jsonargparse reports a missing or malformed file
+        for key, first, second in _duplicate_keys(node):
+            raise ConfigError(f"{path}: {_duplicate_message(key, first, second)}")
+
+
+def _install_strict_yaml() -> None:
+    """YAML silently keeps the last of two equal keys (two students named ``s``: one is lost).
+    Refuse such configs instead; everything else is left to jsonargparse's own loader."""
+    import yaml
+
+    base = get_loader("yaml")
+    if getattr(base, "_collab_distill_strict", False):
+        return
+
+    def load(stream: str) -> Any:
+        try:
+            node = yaml.compose(stream, Loader=yaml.SafeLoader)
+        except yaml.YAMLError:
+            node = None  # the real loader reports it
+        for key, first, second in _duplicate_keys(node):
+            raise yaml.YAMLError(_duplicate_message(key, first, second))
+        return base(stream)
+
+    load._collab_distill_strict = True  # type: ignore[attr-defined]
+    set_loader("yaml", load, (yaml.YAMLError,))
 
 
 def _run_arguments(parser: ArgumentParser, *, training: bool) -> None:
@@ -58,7 +130,11 @@ def _run_arguments(parser: ArgumentParser, *, training: bool) -> None:
 
 def build_parser() -> ArgumentParser:
     _import_known_classes()
-    root = ArgumentParser(prog="collab-distill", description="Collaborative knowledge distillation.", env_prefix="COLLAB_DISTILL", default_env=False)
+    _install_strict_yaml()
+    # errors are raised (not printed with a page of usage) and reported by main() in one message;
+    # no abbreviations: a misspelt `--trainer.max_epoch` must not silently mean `max_epochs`
+    strict: dict[str, Any] = {"exit_on_error": False, "allow_abbrev": False}
+    root = ArgumentParser(prog="collab-distill", description="Collaborative knowledge distillation.", env_prefix="COLLAB_DISTILL", default_env=False, **strict)
     root.add_argument("--version", action="version", version=f"collab-distill {__version__}")
     sub = root.add_subcommands(required=True, dest="subcommand")
     for name, training, help_text in (
@@ -66,17 +142,17 @@ def build_parser() -> ArgumentParser:
         ("validate", False, "evaluate the students of a checkpoint on the val split"),
         ("test", False, "evaluate the students of a checkpoint on the test split"),
     ):
-        p = ArgumentParser(description=help_text)
+        p = ArgumentParser(description=help_text, **strict)
         _run_arguments(p, training=training)
         sub.add_subcommand(name, p, help=help_text)
-    export = ArgumentParser(description="write one student as a plain state dict and TorchScript")
+    export = ArgumentParser(description="write one student as a plain state dict and TorchScript", **strict)
     export.add_argument("--ckpt_path", type=str, required=True, help="a run checkpoint (last.ckpt)")
     export.add_argument("--student", type=str, required=True, help="the student to export")
     export.add_argument("--output", type=Optional[str], default=None, help="folder (default: the run's exports/)")
     export.add_argument("--weights", type=str, default="last", choices=["last", "best"])
     export.add_argument("--torchscript", type=bool, default=True)
     sub.add_subcommand("export", export, help="export one student")
-    plugins = ArgumentParser(description="list installed plugins and the hooks they implement")
+    plugins = ArgumentParser(description="list installed plugins and the hooks they implement", **strict)
     sub.add_subcommand("plugins", plugins, help="list installed plugins")
     return root
 
@@ -97,14 +173,142 @@ def _engine_from(parser: ArgumentParser, cfg: Namespace, command: str):
 
     sub_parser = parser._subcommands_action._name_parser_map[command]
     cfg.trainer.name = _experiment_name(cfg)
-    text = sub_parser.dump(cfg, skip_none=False, skip_check=True)
-    init = sub_parser.instantiate_classes(cfg)
+    saved = cfg.clone()
+    for action in ("resume", "ckpt_path", "weights"):  # how to run, not what to run
+        if action in saved:
+            del saved[action]
+    text = sub_parser.dump(saved, skip_none=False, skip_validation=True)
+    try:
+        init = sub_parser.instantiate(cfg)
+    except (ConfigError, ValueError, TypeError) as err:
+        raise _located(cfg, err) from None
     engine = Engine(
         task=init.task, cohort=init.cohort, trainer=init.trainer, optimizer=init.optimizer,
         schedule=init.schedule, meta=init.meta, plugins=init.plugins, disable_plugins=init.disable_plugins,
         seed=init.seed, trace_plugins=init.trace_plugins, config_text=text,
     )
     return engine
+
+
+def _class_nodes(value: Any, path: str) -> Iterator[tuple[str, Namespace]]:
+    """``(dotted path, node)`` of every ``class_path``/``init_args`` node in a parsed config."""
+    if isinstance(value, Namespace):
+        if "class_path" in value:
+            yield path, value
+        for key, child in vars(value).items():
+            yield from _class_nodes(child, f"{path}.{key}" if path else key)
+    elif isinstance(value, dict):
+        for key, child in value.items():
+            yield from _class_nodes(child, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, (list, tuple)):
+        for i, child in enumerate(value):
+            yield from _class_nodes(child, f"{path}[{i}]")
+
+
+def _located(cfg: Namespace, err: Exception) -> ConfigError:
+    """A constructor rejected its arguments while the config was instantiated. Find which node of
+    the config it was (by building the innermost class nodes again, one by one) and prefix the
+    message with its path, e.g. ``cohort.students.s: Unknown ResNet size 'zz' ...``."""
+    message = str(err) if isinstance(err, ConfigError) else f"{type(err).__name__}: {err}"
+    for path, node in _class_nodes(cfg, ""):
+        init_args = node.get("init_args")
+        if any(True for _ in _class_nodes(init_args, "")):
+            continue  # only nodes whose arguments are plain values can be rebuilt alone
+        module, _, name = str(node.class_path).rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError, ValueError):
+            continue
+        kwargs = init_args.as_dict() if isinstance(init_args, Namespace) else dict(init_args or {})
+        try:
+            cls(**kwargs)
+        except Exception as again:  # noqa: BLE001 - only compared with the original error
+            if type(again) is type(err) and str(again) == str(err):
+                if message.startswith(path):
+                    return ConfigError(message)
+                return ConfigError(f"{path}: {message}")
+    return ConfigError(message)
+
+
+def _configurable_bases() -> dict[str, tuple[type, ...]]:
+    """The base class of what each top-level key configures by ``class_path``."""
+    from collab_distill.tasks.classification.data import ClassificationData
+
+    return {"plugins": (Plugin,), "cohort": (ModelFactory,), "task": (Task, ClassificationData), "schedule": (Schedule,)}
+
+
+def _public_subclasses(base: type) -> Iterator[str]:
+    """Import paths of the concrete, public subclasses of ``base`` imported so far."""
+    import inspect
+
+    stack = list(base.__subclasses__())
+    while stack:
+        cls = stack.pop()
+        stack.extend(cls.__subclasses__())
+        if not inspect.isabstract(cls) and not cls.__name__.startswith("_"):
+            yield f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _importable(path: str) -> Optional[type]:
+    module, _, name = path.rpartition(".")
+    try:
+        found = getattr(importlib.import_module(module), name) if module else None
+    except Exception:  # noqa: BLE001 - any failure means "not importable"
+        return None
+    return found if isinstance(found, type) else None
+
+
+def _argument_hint(message: str, argv: list[str], parser: ArgumentParser) -> str:
+    """A fix for a jsonargparse error: the closest name for a misspelt option, key, class or
+    init arg, the known classes for a class_path that cannot be imported, and always where
+    the options are listed."""
+    command = next((a for a in argv if a in ("fit", "validate", "test", "export", "plugins")), None)
+    hints = []
+    sub_parser = None
+    if command is not None:
+        sub_parser = parser._subcommands_action._name_parser_map.get(command)
+    if sub_parser is not None:
+        known = sorted({a.dest for a in sub_parser._actions if a.dest and a.dest != "help"})
+        wrong = re.findall(r"--([\w.\-\[\]]+)", message.split("\n")[0]) + re.findall(r"option '([^']+)'", message)
+        for key in wrong:
+            close = difflib.get_close_matches(key, known, n=1, cutoff=0.7)
+            if close:
+                hints.append(f"did you mean `{close[0]}`?")
+    # the innermost name that could not be imported (a nested error lists its parents first)
+    bad = (
+        re.findall(r"dot import path string: ([\w.]+)", message)
+        or re.findall(r"Import path ([\w.]+) does not correspond", message)
+        or re.findall(r"class_path '([\w.]+)'", message)
+    )
+    key = re.search(r'Parser key "([\w.]+)"', message)
+    found = _importable(bad[-1]) if bad else None
+    options = re.findall(r"Option '([\w.]+)' is not accepted", message)
+    if found is not None and options:
+        import inspect
+
+        try:
+            accepted = [n for n in inspect.signature(found).parameters if n not in ("self", "args", "kwargs")]
+        except (TypeError, ValueError):
+            accepted = []
+        for option in options:
+            close = difflib.get_close_matches(option.rpartition(".")[2], accepted, n=1, cutoff=0.6)
+            if close:
+                hints.append(f"did you mean `{close[0]}`?")
+        hints.append(f"{found.__name__} accepts init_args: {', '.join(accepted) or 'none'}")
+    elif bad and key and (found is None or "does not correspond" in message):
+        bases = _configurable_bases().get(key.group(1).split(".")[0], ())
+        choices = sorted({path for base in bases for path in _public_subclasses(base)})
+        if choices:
+            wanted = bad[-1].rpartition(".")[2]
+            close = difflib.get_close_matches(wanted, [c.rpartition(".")[2] for c in choices], n=1, cutoff=0.6)
+            if close:
+                hints.append(f"did you mean {next(c for c in choices if c.endswith('.' + close[0]))}?")
+            hints.append(
+                "class_path must be the import path `package.module.ClassName` of an importable class; known: "
+                + ", ".join(choices)
+            )
+    hints.append(f"`collab-distill {command + ' ' if command else ''}--help` lists every option and its type")
+    return "; ".join(hints)
 
 
 def _export(cfg: Namespace) -> None:
@@ -133,7 +337,9 @@ def _list_plugins() -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    parser: Optional[ArgumentParser] = None
     try:
+        _check_config_files(list(argv))
         parser = build_parser()
         cfg = parser.parse_args(argv)
         command = cfg.subcommand
@@ -150,6 +356,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         else:
             results = engine.evaluate_checkpoint("val" if command == "validate" else "test", sub.ckpt_path, sub.weights)
         return 0 if results is not None else 1
+    except argparse.ArgumentError as err:
+        # jsonargparse: a wrong type, an unknown option or key, a class_path that cannot be imported
+        message = str(err).strip()
+        try:
+            hint = _argument_hint(message, list(argv), parser or build_parser())
+        except Exception:  # noqa: BLE001 - a hint must never hide the error itself
+            hint = "`collab-distill --help` lists the options"
+        print(f"collab-distill: error: {message}\n  fix: {hint}", file=sys.stderr)
+        return 2
     except ConfigError as err:
         print(f"collab-distill: error: {err}", file=sys.stderr)
         return 2

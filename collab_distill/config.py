@@ -120,17 +120,17 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         checks = {
-            "max_epochs": self.max_epochs >= 1,
-            "warmup_epochs": 0 <= self.warmup_epochs,
-            "temperature": self.temperature > 0,
-            "num_nodes": self.num_nodes >= 1,
-            "checkpoint_every_n_epochs": self.checkpoint_every_n_epochs >= 1,
-            "log_every_n_steps": self.log_every_n_steps >= 1,
-            "val_every_n_epochs": self.val_every_n_epochs >= 1,
+            "max_epochs": (self.max_epochs >= 1, ">= 1"),
+            "warmup_epochs": (0 <= self.warmup_epochs, ">= 0"),
+            "temperature": (self.temperature > 0, "> 0"),
+            "num_nodes": (self.num_nodes >= 1, ">= 1"),
+            "checkpoint_every_n_epochs": (self.checkpoint_every_n_epochs >= 1, ">= 1"),
+            "log_every_n_steps": (self.log_every_n_steps >= 1, ">= 1"),
+            "val_every_n_epochs": (self.val_every_n_epochs >= 1, ">= 1"),
         }
-        for key, ok in checks.items():
+        for key, (ok, rule) in checks.items():
             if not ok:
-                raise ConfigError(f"trainer.{key}={getattr(self, key)!r} is out of range")
+                raise ConfigError(f"trainer.{key}={getattr(self, key)!r} is out of range: it must be {rule}")
         for key in ("max_steps", "checkpoint_every_n_steps", "limit_train_batches", "limit_eval_batches"):
             value = getattr(self, key)
             if value is not None and value < 1:

@@ -104,7 +104,7 @@ def results_table(fabric: Any, results: Mapping[str, Any]) -> None:
     metric = results.get("selection_metric", "top1")
     table = Table(title=f"test {metric} (model selection on val, never on test)", title_justify="left")
     for col in ("student", "params", "last epoch", f"test {metric} (last)", "best epoch", f"test {metric} (best val)"):
-        table.add_column(col, justify="left" if col == "student" else "right")
+        table.add_column(col, justify="left" if col == "student" else "right", no_wrap=col == "student")
     from collab_distill.profiling import format_count
 
     for name, r in results.get("students", {}).items():

@@ -368,10 +368,15 @@ class Engine:
 
     def _raise_nonfinite(self, logs: Mapping[str, Tensor]) -> None:
         bad = [k for k, v in logs.items() if k != "loss" and not torch.isfinite(v)]
+        last = self.run_dir / "checkpoints" / "last.ckpt" if self.run_dir is not None else None
+        kept = (
+            f"The last good checkpoint {last} was left untouched (resume with --resume last)."
+            if last is not None and last.is_file() else "No checkpoint had been written yet."
+        )
         raise NonFiniteLossError(
             f"non-finite loss at epoch {self.epoch} step {self.global_step}: {', '.join(bad) or 'loss'} "
-            "is NaN/inf. Lower the learning rate, enable trainer.gradient_clip, or check the data and "
-            "the teacher. The last good checkpoint was left untouched."
+            "is NaN/inf. Lower optimizer.init_args.lr, set trainer.gradient_clip, or check the data and "
+            f"the teacher. {kept}"
         )
 
     def _meta_step_due(self) -> bool:
@@ -491,7 +496,6 @@ class Engine:
         fabric = self.fabric
         assert fabric is not None
         loader, sampler = self.loaders["train"]
-        steps_per_epoch = len(loader) if self.trainer.limit_train_batches is None else min(len(sampler) // max(1, loader.batch_size or 1) or len(loader), self.trainer.limit_train_batches)
         steps_per_epoch = min(len(loader), self.trainer.limit_train_batches or len(loader))
         stop = False
         while self.epoch < self.trainer.max_epochs and not stop:
@@ -661,7 +665,7 @@ class Engine:
             path = found / "checkpoints" / "last.ckpt"
         else:
             path = Path(resume)
-        state = load_checkpoint(path)
+        state = load_checkpoint(path, field="--resume")
         missing = set(self.students) - set(state["students"])
         if missing:
             raise ConfigError(f"--resume {path}: the checkpoint has no student(s) {sorted(missing)}; it has {sorted(state['students'])}")
@@ -768,7 +772,7 @@ class Engine:
         """``collab-distill validate|test``: metrics of every student from a checkpoint."""
         self.setup()
         if checkpoint is not None:
-            state = load_checkpoint(checkpoint)
+            state = load_checkpoint(checkpoint, field="--ckpt_path")
             for name, model in self.students.items():
                 if name not in state["students"]:
                     raise ConfigError(f"--ckpt_path {checkpoint}: no student {name!r} in it (has {sorted(state['students'])})")

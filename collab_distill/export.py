@@ -26,8 +26,7 @@ def _rebuild(state: dict, student: str) -> tuple[torch.nn.Module, Optional[torch
         raise ConfigError("the checkpoint carries no config/task info; only the state dict can be exported")
     parser: ArgumentParser = build_parser()._subcommands_action._name_parser_map["fit"]
     cfg = parser.parse_string(text)
-    factory_cfg = cfg.cohort.students[student]
-    factory = parser.instantiate_classes(cfg).cohort.students[student] if factory_cfg else None
+    factory = parser.instantiate(cfg).cohort.students[student]
     task_info = TaskInfo(num_classes=info["num_classes"], in_channels=info["in_channels"], image_size=tuple(info["image_size"]))
     model = factory.build(task_info)
     example = torch.zeros(1, task_info.in_channels, *task_info.image_size)
@@ -37,7 +36,7 @@ def _rebuild(state: dict, student: str) -> tuple[torch.nn.Module, Optional[torch
 def export_student(
     ckpt_path: str, student: str, output: Optional[str] = None, weights: str = "last", torchscript: bool = True
 ) -> list[Path]:
-    state = load_checkpoint(ckpt_path)
+    state = load_checkpoint(ckpt_path, field="--ckpt_path")
     if student not in state["students"]:
         raise ConfigError(f"--student {student!r}: the checkpoint has students {sorted(state['students'])}")
     tensors = state["students"][student]

@@ -143,7 +143,11 @@ def collab_distill_fit_start(engine: Engine) -> None:
 
 @hookspec
 def collab_distill_train_step_end(engine: Engine, step: int, losses: Mapping[str, float]) -> None:
-    """A training step finished; ``losses`` holds every logged scalar of the step."""
+    """A training step finished.
+
+    ``losses`` maps names (``loss``, ``<student>/supervised``, ``<student>/alpha``, ...) to
+    detached 0-dim tensors; call ``float()`` only when needed (it synchronises with the GPU).
+    """
 
 
 @hookspec

@@ -33,10 +33,17 @@ class FixedLossWeights(Plugin):
         per_student: Optional[dict[str, tuple[float, float, float]]] = None,
     ) -> None:
         for key, value in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
-            if value < 0:
-                raise ConfigError(f"FixedLossWeights.{key}={value} must be >= 0")
+            if not value >= 0:  # also refuses NaN
+                raise ConfigError(
+                    f"FixedLossWeights.{key}={value} must be >= 0: it scales a loss term (0 switches the term off)"
+                )
         self.default = (alpha, beta, gamma)
         self.per_student = {k: tuple(v) for k, v in (per_student or {}).items()}
+        for name, weights in self.per_student.items():
+            if len(weights) != 3 or not all(w >= 0 for w in weights):
+                raise ConfigError(
+                    f"FixedLossWeights.per_student.{name}={list(weights)} must be [alpha, beta, gamma], each >= 0"
+                )
 
     @hookimpl
     def collab_distill_configure(self, engine) -> None:

@@ -8,7 +8,15 @@ from torch.func import functional_call
 
 from collab_distill.meta import BilevelConfig, hypergradient
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    """Numerical differentiation needs double precision; restore the default afterwards."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def _problem(momentum: float = 0.0, weight_decay: float = 0.0):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Sequence
 
 import torch
@@ -120,9 +121,13 @@ class TopKEvaluator(Evaluator):
         correct = torch.cat(self._correct).double()
         loss = torch.cat(self._loss)
         if self.fabric is not None and self.fabric.world_size > 1:
-            index = self.fabric.all_gather(index).flatten(0, 1)
-            correct = self.fabric.all_gather(correct).flatten(0, 1)
-            loss = self.fabric.all_gather(loss).flatten(0, 1)
+            with warnings.catch_warnings():  # Fabric's all_gather uses a deprecated torch helper
+                warnings.simplefilter("ignore", FutureWarning)
+                warnings.simplefilter("ignore", DeprecationWarning)
+                warnings.simplefilter("ignore", UserWarning)
+                index = self.fabric.all_gather(index).flatten(0, 1)
+                correct = self.fabric.all_gather(correct).flatten(0, 1)
+                loss = self.fabric.all_gather(loss).flatten(0, 1)
         order = torch.argsort(index, stable=True)
         index, correct, loss = index[order], correct[order], loss[order]
         keep = torch.ones_like(index, dtype=torch.bool)

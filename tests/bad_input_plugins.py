@@ -1,0 +1,21 @@
+"""A plugin for tests/test_bad_input.py (importable by ``class_path`` with ``tests/`` on PYTHONPATH)."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from collab_distill import Knowledge, LossWeights, Plugin, hookimpl
+
+
+class NonFiniteLossWeights(Plugin):
+    """Supervised-only loss weights whose alpha becomes ``value`` (NaN by default) from training
+    step ``after_step`` on: a stand-in for a method whose loss blows up."""
+
+    def __init__(self, after_step: int = 0, value: str = "nan") -> None:
+        self.after_step = after_step
+        self.value = float(value)
+
+    @hookimpl
+    def collab_distill_loss_weights(self, engine: Any, records: Mapping[str, Knowledge]) -> dict[str, LossWeights]:
+        alpha = self.value if engine.global_step >= self.after_step else 1.0
+        return {name: LossWeights.constant(rec.num_images, alpha, 0.0, 0.0, rec.logits.device) for name, rec in records.items()}
