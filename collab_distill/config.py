@@ -74,8 +74,9 @@ class TrainerConfig:
     Args:
         max_epochs: epochs of cohort training.
         max_steps: stop after this many optimizer steps in total (``None``: no limit).
-        warmup_epochs: first epochs train every student with its supervised loss only
-            (alpha=1, beta=gamma=0) and skip meta steps.
+        warmup_epochs: the first epochs train a student with its supervised loss only
+            (alpha=1, beta=gamma=0); one number for every student or ``{student: epochs}``.
+            Meta steps start once every student has finished its warm-up.
         temperature: distillation temperature tau of both KL terms.
         accelerator: ``cpu``, ``gpu``, ``cuda``, ``mps`` or ``auto``.
         devices: number of devices per node (or ``auto``).
@@ -98,7 +99,7 @@ class TrainerConfig:
 
     max_epochs: int = 10
     max_steps: Optional[int] = None
-    warmup_epochs: int = 0
+    warmup_epochs: Union[int, dict[str, int]] = 0
     temperature: float = 4.0
     accelerator: str = "auto"
     devices: Union[int, str] = 1
@@ -121,7 +122,10 @@ class TrainerConfig:
     def __post_init__(self) -> None:
         checks = {
             "max_epochs": (self.max_epochs >= 1, ">= 1"),
-            "warmup_epochs": (0 <= self.warmup_epochs, ">= 0"),
+            "warmup_epochs": (
+                all(w >= 0 for w in (self.warmup_epochs.values() if isinstance(self.warmup_epochs, dict) else [self.warmup_epochs])),
+                ">= 0 (one number, or {student: epochs})",
+            ),
             "temperature": (self.temperature > 0, "> 0"),
             "num_nodes": (self.num_nodes >= 1, ">= 1"),
             "checkpoint_every_n_epochs": (self.checkpoint_every_n_epochs >= 1, ">= 1"),

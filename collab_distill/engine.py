@@ -155,9 +155,15 @@ class Engine:
 
     # ------------------------------------------------------------------ setup
 
+    def warming_up(self, student: str) -> bool:
+        """Whether ``student`` is still in its supervised-only warm-up."""
+        epochs = self.trainer.warmup_epochs
+        return self.epoch < (epochs.get(student, 0) if isinstance(epochs, dict) else epochs)
+
     @property
     def in_warmup(self) -> bool:
-        return self.epoch < self.trainer.warmup_epochs
+        """Some student is still warming up (meta steps wait for all of them)."""
+        return any(self.warming_up(s) for s in self.cohort.students)
 
     @property
     def has_meta(self) -> bool:
@@ -178,6 +184,12 @@ class Engine:
         self.fabric.seed_everything(self.seed, verbose=False)
         self.info = self.task.setup(self.seed)
         self._build_members()
+        epochs = self.trainer.warmup_epochs
+        if isinstance(epochs, dict) and set(epochs) - set(self.cohort.students):
+            raise ConfigError(
+                f"trainer.warmup_epochs names {sorted(set(epochs) - set(self.cohort.students))}, "
+                f"which are not students ({sorted(self.cohort.students)})"
+            )
         self.hook.collab_distill_configure(engine=self)
         self._collect_meta_modules()
         self._is_setup = True
@@ -293,9 +305,10 @@ class Engine:
         """
         tau = self.trainer.temperature
         num_images = next(iter(records.values())).num_images
-        if self.in_warmup:
-            device = next(iter(records.values())).logits.device
-            weights = {s: LossWeights.constant(num_images, 1.0, 0.0, 0.0, device) for s in records}
+        device = next(iter(records.values())).logits.device
+        supervised_only = LossWeights.constant(num_images, 1.0, 0.0, 0.0, device)
+        if all(self.warming_up(s) for s in records):
+            weights: Mapping[str, LossWeights] = {s: supervised_only for s in records}
             targets: Mapping[str, SoftTarget] = {}
             consensus: Mapping[str, SoftTarget] = {}
         else:
@@ -312,6 +325,8 @@ class Engine:
             w = weights.get(name)
             if w is None:
                 raise ConfigError(f"the loss-weight provider returned no weights for student {name!r}")
+            if self.warming_up(name):
+                w = supervised_only
             per_image = w.alpha * rec.supervised_loss
             logs[f"{name}/supervised"] = rec.supervised_loss.detach().mean()
             for term, target, mix in (("distill", targets.get(name), w.beta), ("consensus", consensus.get(name), w.gamma)):

@@ -218,3 +218,22 @@ def test_checkpoint_restores_meta_modules_optimizers_and_plugin_state(tmp_path, 
     assert counting2.events == counting.events
     assert counting.events["train_step_end"] == 5
     assert second.global_step == 5 and second.meta_batches.state_dict() == saved["meta_batches"]
+
+
+def test_per_student_warmup(tmp_path, teacher_file):
+    engine = make_engine(tmp_path, teacher_file, [FixedLossWeights(0.3, 0.7)], warmup_epochs={"xxs": 2}, max_epochs=3)
+    batch = ready(engine)
+    students, teachers = records_of(engine, batch)
+    _, logs = engine.cohort_loss(batch, students, teachers)
+    assert float(logs["xxs/alpha"]) == 1.0 and float(logs["xxs/beta"]) == 0.0  # still warming up
+    assert float(logs["xs/alpha"]) == pytest.approx(0.3) and float(logs["xs/beta"]) == pytest.approx(0.7)
+    assert engine.in_warmup  # meta steps wait for every student
+    engine.epoch = 2
+    _, logs = engine.cohort_loss(batch, students, teachers)
+    assert float(logs["xxs/beta"]) == pytest.approx(0.7) and not engine.in_warmup
+
+
+def test_warmup_naming_an_unknown_student_is_a_config_error(tmp_path, teacher_file):
+    engine = make_engine(tmp_path, teacher_file, warmup_epochs={"nobody": 1})
+    with pytest.raises(ConfigError, match="trainer.warmup_epochs names"):
+        engine.setup()
