@@ -24,7 +24,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, get_loader
 from collab_distill import __version__
 from collab_distill.config import Cohort, TrainerConfig
 from collab_distill.meta import BilevelConfig
-from collab_distill.optim import Cosine, OptimizerCallable, Schedule
+from collab_distill.optim import OptimizerCallable, Schedule
 from collab_distill.plugin_manager import Plugin, discover, hooks_implemented_by
 from collab_distill.task import ConfigError, ModelFactory, Task
 

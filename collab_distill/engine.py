@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Mapping as MappingABC
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
@@ -34,12 +35,12 @@ from collab_distill.checkpoint import (
     versions,
     write_json,
 )
-from collab_distill.config import Cohort, Teacher, TrainerConfig
+from collab_distill.config import Cohort, TrainerConfig
 from collab_distill.data import SeededSampler
 from collab_distill.meta import BilevelConfig, MetaModule, hypergradient
 from collab_distill.optim import Constant, OptimizerCallable, Schedule, sgd
 from collab_distill.plugin_manager import make_plugin_manager
-from collab_distill.records import Knowledge, LossWeights, SoftTarget, per_image_mean
+from collab_distill.records import Knowledge, LossWeights, SoftTarget
 from collab_distill.task import ConfigError, Task, TaskInfo
 
 __all__ = ["Engine", "NonFiniteLossError"]
@@ -63,6 +64,38 @@ class _TaskCall(nn.Module):
 
     def forward(self, batch: Any, view: int, context: Any) -> Knowledge:
         return self.task.knowledge(self.model, batch, view=view, context=context)
+
+
+class _LazyRecords(MappingABC):
+    """The frozen teachers' records, computed (without grad) on first access only.
+
+    A step whose rule never looks at a teacher (CE, a warm-up epoch) skips its forward pass.
+    """
+
+    def __init__(self, task: Task, teachers: Mapping[str, nn.Module], batch: Any, context: Any) -> None:
+        self._task, self._teachers, self._batch, self._context = task, teachers, batch, context
+        self._records: Optional[dict[str, Knowledge]] = None
+
+    def _computed(self) -> dict[str, Knowledge]:
+        if self._records is None:
+            with torch.no_grad():
+                self._records = {
+                    name: self._task.knowledge(model, self._batch, view=0, context=self._context)
+                    for name, model in self._teachers.items()
+                }
+        return self._records
+
+    def __getitem__(self, name: str) -> Knowledge:
+        return self._computed()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._teachers)
+
+    def __len__(self) -> int:
+        return len(self._teachers)
+
+    def __bool__(self) -> bool:
+        return bool(self._teachers)
 
 
 class _Cycle:
@@ -304,41 +337,46 @@ class Engine:
         Returns the total loss and detached per-student terms for logging.
         """
         tau = self.trainer.temperature
-        num_images = next(iter(records.values())).num_images
-        device = next(iter(records.values())).logits.device
-        supervised_only = LossWeights.constant(num_images, 1.0, 0.0, 0.0, device)
-        if all(self.warming_up(s) for s in records):
-            weights: Mapping[str, LossWeights] = {s: supervised_only for s in records}
-            targets: Mapping[str, SoftTarget] = {}
-            consensus: Mapping[str, SoftTarget] = {}
-        else:
+        first = next(iter(records.values()))
+        supervised_only = LossWeights.constant_weights(first.num_images, 1.0, 0.0, 0.0, first.logits.device)
+        weights: Mapping[str, LossWeights] = {s: supervised_only for s in records}
+        targets: Mapping[str, SoftTarget] = {}
+        consensus: Mapping[str, SoftTarget] = {}
+        if not all(self.warming_up(s) for s in records):
             with torch.set_grad_enabled(phase != "train" and torch.is_grad_enabled()):
-                weights = self.hook.collab_distill_loss_weights(engine=self, batch=batch, records=records, phase=phase)
-            if weights is None:
+                provided = self.hook.collab_distill_loss_weights(engine=self, batch=batch, records=records, phase=phase)
+            if provided is None:
                 raise ConfigError("no plugin provides loss weights (the built-in `defaults` plugin is disabled?)")
+            missing = set(records) - set(provided)
+            if missing:
+                raise ConfigError(f"the loss-weight provider returned no weights for student(s) {sorted(missing)}")
+            weights = {s: supervised_only if self.warming_up(s) else provided[s] for s in records}
             kwargs = dict(engine=self, batch=batch, records=records, teacher_records=teacher_records, temperature=tau)
-            targets = self.hook.collab_distill_soft_targets(**kwargs) or {}
-            consensus = self.hook.collab_distill_consensus_targets(**kwargs) or {}
+            # a term whose weight is exactly zero for every student is not computed at all
+            # (with lazy teacher records this also skips the teachers' forward pass)
+            if any(w.uses(1) for w in weights.values()):
+                targets = self.hook.collab_distill_soft_targets(**kwargs) or {}
+            if any(w.uses(2) for w in weights.values()):
+                consensus = self.hook.collab_distill_consensus_targets(**kwargs) or {}
         total: Tensor | float = 0.0
-        logs: dict[str, Tensor] = {}
+        logs: dict[str, Tensor | float] = {}
         for name, rec in records.items():
-            w = weights.get(name)
-            if w is None:
-                raise ConfigError(f"the loss-weight provider returned no weights for student {name!r}")
-            if self.warming_up(name):
-                w = supervised_only
-            per_image = w.alpha * rec.supervised_loss
+            w = weights[name]
+            alpha, beta, gamma = w.constant if w.constant is not None else (w.alpha, w.beta, w.gamma)
+            per_image = alpha * rec.supervised_loss
             logs[f"{name}/supervised"] = rec.supervised_loss.detach().mean()
-            for term, target, mix in (("distill", targets.get(name), w.beta), ("consensus", consensus.get(name), w.gamma)):
-                if target is None:
+            for term, target, mix, used in (
+                ("distill", targets.get(name), beta, w.uses(1)), ("consensus", consensus.get(name), gamma, w.uses(2)),
+            ):
+                if target is None or not used:
                     continue
-                kl = per_image_mean(target.kl_per_unit(rec.logits, tau), rec.unit_image, rec.num_images)
+                kl = rec.per_image(target.kl_per_unit(rec.logits, tau))
                 per_image = per_image + mix * (tau * tau) * kl
                 logs[f"{name}/{term}"] = kl.detach().mean()
             student_loss = per_image.mean()
             logs[f"{name}/loss"] = student_loss.detach()
-            for key, value in (("alpha", w.alpha), ("beta", w.beta), ("gamma", w.gamma)):
-                logs[f"{name}/{key}"] = value.detach().float().mean()
+            for key, value in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
+                logs[f"{name}/{key}"] = value if isinstance(value, float) else value.detach().float().mean()
             total = total + student_loss
         extra = self.hook.collab_distill_auxiliary_losses(
             engine=self, batch=batch, records=records, teacher_records=teacher_records, weights=weights
@@ -353,9 +391,8 @@ class Engine:
 
     # ------------------------------------------------------------------ steps
 
-    def _teacher_records(self, batch: Any, context: Any) -> dict[str, Knowledge]:
-        with torch.no_grad():
-            return {name: self.task.knowledge(model, batch, view=0, context=context) for name, model in self.teachers.items()}
+    def _teacher_records(self, batch: Any, context: Any) -> Mapping[str, Knowledge]:
+        return _LazyRecords(self.task, self.teachers, batch, context)
 
     def training_step(self, batch: Any) -> dict[str, Tensor]:
         """One optimisation step of every student (and a meta step when one is due)."""
@@ -382,7 +419,7 @@ class Engine:
         return logs
 
     def _raise_nonfinite(self, logs: Mapping[str, Tensor]) -> None:
-        bad = [k for k, v in logs.items() if k != "loss" and not torch.isfinite(v)]
+        bad = [k for k, v in logs.items() if k != "loss" and not math.isfinite(float(v))]
         last = self.run_dir / "checkpoints" / "last.ckpt" if self.run_dir is not None else None
         kept = (
             f"The last good checkpoint {last} was left untouched (resume with --resume last)."

@@ -38,6 +38,8 @@ class Knowledge:
     unit_labels: Tensor
     num_images: int
     features: dict[str, Tensor] = field(default_factory=dict)
+    #: ``unit_image`` is ``arange(num_images)``: per-image averaging of unit terms is the identity
+    units_are_images: bool = False
 
     def __post_init__(self) -> None:
         if self.supervised_loss.dim() != 1 or self.supervised_loss.shape[0] != self.num_images:
@@ -65,6 +67,7 @@ class Knowledge:
             unit_labels=labels,
             num_images=logits.shape[0],
             features=dict(features),
+            units_are_images=True,
         )
 
     def detach(self) -> Knowledge:
@@ -76,7 +79,14 @@ class Knowledge:
             unit_labels=self.unit_labels,
             num_images=self.num_images,
             features={k: v.detach() for k, v in self.features.items()},
+            units_are_images=self.units_are_images,
         )
+
+    def per_image(self, values: Tensor) -> Tensor:
+        """Average per-unit ``values`` ``[U]`` over the units of each image, ``[B]``."""
+        if self.units_are_images:
+            return values
+        return per_image_mean(values, self.unit_image, self.num_images)
 
 
 @dataclass
@@ -118,11 +128,19 @@ class LossWeights:
     alpha: Tensor
     beta: Tensor
     gamma: Tensor
+    #: ``(alpha, beta, gamma)`` when the weights are the same known numbers for every image; lets
+    #: the engine skip a term (and the teacher's forward pass) whose weight is exactly zero
+    constant: tuple[float, float, float] | None = None
 
     @classmethod
-    def constant(cls, num_images: int, alpha: float, beta: float, gamma: float, device: Any = None) -> LossWeights:
+    def constant_weights(cls, num_images: int, alpha: float, beta: float, gamma: float, device: Any = None) -> LossWeights:
+        """The same ``alpha, beta, gamma`` for every image."""
         full = lambda v: torch.full((num_images,), float(v), device=device)  # noqa: E731
-        return cls(full(alpha), full(beta), full(gamma))
+        return cls(full(alpha), full(beta), full(gamma), constant=(float(alpha), float(beta), float(gamma)))
+
+    def uses(self, term: int) -> bool:
+        """Whether term 0 (supervised), 1 (distill) or 2 (consensus) can be non-zero."""
+        return self.constant is None or self.constant[term] != 0.0
 
     @classmethod
     def from_tensor(cls, weights: Tensor) -> LossWeights:

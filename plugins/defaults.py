@@ -11,7 +11,7 @@ Any configured plugin that answers a hook overrides these.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Mapping
 
 import torch
 from torch import Tensor
@@ -23,7 +23,7 @@ from collab_distill.records import Knowledge, LossWeights, SoftTarget
 @hookimpl(trylast=True)
 def collab_distill_loss_weights(records: Mapping[str, Knowledge]) -> dict[str, LossWeights]:
     return {
-        name: LossWeights.constant(rec.num_images, 1.0, 0.0, 0.0, rec.logits.device) for name, rec in records.items()
+        name: LossWeights.constant_weights(rec.num_images, 1.0, 0.0, 0.0, rec.logits.device) for name, rec in records.items()
     }
 
 

@@ -64,7 +64,7 @@ class FixedLossWeights(Plugin):
         out = {}
         for name, rec in records.items():
             a, b, g = self.per_student.get(name, self.default)
-            out[name] = LossWeights.constant(rec.num_images, a, b, g, rec.logits.device)
+            out[name] = LossWeights.constant_weights(rec.num_images, a, b, g, rec.logits.device)
         return out
 
     def __repr__(self) -> str:

@@ -18,4 +18,4 @@ class NonFiniteLossWeights(Plugin):
     @hookimpl
     def collab_distill_loss_weights(self, engine: Any, records: Mapping[str, Knowledge]) -> dict[str, LossWeights]:
         alpha = self.value if engine.global_step >= self.after_step else 1.0
-        return {name: LossWeights.constant(rec.num_images, alpha, 0.0, 0.0, rec.logits.device) for name, rec in records.items()}
+        return {name: LossWeights.constant_weights(rec.num_images, alpha, 0.0, 0.0, rec.logits.device) for name, rec in records.items()}

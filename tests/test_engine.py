@@ -237,3 +237,14 @@ def test_warmup_naming_an_unknown_student_is_a_config_error(tmp_path, teacher_fi
     engine = make_engine(tmp_path, teacher_file, warmup_epochs={"nobody": 1})
     with pytest.raises(ConfigError, match="trainer.warmup_epochs names"):
         engine.setup()
+
+
+@pytest.mark.parametrize("weights,teacher_calls", [((1.0, 0.0), 0), ((0.5, 0.5), 1)])
+def test_teacher_runs_only_when_a_student_learns_from_it(tmp_path, teacher_file, weights, teacher_calls):
+    engine = make_engine(tmp_path, teacher_file, [FixedLossWeights(*weights)])
+    batch = ready(engine)
+    calls = []
+    engine.teachers["t"].register_forward_hook(lambda *_: calls.append(1))
+    logs = engine.training_step(batch)
+    assert len(calls) == teacher_calls
+    assert ("xs/distill" in logs) == bool(teacher_calls)
