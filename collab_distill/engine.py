@@ -85,6 +85,13 @@ class _LazyRecords(MappingABC):
                 }
         return self._records
 
+    @property
+    def resolved(self) -> bool:
+        return self._records is not None
+
+    def resolve(self) -> None:
+        self._computed()
+
     def __getitem__(self, name: str) -> Knowledge:
         return self._computed()[name]
 
@@ -185,6 +192,7 @@ class Engine:
         self.best: dict[str, dict[str, Any]] = {}
         self.model_summary: dict[str, dict[str, Any]] = {}
         self._is_setup = False
+        self._teachers_used = False  # did the last step need the teachers' records?
 
     # ------------------------------------------------------------------ setup
 
@@ -391,7 +399,7 @@ class Engine:
 
     # ------------------------------------------------------------------ steps
 
-    def _teacher_records(self, batch: Any, context: Any) -> Mapping[str, Knowledge]:
+    def _teacher_records(self, batch: Any, context: Any) -> _LazyRecords:
         return _LazyRecords(self.task, self.teachers, batch, context)
 
     def training_step(self, batch: Any) -> dict[str, Tensor]:
@@ -399,6 +407,10 @@ class Engine:
         assert self.fabric is not None
         context = self.task.shared_context(batch, self.teachers, self.students)
         teacher_records = self._teacher_records(batch, context)
+        if self._teachers_used:
+            # run the teachers before the students, as a hand-written loop would: computing them
+            # lazily after the students' forward costs up to ~15% per step in allocator page faults
+            teacher_records.resolve()
         meta_log: dict[str, Tensor] = {}
         if self._meta_step_due():
             meta_log = self.meta_step(batch, teacher_records, context)
@@ -407,6 +419,7 @@ class Engine:
             for i, (name, model) in enumerate(self.students.items())
         }
         loss, logs = self.cohort_loss(batch, records, teacher_records, phase="train")
+        self._teachers_used = teacher_records.resolved
         if self.trainer.detect_nonfinite and not torch.isfinite(loss):
             self._raise_nonfinite(logs)
         self.fabric.backward(loss)

@@ -55,6 +55,8 @@ def collab_distill_loss_weights(
     :return: ``{student name: LossWeights}`` with ``[B]`` tensors. Weights from a meta-learned
         module must keep their graph (the bilevel step differentiates through them). The first
         non-None answer wins; the built-in default is plain supervised training (1, 0, 0).
+        Build fixed numbers with ``LossWeights.constant_weights`` so the engine can skip terms
+        whose weight is exactly zero.
     """
 
 
@@ -68,8 +70,12 @@ def collab_distill_soft_targets(
 ) -> Mapping[str, SoftTarget] | None:
     """The distillation target of each student (the beta term).
 
+    Not called in a step where every student's beta is a constant zero (see
+    ``LossWeights.constant``).
+
     :param records: the students' records of this step (with graph: detach what you use).
-    :param teacher_records: the frozen teachers' records (no graph).
+    :param teacher_records: the frozen teachers' records (no graph). Computed on first access,
+        so a rule that does not look at them saves the teachers' forward pass.
     :return: ``{student name: SoftTarget}``; a student left out gets no beta term. The built-in
         default uses the teacher, or the mean of the teachers' distributions when there are several.
     """
@@ -84,6 +90,8 @@ def collab_distill_consensus_targets(
     temperature: float,
 ) -> Mapping[str, SoftTarget] | None:
     """A target pooled from the cohort (the gamma term), e.g. PooledStudent or MinLogit.
+
+    Not called in a step where every student's gamma is a constant zero.
 
     :return: ``{student name: SoftTarget}``, or ``None`` for no consensus term (the default).
     """
