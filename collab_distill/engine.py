@@ -339,10 +339,12 @@ class Engine:
         records: Mapping[str, Knowledge],
         teacher_records: Mapping[str, Knowledge],
         phase: str = "train",
-    ) -> tuple[Tensor, dict[str, Tensor]]:
+        detailed: bool = True,
+    ) -> tuple[Tensor, dict[str, Tensor | float]]:
         """``sum_s mean_i [alpha*sup + beta*tau^2*KL(target||s) + gamma*tau^2*KL(consensus||s)]``.
 
-        Returns the total loss and detached per-student terms for logging.
+        Returns the total loss and, for logging, ``loss`` plus (when ``detailed``) every
+        student's terms and mean weights, detached.
         """
         tau = self.trainer.temperature
         first = next(iter(records.values()))
@@ -372,7 +374,8 @@ class Engine:
             w = weights[name]
             alpha, beta, gamma = w.constant if w.constant is not None else (w.alpha, w.beta, w.gamma)
             per_image = alpha * rec.supervised_loss
-            logs[f"{name}/supervised"] = rec.supervised_loss.detach().mean()
+            if detailed:
+                logs[f"{name}/supervised"] = rec.supervised_loss.detach().mean()
             for term, target, mix, used in (
                 ("distill", targets.get(name), beta, w.uses(1)), ("consensus", consensus.get(name), gamma, w.uses(2)),
             ):
@@ -380,11 +383,13 @@ class Engine:
                     continue
                 kl = rec.per_image(target.kl_per_unit(rec.logits, tau))
                 per_image = per_image + mix * (tau * tau) * kl
-                logs[f"{name}/{term}"] = kl.detach().mean()
+                if detailed:
+                    logs[f"{name}/{term}"] = kl.detach().mean()
             student_loss = per_image.mean()
-            logs[f"{name}/loss"] = student_loss.detach()
-            for key, value in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
-                logs[f"{name}/{key}"] = value if isinstance(value, float) else value.detach().float().mean()
+            if detailed:
+                logs[f"{name}/loss"] = student_loss.detach()
+                for key, value in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
+                    logs[f"{name}/{key}"] = value if isinstance(value, float) else value.detach().float().mean()
             total = total + student_loss
         extra = self.hook.collab_distill_auxiliary_losses(
             engine=self, batch=batch, records=records, teacher_records=teacher_records, weights=weights
@@ -418,9 +423,12 @@ class Engine:
             name: self.task.knowledge(model, batch, view=i, context=context)
             for i, (name, model) in enumerate(self.students.items())
         }
-        loss, logs = self.cohort_loss(batch, records, teacher_records, phase="train")
+        detailed = (self.global_step + 1) % self.trainer.log_every_n_steps == 0
+        loss, logs = self.cohort_loss(batch, records, teacher_records, phase="train", detailed=detailed)
         self._teachers_used = teacher_records.resolved
-        if self.trainer.detect_nonfinite and not torch.isfinite(loss):
+        if self.trainer.detect_nonfinite and not math.isfinite(loss.item()):
+            if not detailed:  # name the student and the term
+                logs = self.cohort_loss(batch, records, teacher_records, phase="train", detailed=True)[1]
             self._raise_nonfinite(logs)
         self.fabric.backward(loss)
         for name, optimizer in self.optimizers.items():

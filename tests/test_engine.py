@@ -241,10 +241,20 @@ def test_warmup_naming_an_unknown_student_is_a_config_error(tmp_path, teacher_fi
 
 @pytest.mark.parametrize("weights,teacher_calls", [((1.0, 0.0), 0), ((0.5, 0.5), 1)])
 def test_teacher_runs_only_when_a_student_learns_from_it(tmp_path, teacher_file, weights, teacher_calls):
-    engine = make_engine(tmp_path, teacher_file, [FixedLossWeights(*weights)])
+    engine = make_engine(tmp_path, teacher_file, [FixedLossWeights(*weights)], log_every_n_steps=1)
     batch = ready(engine)
     calls = []
     engine.teachers["t"].register_forward_hook(lambda *_: calls.append(1))
     logs = engine.training_step(batch)
     assert len(calls) == teacher_calls
     assert ("xs/distill" in logs) == bool(teacher_calls)
+
+
+def test_step_logs_are_detailed_only_on_logging_steps(tmp_path, teacher_file):
+    engine = make_engine(tmp_path, teacher_file, [FixedLossWeights(0.5, 0.5)], log_every_n_steps=2)
+    batch = ready(engine)
+    quiet = engine.training_step(batch)
+    engine.global_step += 1
+    loud = engine.training_step(batch)
+    assert set(quiet) == {"loss"}
+    assert {"xs/supervised", "xs/distill", "xs/loss", "xs/alpha"} <= set(loud)
