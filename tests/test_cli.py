@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -15,10 +16,13 @@ from conftest import REPO, digits_args
 pytestmark = pytest.mark.slow
 
 
+_WORKDIR = tempfile.mkdtemp(prefix="collab_distill_cli_")  # empty: nothing in cwd can shadow a module
+
+
 def run_cli(args, env, check=True, timeout=300):
     proc = subprocess.run(
         [sys.executable, "-m", "collab_distill", *args], env=env, capture_output=True, text=True, timeout=timeout,
-        cwd=str(REPO.parent),
+        cwd=_WORKDIR,
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}")
