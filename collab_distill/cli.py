@@ -150,7 +150,8 @@ def build_parser() -> ArgumentParser:
     export.add_argument("--student", type=str, required=True, help="the student to export")
     export.add_argument("--output", type=Optional[str], default=None, help="folder (default: the run's exports/)")
     export.add_argument("--weights", type=str, default="last", choices=["last", "best"])
-    export.add_argument("--torchscript", type=bool, default=True)
+    export.add_argument("--torchscript", type=bool, default=True, help="also write a TorchScript file")
+    export.add_argument("--exported_program", type=bool, default=True, help="also write a torch.export program (.pt2)")
     sub.add_subcommand("export", export, help="export one student")
     plugins = ArgumentParser(description="list installed plugins and the hooks they implement", **strict)
     sub.add_subcommand("plugins", plugins, help="list installed plugins")
@@ -177,7 +178,7 @@ def _engine_from(parser: ArgumentParser, cfg: Namespace, command: str):
     for action in ("resume", "ckpt_path", "weights"):  # how to run, not what to run
         if action in saved:
             del saved[action]
-    text = sub_parser.dump(saved, skip_none=False, skip_validation=True)
+    text = sub_parser.dump(saved, skip_unset=False, skip_validation=True)
     try:
         init = sub_parser.instantiate(cfg)
     except (ConfigError, ValueError, TypeError) as err:
@@ -314,7 +315,10 @@ def _argument_hint(message: str, argv: list[str], parser: ArgumentParser) -> str
 def _export(cfg: Namespace) -> None:
     from collab_distill.export import export_student
 
-    paths = export_student(cfg.ckpt_path, cfg.student, output=cfg.output, weights=cfg.weights, torchscript=cfg.torchscript)
+    paths = export_student(
+        cfg.ckpt_path, cfg.student, output=cfg.output, weights=cfg.weights,
+        torchscript=cfg.torchscript, exported_program=cfg.exported_program,
+    )
     for p in paths:
         print(p)
 

@@ -34,8 +34,16 @@ def _rebuild(state: dict, student: str) -> tuple[torch.nn.Module, Optional[torch
 
 
 def export_student(
-    ckpt_path: str, student: str, output: Optional[str] = None, weights: str = "last", torchscript: bool = True
+    ckpt_path: str,
+    student: str,
+    output: Optional[str] = None,
+    weights: str = "last",
+    torchscript: bool = True,
+    exported_program: bool = True,
 ) -> list[Path]:
+    """Write ``<student>-<weights>.pt`` (a plain state dict), and optionally a TorchScript file
+    (``.torchscript.pt``) and a ``torch.export`` program (``.pt2``, torch's successor to
+    TorchScript). Returns the written paths."""
     state = load_checkpoint(ckpt_path, field="--ckpt_path")
     if student not in state["students"]:
         raise ConfigError(f"--student {student!r}: the checkpoint has students {sorted(state['students'])}")
@@ -51,14 +59,21 @@ def export_student(
     plain = out / f"{student}-{weights}.pt"
     atomic_save(tensors, plain)
     written.append(plain)
-    if torchscript:
+    if torchscript or exported_program:
         model, example = _rebuild(state, student)
         model.load_state_dict(tensors)
         model.eval()
+    if torchscript:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+            warnings.simplefilter("ignore")  # torch 2.14 marks TorchScript deprecated
             traced = torch.jit.trace(model, example)
         path = out / f"{student}-{weights}.torchscript.pt"
         traced.save(str(path))
+        written.append(path)
+    if exported_program:
+        batch = torch.export.Dim("batch", min=1)
+        program = torch.export.export(model, (example.expand(2, *example.shape[1:]).contiguous(),), dynamic_shapes=({0: batch},))
+        path = out / f"{student}-{weights}.pt2"
+        torch.export.save(program, str(path))
         written.append(path)
     return written

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import tempfile
+import warnings
 
 import pytest
 import torch
@@ -106,9 +107,13 @@ def test_export_writes_state_dict_and_torchscript(finished_run, tmp_path):
 
     model = ResNet("xs").build(TaskInfo(num_classes=10, in_channels=1, image_size=(8, 8))).eval()
     model.load_state_dict(torch.load(tmp_path / "xs-best.pt"))
-    scripted = torch.jit.load(str(tmp_path / "xs-best.torchscript.pt"))
     x = torch.randn(4, 1, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch 2.14 deprecates TorchScript
+        scripted = torch.jit.load(str(tmp_path / "xs-best.torchscript.pt"))
     torch.testing.assert_close(scripted(x), model(x))
+    program = torch.export.load(str(tmp_path / "xs-best.pt2"))
+    torch.testing.assert_close(program.module()(x), model(x))
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
     for key, value in ckpt["best"]["xs"]["state"].items():
         assert torch.equal(model.state_dict()[key], value)
