@@ -336,7 +336,7 @@ def _list_plugins() -> None:
             continue
         kind = "configurable (list under plugins:)" if info.configurable else "always on"
         table.add_row(info.name, kind, info.value, ", ".join(hooks_implemented_by(info.target)))
-    Console().print(table)
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

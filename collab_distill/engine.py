@@ -354,7 +354,9 @@ class Engine:
         consensus: Mapping[str, SoftTarget] = {}
         if not all(self.warming_up(s) for s in records):
             with torch.set_grad_enabled(phase != "train" and torch.is_grad_enabled()):
-                provided = self.hook.collab_distill_loss_weights(engine=self, batch=batch, records=records, phase=phase)
+                provided = self.hook.collab_distill_loss_weights(
+                    engine=self, batch=batch, records=records, teacher_records=teacher_records, phase=phase
+                )
             if provided is None:
                 raise ConfigError("no plugin provides loss weights (the built-in `defaults` plugin is disabled?)")
             missing = set(records) - set(provided)
@@ -453,9 +455,11 @@ class Engine:
         )
 
     def _meta_step_due(self) -> bool:
-        # decided from counters only, so every DDP rank takes the same branch
+        # decided from counters and config only, so every DDP rank takes the same branch
         if not self.has_meta or self.in_warmup:
             return False
+        if not any(p.requires_grad for m in self.meta_modules.values() for p in m.parameters()):
+            return False  # every meta module is frozen
         if self.meta_config.every_n_epochs is not None:
             return self.batch_in_epoch == 0 and self.epoch % self.meta_config.every_n_epochs == 0
         return self.global_step % self.meta_config.every_n_steps == 0

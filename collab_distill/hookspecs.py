@@ -42,7 +42,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 @hookspec(firstresult=True)
 def collab_distill_loss_weights(
-    engine: Engine, batch: Any, records: Mapping[str, Knowledge], phase: str
+    engine: Engine, batch: Any, records: Mapping[str, Knowledge], teacher_records: Mapping[str, Knowledge], phase: str
 ) -> Mapping[str, LossWeights] | None:
     """How much each student listens to labels (alpha), soft target (beta) and consensus (gamma).
 
@@ -51,6 +51,7 @@ def collab_distill_loss_weights(
 
     :param batch: the training batch as the task produced it (the images are in it).
     :param records: ``{student name: Knowledge}`` of this step, with graph.
+    :param teacher_records: the frozen teachers' records (computed on first access).
     :param phase: ``"train"`` for the real step, ``"lookahead"`` inside the bilevel step.
     :return: ``{student name: LossWeights}`` with ``[B]`` tensors. Weights from a meta-learned
         module must keep their graph (the bilevel step differentiates through them). The first

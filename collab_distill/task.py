@@ -108,6 +108,11 @@ class Task(abc.ABC):
     def predict(self, model: nn.Module, batch: Any) -> Any:
         """Evaluation-mode outputs of ``model`` on ``batch`` for :meth:`Evaluator.update`."""
 
+    def images(self, batch: Any) -> Tensor:
+        """The batch's images as one ``[B, C, H, W]`` tensor, for image-conditioned meta modules
+        (a C-Net). Tasks with variable-size images resize or pad here."""
+        raise NotImplementedError(f"{type(self).__name__} does not provide images for meta modules")
+
     def loader_options(self, split: str) -> dict[str, Any]:
         """Keyword arguments of the split's ``DataLoader``; must include ``batch_size``."""
         return {"batch_size": 32, "num_workers": 0}

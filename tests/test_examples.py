@@ -66,7 +66,7 @@ def test_imagefolder_example(tmp_path, cli_env):
     assert set(results["students"]) == {"mobilenet", "s"}
 
 
-@pytest.mark.parametrize("method", ["ce", "kd"])
+@pytest.mark.parametrize("method", ["ce", "kd", "mc_distil", "mc_distil_nops", "meta_distil"])
 def test_method_files_compose_with_digits(tmp_path, cli_env, method):
     run_cli([*digits_args(tmp_path, method, epochs=1), "--config", str(REPO / "examples" / "methods" / f"{method}.yaml"),
              "--trainer.limit_train_batches", "3"], cli_env)

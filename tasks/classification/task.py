@@ -79,6 +79,9 @@ class ImageClassification(Task):
         logits = _logits(model(self._inputs(batch, view)))
         return Knowledge.for_images(logits, batch["targets"])
 
+    def images(self, batch: Any) -> Tensor:
+        return self._inputs(batch, 0)
+
     def predict(self, model: nn.Module, batch: Any) -> Tensor:
         return _logits(model(self._inputs(batch, 0)))
 

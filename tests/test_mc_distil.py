@@ -1,0 +1,147 @@
+"""MC-Distil's plugins: PooledStudent (eq. 4), the C-Net and its bilevel training."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from collab_distill.engine import _unwrap
+from collab_distill.meta import BilevelConfig
+from collab_distill.plugins.fixed_weights import FixedLossWeights
+from collab_distill.plugins.mc_distil import CNet, PooledStudent, pooled_student_logits
+from collab_distill.records import Knowledge
+from collab_distill.tasks.classification import ResNet
+from test_engine import make_engine, ready, records_of, teacher_file  # noqa: F401  (fixture)
+
+
+def test_pooled_student_is_eq4_on_hand_made_logits():
+    logits = torch.tensor([
+        [[1.0, 5.0, -2.0], [0.0, 0.0, 3.0]],   # student a, units 0 and 1
+        [[4.0, 2.0, -1.0], [2.0, -1.0, 1.0]],  # student b
+        [[0.0, 3.0, -3.0], [1.0, 1.0, 0.5]],   # student c
+    ])
+    labels = torch.tensor([1, 2])
+    expected = torch.tensor([
+        [0.0, 5.0, -3.0],  # true class 1: max(5,2,3); others: min
+        [0.0, -1.0, 3.0],  # true class 2: max(3,1,0.5); others: min
+    ])
+    torch.testing.assert_close(pooled_student_logits(logits, labels), expected)
+    unlabeled = pooled_student_logits(logits, torch.tensor([-1, 2]))
+    torch.testing.assert_close(unlabeled[0], logits[:, 0].min(0).values)
+
+    records = {n: Knowledge.for_images(logits[i].clone().requires_grad_(), labels) for i, n in enumerate("abc")}
+    targets = PooledStudent().collab_distill_consensus_targets(records, temperature=2.0)
+    assert set(targets) == {"a", "b", "c"}
+    torch.testing.assert_close(targets["a"].probs, torch.softmax(expected / 2.0, -1))
+    assert not targets["a"].probs.requires_grad
+
+
+def cnet(**kw):
+    return CNet(backbone=ResNet("xxs"), embedding_dim=8, **kw)
+
+
+@pytest.mark.parametrize("independent", [False, True])
+def test_cnet_meta_step_reaches_head_and_backbone(tmp_path, teacher_file, independent):
+    plugin = cnet(independent=independent, gamma=not independent, lr=1e-2)
+    plugins = [plugin] + ([] if independent else [PooledStudent()])
+    engine = make_engine(tmp_path, teacher_file, plugins, meta=BilevelConfig(every_n_steps=1))
+    batch = ready(engine)
+    students, teachers = records_of(engine, batch)
+    weights = plugin.weights(engine, batch, students)
+    assert set(weights) == {"xxs", "xs"} and weights["xs"].shape == (len(batch["targets"]), 3)
+    learned = weights["xs"] if not independent else weights["xs"][:, :2]  # gamma is fixed at 0 there
+    assert ((learned > 0) & (learned < 1)).all()  # sigmoid-bounded
+    before = {k: v.detach().clone() for k, v in plugin.module.named_parameters()}
+    engine.meta_step(batch, teachers, None)
+    moved = {k for k, v in plugin.module.named_parameters() if not torch.equal(v, before[k])}
+    assert any(".head." in k for k in moved), "the C-Net's head is trained"
+    assert any(".backbone." in k for k in moved), "the meta-gradient reaches the backbone"
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "softplus", "softmax"])
+def test_activations(tmp_path, teacher_file, activation):
+    plugin = cnet(activation=activation, scale=2.0)
+    engine = make_engine(tmp_path, teacher_file, [plugin])
+    batch = ready(engine)
+    students, _ = records_of(engine, batch)
+    w = plugin.weights(engine, batch, students)["xxs"]
+    assert (w >= 0).all()
+    if activation == "softmax":
+        torch.testing.assert_close(w.sum(1), torch.full((w.shape[0],), 2.0))
+    if activation == "sigmoid":
+        assert (w < 2.0).all()
+
+
+def fit_weights(engine):
+    engine.fit()
+    return {n: {k: v.clone() for k, v in _unwrap(m).state_dict().items()} for n, m in engine.students.items()}
+
+
+def test_gamma_off_reproduces_nops_exactly(tmp_path, teacher_file):
+    meta = BilevelConfig(every_n_steps=3)
+    with_ps = fit_weights(make_engine(tmp_path, teacher_file, [cnet(gamma=False), PooledStudent()], meta=meta, name="a"))
+    nops = fit_weights(make_engine(tmp_path, teacher_file, [cnet(gamma=False)], meta=meta, name="b"))
+    for name in nops:
+        for key, value in nops[name].items():
+            assert torch.equal(value, with_ps[name][key]), f"{name}.{key}"
+
+
+def test_frozen_constant_cnet_equals_fixed_weight_kd(tmp_path, teacher_file):
+    """A C-Net whose output does not depend on the image and never learns is plain KD."""
+    plugin = cnet(gamma=False)
+    engine = make_engine(tmp_path, teacher_file, [plugin], meta=BilevelConfig(every_n_steps=4), name="c")
+    engine.setup()
+    head = plugin.module["shared"].head
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.copy_(torch.tensor([-0.8, 0.85, 0.0] * 2))
+    plugin.module.requires_grad_(False)  # frozen: the engine skips its meta steps
+    alpha, beta = (torch.sigmoid(torch.tensor(v)).item() for v in (-0.8, 0.85))
+    learned = fit_weights(engine)
+    fixed = fit_weights(make_engine(tmp_path, teacher_file, [FixedLossWeights(alpha, beta, 0.0)], name="d"))
+    assert torch.equal(head.weight, torch.zeros_like(head.weight))
+    for name in fixed:
+        for key, value in fixed[name].items():
+            assert torch.equal(learned[name][key], value), f"{name}.{key}"
+
+
+def test_short_mc_distil_fit_on_digits_learns(tmp_path, teacher_file):
+    engine = make_engine(tmp_path, teacher_file, [cnet(), PooledStudent()], meta=BilevelConfig(every_n_steps=5),
+                         max_epochs=3, subset=None)
+    engine.setup()
+    engine._setup_training()
+    untrained = engine.evaluate("test")
+    engine = make_engine(tmp_path, teacher_file, [cnet(), PooledStudent()], meta=BilevelConfig(every_n_steps=5),
+                         max_epochs=3, subset=None)
+    results = engine.fit()
+    for name in ("xxs", "xs"):
+        assert results["students"][name]["last"]["test_top1"] > untrained[name]["top1"] + 30
+
+
+def test_resume_restores_cnet_and_its_optimizer(tmp_path, teacher_file):
+    meta = BilevelConfig(every_n_steps=2)
+    first = make_engine(tmp_path, teacher_file, [cnet(), PooledStudent()], meta=meta, max_epochs=2, max_steps=7, name="r")
+    first.fit()
+    step7 = tmp_path / "step7.ckpt"
+    shutil.copy(first.run_dir / "checkpoints" / "last.ckpt", step7)  # resuming continues (and updates) that run
+    saved = torch.load(step7, weights_only=False)
+    assert saved["meta_optimizers"]["cnet"]["state"], "Adam state of the C-Net is saved"
+    plugin = cnet()
+    second = make_engine(tmp_path, teacher_file, [plugin, PooledStudent()], meta=meta, max_epochs=2, name="r")
+    second.fit(resume=str(first.run_dir / "checkpoints" / "last.ckpt"))
+    resumed = torch.load(second.run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert resumed["loop"]["global_step"] > 7
+    # restoring the step-7 file puts back exactly the saved C-Net and its Adam state
+    third_plugin = cnet()
+    third = make_engine(tmp_path, teacher_file, [third_plugin, PooledStudent()], meta=meta, max_epochs=2, name="r2")
+    third.setup()
+    state = third._resolve_resume(str(step7))
+    third._run_dir_override = tmp_path / "third"
+    third._open_run_dir(state)
+    third._setup_training()
+    third._restore(state)
+    for key, value in saved["meta_modules"]["cnet"].items():
+        assert torch.equal(third_plugin.module.state_dict()[key], value)
+    assert third.meta_optimizers["cnet"].state_dict()["state"].keys() == saved["meta_optimizers"]["cnet"]["state"].keys()
