@@ -145,7 +145,7 @@ def build_parser() -> ArgumentParser:
         p = ArgumentParser(description=help_text, **strict)
         _run_arguments(p, training=training)
         sub.add_subcommand(name, p, help=help_text)
-    export = ArgumentParser(description="write one student as a plain state dict and TorchScript", **strict)
+    export = ArgumentParser(description="write one student as a state dict, TorchScript and a torch.export program", **strict)
     export.add_argument("--ckpt_path", type=str, required=True, help="a run checkpoint (last.ckpt)")
     export.add_argument("--student", type=str, required=True, help="the student to export")
     export.add_argument("--output", type=Optional[str], default=None, help="folder (default: the run's exports/)")
@@ -153,6 +153,9 @@ def build_parser() -> ArgumentParser:
     export.add_argument("--torchscript", type=bool, default=True, help="also write a TorchScript file")
     export.add_argument("--exported_program", type=bool, default=True, help="also write a torch.export program (.pt2)")
     sub.add_subcommand("export", export, help="export one student")
+    report = ArgumentParser(description="render a finished run's results and plots as Markdown and HTML", **strict)
+    report.add_argument("run_dir", type=str, help="the run folder (runs/NAME/version_N)")
+    sub.add_subcommand("report", report, help="render a run's report")
     plugins = ArgumentParser(description="list installed plugins and the hooks they implement", **strict)
     sub.add_subcommand("plugins", plugins, help="list installed plugins")
     return root
@@ -349,6 +352,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         command = cfg.subcommand
         if command == "plugins":
             _list_plugins()
+            return 0
+        if command == "report":
+            from collab_distill.report import write_report
+
+            for path in write_report(cfg.report.run_dir):
+                print(path)
             return 0
         if command == "export":
             _export(cfg.export)

@@ -174,6 +174,30 @@ class CNet(Plugin):
         weights = self.weights(engine, batch, records, teacher_records if self.use_logits else {})
         return {s: LossWeights.from_tensor(w) for s, w in weights.items()}
 
+    @hookimpl
+    def collab_distill_fit_end(self, engine: Any) -> None:
+        """Save the C-Net's weights for every val image (``plugins/cnet/val_weights.csv``) so
+        ``collab-distill report`` can show their distribution; rank 0, its shard of val."""
+        if not engine.fabric.is_global_zero or self.module is None:
+            return
+        loader, _ = engine.loaders["val"]
+        modes = [m.training for m in self.module.modules()]
+        self.module.eval()
+        rows = []
+        with torch.no_grad():
+            for batch in loader:
+                batch = engine.task.move_batch(batch, engine.fabric)
+                records = {s: engine.task.knowledge(m, batch) for s, m in engine.students.items()} if self.use_logits else {}
+                teachers = engine._teacher_records(batch, None) if self.use_logits else {}
+                for student, w in self.weights(engine, batch, records, teachers).items():
+                    for index, (a, b, g) in zip(batch["index"].tolist(), w.float().cpu().tolist()):
+                        rows.append(f"{index},{student},{a:.6g},{b:.6g},{g:.6g}")
+        for m, mode in zip(self.module.modules(), modes):
+            m.training = mode
+        folder = engine.run_dir / "plugins" / "cnet"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "val_weights.csv").write_text("index,student,alpha,beta,gamma\n" + "\n".join(rows) + "\n")
+
     def __repr__(self) -> str:
         return (f"CNet(backbone={self.backbone.describe()}, activation={self.activation}, gamma={self.gamma}, "
                 f"independent={self.independent}, use_logits={self.use_logits})")

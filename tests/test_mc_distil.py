@@ -145,3 +145,25 @@ def test_resume_restores_cnet_and_its_optimizer(tmp_path, teacher_file):
     for key, value in saved["meta_modules"]["cnet"].items():
         assert torch.equal(third_plugin.module.state_dict()[key], value)
     assert third.meta_optimizers["cnet"].state_dict()["state"].keys() == saved["meta_optimizers"]["cnet"]["state"].keys()
+
+
+def test_report_renders_results_weights_and_accuracy_vs_macs(tmp_path, teacher_file):
+    from collab_distill.report import write_report
+    from collab_distill.task import ConfigError
+
+    engine = make_engine(tmp_path, teacher_file, [cnet(), PooledStudent()], meta=BilevelConfig(every_n_steps=2),
+                         max_epochs=1, name="rep", loggers=["csv"], log_every_n_steps=2)
+    engine.fit()
+    weights = (engine.run_dir / "plugins" / "cnet" / "val_weights.csv").read_text().splitlines()
+    assert weights[0] == "index,student,alpha,beta,gamma"
+    val_size = len(engine.task.dataset("val"))
+    assert len(weights) - 1 == 2 * val_size  # every val image, for both students
+    md, page = write_report(engine.run_dir)
+    text = md.read_text()
+    assert "| xxs |" in text and "| t (teacher) |" in text
+    for figure in ("weights_over_training.png", "weights_distribution.png", "accuracy_vs_macs.png"):
+        assert (md.parent / figure).stat().st_size > 1000 and figure in text and figure in page.read_text()
+    stopped = make_engine(tmp_path, teacher_file, [cnet()], max_epochs=2, max_steps=2, name="unfinished")
+    stopped.fit()
+    with pytest.raises(ConfigError, match="did not finish"):
+        write_report(stopped.run_dir)
