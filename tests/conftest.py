@@ -30,3 +30,18 @@ def digits_args(root, name="run", epochs=2, extra=()):
         "--cohort.teachers.teacher.train_epochs", "1",
         *extra,
     ]
+
+
+@pytest.fixture(scope="session")
+def teacher_file(tmp_path_factory):
+    """A (randomly initialised) teacher for digits, saved as a plain state dict."""
+    import torch
+
+    from collab_distill.task import TaskInfo
+    from collab_distill.tasks.classification import ResNet
+
+    torch.manual_seed(0)
+    model = ResNet("s").build(TaskInfo(num_classes=10, in_channels=1, image_size=(8, 8)))
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
+    torch.save(model.state_dict(), path)
+    return path

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, digits_args
+from conftest import digits_args
 
 pytestmark = pytest.mark.slow
 

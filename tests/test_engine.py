@@ -15,18 +15,6 @@ from collab_distill.tasks.classification import Digits, ImageClassification, Res
 from support_plugins import ConstantConsensus, CountingPlugin, LearnedImageWeights
 
 
-@pytest.fixture(scope="module")
-def teacher_file(tmp_path_factory):
-    """A (randomly initialised) teacher for digits, saved as a plain state dict."""
-    from collab_distill.task import TaskInfo
-
-    torch.manual_seed(0)
-    model = ResNet("s").build(TaskInfo(num_classes=10, in_channels=1, image_size=(8, 8)))
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    torch.save(model.state_dict(), path)
-    return path
-
-
 def make_engine(tmp_path, teacher_file=None, plugins=(), students=("xxs", "xs"), meta=None, subset=400, **trainer):
     settings = dict(accelerator="cpu", root_dir=str(tmp_path), progress_bar=False, loggers=[], max_epochs=1)
     settings.update(trainer)

@@ -13,7 +13,7 @@ from collab_distill.plugins.fixed_weights import FixedLossWeights
 from collab_distill.plugins.mc_distil import CNet, PooledStudent, pooled_student_logits
 from collab_distill.records import Knowledge
 from collab_distill.tasks.classification import ResNet
-from test_engine import make_engine, ready, records_of, teacher_file  # noqa: F401  (fixture)
+from test_engine import make_engine, ready, records_of
 
 
 def test_pooled_student_is_eq4_on_hand_made_logits():
