@@ -509,6 +509,8 @@ class Engine:
             optimizer.zero_grad(set_to_none=True)
         self._sync_meta_buffers()
         self.hook.collab_distill_meta_step_end(engine=self, step=self.global_step, meta_loss=value)
+        # meta steps are rare: log each one at the step it belongs to, whatever log_every_n_steps is
+        self.fabric.log_dict({"train/meta/loss": value}, step=self.global_step + 1)
         return {"meta/loss": torch.tensor(value)}
 
     def _reduce_meta_grads(self, params: list[nn.Parameter]) -> None:

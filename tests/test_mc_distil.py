@@ -167,3 +167,14 @@ def test_report_renders_results_weights_and_accuracy_vs_macs(tmp_path, teacher_f
     stopped.fit()
     with pytest.raises(ConfigError, match="did not finish"):
         write_report(stopped.run_dir)
+
+
+def test_every_meta_step_is_logged(tmp_path, teacher_file):
+    import csv
+
+    engine = make_engine(tmp_path, teacher_file, [cnet(), PooledStudent()], meta=BilevelConfig(every_n_steps=4),
+                         max_epochs=1, name="metalog", loggers=["csv"], log_every_n_steps=10)
+    engine.fit()
+    with (engine.run_dir / "logs" / "csv" / "metrics.csv").open() as f:
+        steps = [int(r["step"]) for r in csv.DictReader(f) if r.get("train/meta/loss")]
+    assert steps == list(range(1, engine.global_step + 1, 4))
