@@ -32,7 +32,10 @@ class _Bar:
 
     def advance(self, loss: Optional[float]) -> None:
         if self.progress is not None:
-            self.progress.update(self.task_id, advance=1, loss=f"{loss:.4f}" if loss is not None else "")
+            if loss is None:  # keep the last shown loss
+                self.progress.update(self.task_id, advance=1)
+            else:
+                self.progress.update(self.task_id, advance=1, loss=f"{loss:.4f}")
 
 
 @contextlib.contextmanager

@@ -9,7 +9,6 @@ name.
 from __future__ import annotations
 
 import copy
-import math
 import time
 from collections.abc import Mapping as MappingABC
 from dataclasses import asdict
@@ -193,6 +192,8 @@ class Engine:
         self.model_summary: dict[str, dict[str, Any]] = {}
         self._is_setup = False
         self._teachers_used = False  # did the last step need the teachers' records?
+        # (step, [students + total] finite flags on the device) since the last check: no per-step sync
+        self._finite_flags: list[tuple[int, Tensor]] = []
 
     # ------------------------------------------------------------------ setup
 
@@ -388,8 +389,8 @@ class Engine:
                 if detailed:
                     logs[f"{name}/{term}"] = kl.detach().mean()
             student_loss = per_image.mean()
+            logs[f"{name}/loss"] = student_loss.detach()
             if detailed:
-                logs[f"{name}/loss"] = student_loss.detach()
                 for key, value in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
                     logs[f"{name}/{key}"] = value if isinstance(value, float) else value.detach().float().mean()
             total = total + student_loss
@@ -428,10 +429,13 @@ class Engine:
         detailed = (self.global_step + 1) % self.trainer.log_every_n_steps == 0
         loss, logs = self.cohort_loss(batch, records, teacher_records, phase="train", detailed=detailed)
         self._teachers_used = teacher_records.resolved
-        if self.trainer.detect_nonfinite and not math.isfinite(loss.item()):
-            if not detailed:  # name the student and the term
-                logs = self.cohort_loss(batch, records, teacher_records, phase="train", detailed=True)[1]
-            self._raise_nonfinite(logs)
+        if self.trainer.detect_nonfinite:
+            # no host sync here: flags accumulate on the device and are read on logging steps,
+            # before every checkpoint and at epoch end (so a bad state is never saved)
+            finite = torch.isfinite(torch.stack([logs[f"{s}/loss"] for s in records] + [loss.detach()]))
+            self._finite_flags.append((self.global_step, finite))
+            if detailed:
+                self._check_finite()
         self.fabric.backward(loss)
         for name, optimizer in self.optimizers.items():
             if self.trainer.gradient_clip is not None:
@@ -441,16 +445,27 @@ class Engine:
         logs.update(meta_log)
         return logs
 
-    def _raise_nonfinite(self, logs: Mapping[str, Tensor]) -> None:
-        bad = [k for k, v in logs.items() if k != "loss" and not math.isfinite(float(v))]
+    def _check_finite(self) -> None:
+        """Raise if any loss since the last check was NaN/inf (one host sync)."""
+        if not self._finite_flags:
+            return
+        steps = [step for step, _ in self._finite_flags]
+        finite = torch.stack([flags for _, flags in self._finite_flags]).cpu()
+        self._finite_flags.clear()
+        if bool(finite.all()):
+            return
+        first_row = int((~finite).any(dim=1).nonzero()[0])
+        step = steps[first_row]
+        bad = [f"{s}/loss" for s, ok in zip(self.students, finite[first_row, :-1].tolist()) if not ok]
         last = self.run_dir / "checkpoints" / "last.ckpt" if self.run_dir is not None else None
         kept = (
             f"The last good checkpoint {last} was left untouched (resume with --resume last)."
             if last is not None and last.is_file() else "No checkpoint had been written yet."
         )
         raise NonFiniteLossError(
-            f"non-finite loss at epoch {self.epoch} step {self.global_step}: {', '.join(bad) or 'loss'} "
-            "is NaN/inf. Lower optimizer.init_args.lr, set trainer.gradient_clip, or check the data and "
+            f"non-finite loss at epoch {self.epoch} step {step}: {', '.join(bad) or 'loss'} "
+            f"became NaN/inf (checked every {self.trainer.log_every_n_steps} steps and before each checkpoint). "
+            "Lower optimizer.init_args.lr, set trainer.gradient_clip, or check the data and "
             f"the teacher. {kept}"
         )
 
@@ -593,7 +608,8 @@ class Engine:
                     self.hook.collab_distill_train_step_end(engine=self, step=self.global_step, losses=logs)
                     if self.global_step % self.trainer.log_every_n_steps == 0:
                         fabric.log_dict({f"train/{k}": float(v) for k, v in logs.items()}, step=self.global_step)
-                    bar.advance(float(logs["loss"]) if bar.enabled else None)
+                    logged = self.global_step % self.trainer.log_every_n_steps == 0
+                    bar.advance(float(logs["loss"]) if bar.enabled and logged else None)
                     if self.trainer.checkpoint_every_n_steps and self.global_step % self.trainer.checkpoint_every_n_steps == 0:
                         self.save_checkpoint()
                     if self.trainer.max_steps is not None and self.global_step >= self.trainer.max_steps:
@@ -608,6 +624,7 @@ class Engine:
 
     def _end_epoch(self, seconds: float) -> None:
         assert self.fabric is not None
+        self._check_finite()
         for scheduler in self.schedulers.values():
             scheduler.step()
         row: dict[str, Any] = {"epoch": self.epoch + 1, "seconds": round(seconds, 3)}
@@ -816,6 +833,7 @@ class Engine:
     def save_checkpoint(self) -> Path:
         """Write ``checkpoints/last.ckpt`` atomically (once, from rank 0)."""
         assert self.fabric is not None and self.run_dir is not None
+        self._check_finite()  # never write a NaN state over a good checkpoint
         path = self.run_dir / "checkpoints" / "last.ckpt"
         state = self.checkpoint_state()
         if self.fabric.is_global_zero:

@@ -154,9 +154,9 @@ def collab_distill_fit_start(engine: Engine) -> None:
 def collab_distill_train_step_end(engine: Engine, step: int, losses: Mapping[str, float]) -> None:
     """A training step finished.
 
-    ``losses`` maps names to numbers or detached 0-dim tensors: always ``loss``, and on logging
-    steps (every ``trainer.log_every_n_steps``) also ``<student>/supervised``, ``/distill``,
-    ``/consensus``, ``/loss``, ``/alpha``, ``/beta``, ``/gamma``. Call ``float()`` only when
+    ``losses`` maps names to numbers or detached 0-dim tensors: always ``loss`` and
+    ``<student>/loss``, and on logging steps (every ``trainer.log_every_n_steps``) also
+    ``<student>/supervised``, ``/distill``, ``/consensus``, ``/alpha``, ``/beta``, ``/gamma``. Call ``float()`` only when
     needed (it synchronises with the GPU).
     """
 

@@ -244,5 +244,5 @@ def test_step_logs_are_detailed_only_on_logging_steps(tmp_path, teacher_file):
     quiet = engine.training_step(batch)
     engine.global_step += 1
     loud = engine.training_step(batch)
-    assert set(quiet) == {"loss"}
+    assert set(quiet) == {"loss", "xxs/loss", "xs/loss"}
     assert {"xs/supervised", "xs/distill", "xs/loss", "xs/alpha"} <= set(loud)
