@@ -34,10 +34,8 @@ import json
 import math
 import os
 import platform
-import re
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -50,14 +48,12 @@ from digits_table import (
     CONFIG,
     REPO,
     STUDENTS,
-    _cli,
-    _finished_run,
     _p,
     _paired,
     _pm,
     _portable,
-    _sha256,
     _summary,
+    run_paired_seeds,
 )
 
 METHOD_DIR = REPO / "examples" / "methods"
@@ -71,45 +67,6 @@ METHODS: dict[str, tuple[Path, str]] = {
 }
 CNET_METHODS = ["mc_distil", "mc_distil_nops", "meta_distil"]
 WEIGHTS = ("alpha", "beta", "gamma")
-
-
-def run_one(method: str, seed: int, args: argparse.Namespace, teacher: Path | None) -> dict[str, Any]:
-    name = f"{method}_s{seed}"
-    runs = args.runs_dir
-    if args.reuse:
-        found = _finished_run(runs, name)
-        if found is not None:
-            print(f"  reusing {found}", flush=True)
-            return {"run_dir": found, **json.loads((found / "wall.json").read_text())}
-    cmd = [*_cli(), "fit", "--config", str(CONFIG), "--config", str(METHODS[method][0]), "--seed", str(seed),
-           "--trainer.root_dir", str(runs), "--trainer.name", name, "--trainer.progress_bar", "false"]
-    if args.epochs is not None:
-        cmd += ["--trainer.max_epochs", str(args.epochs)]
-    if teacher is not None:
-        cmd += ["--cohort.teachers.teacher.checkpoint", str(teacher), "--cohort.teachers.teacher.train_epochs", "0"]
-    elif args.teacher_epochs is not None:
-        cmd += ["--cohort.teachers.teacher.train_epochs", str(args.teacher_epochs)]
-    env = dict(os.environ)
-    if args.threads > 0:
-        env["OMP_NUM_THREADS"] = str(args.threads)
-    print("  $ " + _portable(cmd), flush=True)
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    log = runs / f"{name}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    log.write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
-    if proc.returncode != 0:
-        raise SystemExit(f"{name} failed with exit code {proc.returncode}; see {log}\n{proc.stderr[-3000:]}")
-    match = re.findall(r"run folder: (\S+)", proc.stdout)
-    run_dir = Path(match[-1]) if match else _finished_run(runs, name)
-    if run_dir is None:
-        raise SystemExit(f"{name}: cannot find the run folder; see {log}")
-    if not run_dir.is_absolute():
-        run_dir = REPO / run_dir
-    info = {"wall_s": wall, "command": cmd}
-    (run_dir / "wall.json").write_text(json.dumps(info, indent=1))
-    return {"run_dir": run_dir, **info}
 
 
 def _float(x: str) -> float | None:
@@ -315,29 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 
-    per_seed: dict[int, dict[str, Any]] = {}
-    runs: dict[int, dict[str, Any]] = {}
-    teacher_hashes: dict[int, str] = {}
-    for seed in args.seeds:
-        print(f"seed {seed}", flush=True)
-        done = {"ce": run_one("ce", seed, args, teacher=None)}
-        teacher_file = done["ce"]["run_dir"] / "teachers" / "teacher" / "teacher.pt"
-        if not teacher_file.is_file():
-            raise SystemExit(f"the CE run of seed {seed} wrote no {teacher_file}")
-        for m in METHODS:
-            if m != "ce":
-                done[m] = run_one(m, seed, args, teacher=teacher_file)
-        results = {m: json.loads((r["run_dir"] / "results.json").read_text()) for m, r in done.items()}
-        t_ce = results["ce"]["teachers"]["teacher"]["test"]["top1"]
-        for m, r in results.items():
-            if r["teachers"]["teacher"]["test"]["top1"] != t_ce:
-                raise SystemExit(f"seed {seed}: the teacher's test top-1 differs between CE ({t_ce}) and {m}")
-        teacher_hashes[seed] = _sha256(teacher_file)
-        per_seed[seed] = results
-        runs[seed] = done
-        for m in METHODS:
-            print(f"  {m}: " + ", ".join(f"{st} {results[m]['students'][st]['last']['test_top1']:.2f}" for st in STUDENTS)
-                  + f"; wall {done[m]['wall_s']:.0f} s", flush=True)
+    per_seed, runs, teacher_hashes = run_paired_seeds({m: f for m, (f, _) in METHODS.items()}, args)
 
     seeds = sorted(per_seed)
     epoch_s = {m: {s: statistics.median(h["seconds"] for h in per_seed[s][m]["history"]) for s in seeds} for m in METHODS}

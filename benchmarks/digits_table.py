@@ -78,7 +78,8 @@ def _finished_run(root: Path, name: str) -> Optional[Path]:
     return None
 
 
-def run_one(method: str, seed: int, args: argparse.Namespace, teacher: Optional[Path]) -> dict[str, Any]:
+def run_one(method: str, method_file: Path, seed: int, args: argparse.Namespace, teacher: Optional[Path]) -> dict[str, Any]:
+    """One ``collab-distill fit`` of examples/digits.yaml composed with ``method_file``."""
     name = f"{method}_s{seed}"
     runs = args.runs_dir
     if args.reuse:
@@ -86,7 +87,7 @@ def run_one(method: str, seed: int, args: argparse.Namespace, teacher: Optional[
         if found is not None:
             print(f"  reusing {found}", flush=True)
             return {"run_dir": found, **json.loads((found / "wall.json").read_text())}
-    cmd = [*_cli(), "fit", "--config", str(CONFIG), "--config", str(METHODS[method]), "--seed", str(seed),
+    cmd = [*_cli(), "fit", "--config", str(CONFIG), "--config", str(method_file), "--seed", str(seed),
            "--trainer.root_dir", str(runs), "--trainer.name", name, "--trainer.progress_bar", "false"]
     if args.epochs is not None:
         cmd += ["--trainer.max_epochs", str(args.epochs)]
@@ -97,7 +98,7 @@ def run_one(method: str, seed: int, args: argparse.Namespace, teacher: Optional[
     env = dict(os.environ)
     if args.threads > 0:
         env["OMP_NUM_THREADS"] = str(args.threads)
-    print("  $ " + " ".join(cmd), flush=True)
+    print("  $ " + _portable(cmd), flush=True)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -110,9 +111,42 @@ def run_one(method: str, seed: int, args: argparse.Namespace, teacher: Optional[
     run_dir = Path(match[-1]) if match else _finished_run(runs, name)
     if run_dir is None:
         raise SystemExit(f"{name}: cannot find the run folder; see {log}")
+    if not run_dir.is_absolute():
+        run_dir = REPO / run_dir
     info = {"wall_s": wall, "command": cmd}
     (run_dir / "wall.json").write_text(json.dumps(info, indent=1))
     return {"run_dir": run_dir, **info}
+
+
+def run_paired_seeds(
+    methods: dict[str, Path], args: argparse.Namespace
+) -> tuple[dict[int, dict[str, Any]], dict[int, dict[str, Any]], dict[int, str]]:
+    """Every method for every seed, sharing one teacher per seed: the ``ce`` run trains it, the
+    others load its ``teacher.pt``. Returns (results per seed and method, run infos, teacher hashes)."""
+    per_seed: dict[int, dict[str, Any]] = {}
+    runs: dict[int, dict[str, Any]] = {}
+    teacher_hashes: dict[int, str] = {}
+    for seed in args.seeds:
+        print(f"seed {seed}", flush=True)
+        done = {"ce": run_one("ce", methods["ce"], seed, args, teacher=None)}
+        teacher_file = done["ce"]["run_dir"] / "teachers" / "teacher" / "teacher.pt"
+        if not teacher_file.is_file():
+            raise SystemExit(f"the CE run of seed {seed} wrote no {teacher_file}")
+        for m, method_file in methods.items():
+            if m != "ce":
+                done[m] = run_one(m, method_file, seed, args, teacher=teacher_file)
+        results = {m: json.loads((r["run_dir"] / "results.json").read_text()) for m, r in done.items()}
+        t_ce = results["ce"]["teachers"]["teacher"]["test"]["top1"]
+        for m, r in results.items():
+            if r["teachers"]["teacher"]["test"]["top1"] != t_ce:
+                raise SystemExit(f"seed {seed}: the teacher's test top-1 differs between CE ({t_ce}) and {m}")
+        teacher_hashes[seed] = _sha256(teacher_file)
+        per_seed[seed] = results
+        runs[seed] = done
+        for m in methods:
+            print(f"  {m}: " + ", ".join(f"{st} {results[m]['students'][st]['last']['test_top1']:.2f}" for st in STUDENTS)
+                  + f" (teacher {t_ce:.2f}); wall {done[m]['wall_s']:.0f} s", flush=True)
+    return per_seed, runs, teacher_hashes
 
 
 def _summary(values: list[float]) -> dict[str, float]:
@@ -273,26 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 
-    per_seed: dict[int, dict[str, Any]] = {}
-    runs: dict[int, dict[str, Any]] = {}
-    teacher_hashes: dict[int, str] = {}
-    for seed in args.seeds:
-        print(f"seed {seed}", flush=True)
-        ce = run_one("ce", seed, args, teacher=None)
-        teacher_file = ce["run_dir"] / "teachers" / "teacher" / "teacher.pt"
-        if not teacher_file.is_file():
-            raise SystemExit(f"the CE run of seed {seed} wrote no {teacher_file}")
-        kd = run_one("kd", seed, args, teacher=teacher_file)
-        results = {m: json.loads((r["run_dir"] / "results.json").read_text()) for m, r in (("ce", ce), ("kd", kd))}
-        t_ce, t_kd = (results[m]["teachers"]["teacher"]["test"]["top1"] for m in ("ce", "kd"))
-        if t_ce != t_kd:
-            raise SystemExit(f"seed {seed}: the teacher's test top-1 differs between CE ({t_ce}) and KD ({t_kd})")
-        teacher_hashes[seed] = _sha256(teacher_file)
-        per_seed[seed] = results
-        runs[seed] = {m: {"run_dir": str(r["run_dir"]), "wall_s": r["wall_s"], "command": r["command"]} for m, r in (("ce", ce), ("kd", kd))}
-        for m in ("ce", "kd"):
-            print(f"  {m}: " + ", ".join(f"{st} {results[m]['students'][st]['last']['test_top1']:.2f}" for st in STUDENTS)
-                  + f" (teacher {t_ce:.2f}); wall {runs[seed][m]['wall_s']:.0f} s", flush=True)
+    per_seed, runs, teacher_hashes = run_paired_seeds(METHODS, args)
 
     seeds = sorted(per_seed)
     epoch_s = {m: {s: statistics.median(h["seconds"] for h in per_seed[s][m]["history"]) for s in seeds} for m in ("ce", "kd")}
