@@ -147,6 +147,7 @@ class Engine:
         disable_plugins: names of always-on plugins to leave out.
         seed: seeds model initialisation, data splits, data order and augmentation.
         trace_plugins: print every hook call (debugging a plugin).
+        run_dir: write into this folder instead of a new ``root_dir/name/version_N``.
     """
 
     def __init__(
@@ -163,6 +164,7 @@ class Engine:
         trace_plugins: bool = False,
         config_text: Optional[str] = None,
         fabric: Optional[Fabric] = None,
+        run_dir: Optional[str] = None,
     ) -> None:
         self.task = task
         self.cohort = cohort
@@ -184,6 +186,9 @@ class Engine:
         self.meta_modules: dict[str, nn.Module] = {}
         self.meta_optimizers: dict[str, torch.optim.Optimizer] = {}
         self.run_dir: Optional[Path] = None
+        # write into this folder instead of a new root_dir/name/version_N (nested teacher runs)
+        self._run_dir_override: Optional[Path] = Path(run_dir) if run_dir is not None else None
+        self._meta_trainable = False
         self.epoch = 0
         self.global_step = 0
         self.batch_in_epoch = 0
@@ -310,6 +315,7 @@ class Engine:
             module = fabric.to_device(spec.module)
             self.meta_modules[name] = module
             self.meta_optimizers[name] = spec.optimizer(module.parameters())
+        self._meta_trainable = any(p.requires_grad for m in self.meta_modules.values() for p in m.parameters())
         self.loaders = {split: self._loader(split) for split in ("train", "meta", "val", "test")}
         self.meta_batches = _Cycle(*self.loaders["meta"])
 
@@ -348,12 +354,14 @@ class Engine:
         student's terms and mean weights, detached.
         """
         tau = self.trainer.temperature
-        first = next(iter(records.values()))
-        supervised_only = LossWeights.constant_weights(first.num_images, 1.0, 0.0, 0.0, first.logits.device)
-        weights: Mapping[str, LossWeights] = {s: supervised_only for s in records}
+        warming = {s for s in records if self.warming_up(s)}
+        if warming:
+            first = next(iter(records.values()))
+            supervised_only = LossWeights.constant_weights(first.num_images, 1.0, 0.0, 0.0, first.logits.device)
+            weights: Mapping[str, LossWeights] = {s: supervised_only for s in records}
         targets: Mapping[str, SoftTarget] = {}
         consensus: Mapping[str, SoftTarget] = {}
-        if not all(self.warming_up(s) for s in records):
+        if len(warming) < len(records):
             with torch.set_grad_enabled(phase != "train" and torch.is_grad_enabled()):
                 provided = self.hook.collab_distill_loss_weights(
                     engine=self, batch=batch, records=records, teacher_records=teacher_records, phase=phase
@@ -363,7 +371,7 @@ class Engine:
             missing = set(records) - set(provided)
             if missing:
                 raise ConfigError(f"the loss-weight provider returned no weights for student(s) {sorted(missing)}")
-            weights = {s: supervised_only if self.warming_up(s) else provided[s] for s in records}
+            weights = {s: supervised_only if s in warming else provided[s] for s in records}
             kwargs = dict(engine=self, batch=batch, records=records, teacher_records=teacher_records, temperature=tau)
             # a term whose weight is exactly zero for every student is not computed at all
             # (with lazy teacher records this also skips the teachers' forward pass)
@@ -473,7 +481,7 @@ class Engine:
         # decided from counters and config only, so every DDP rank takes the same branch
         if not self.has_meta or self.in_warmup:
             return False
-        if not any(p.requires_grad for m in self.meta_modules.values() for p in m.parameters()):
+        if not self._meta_trainable:
             return False  # every meta module is frozen
         if self.meta_config.every_n_epochs is not None:
             return self.batch_in_epoch == 0 and self.epoch % self.meta_config.every_n_epochs == 0
@@ -731,10 +739,10 @@ class Engine:
                 seed=self.seed,
                 fabric=self.fabric,
                 disable_plugins=[],
+                run_dir=str(self.run_dir / "teachers" / name),
             )
             sub.setup()
             sub.students[name].load_state_dict(self.teachers[name].state_dict())
-            sub._run_dir_override = self.run_dir / "teachers" / name
             own_loggers = self.fabric._loggers
             try:
                 sub.fit()
@@ -773,7 +781,7 @@ class Engine:
 
     def _open_run_dir(self, state: Optional[Mapping[str, Any]]) -> None:
         assert self.fabric is not None
-        override = getattr(self, "_run_dir_override", None)
+        override = self._run_dir_override
         if override is not None:
             run_dir = Path(override)
             run_dir.mkdir(parents=True, exist_ok=True)

@@ -29,6 +29,23 @@ def _read_metrics(path: Path) -> list[dict[str, float]]:
     return rows
 
 
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (reports are written on headless machines)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
 def _weights_plot(rows: list[dict[str, float]], students: list[str], out: Path) -> Path | None:
     series = {
         (s, term): [(r["step"], r[f"train/{s}/{term}"]) for r in rows if f"train/{s}/{term}" in r]
@@ -36,10 +53,7 @@ def _weights_plot(rows: list[dict[str, float]], students: list[str], out: Path) 
     }
     if not any(series.values()):
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), sharex=True)
     for ax, term in zip(axes, ("alpha", "beta", "gamma")):
@@ -52,21 +66,14 @@ def _weights_plot(rows: list[dict[str, float]], students: list[str], out: Path) 
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle("loss weights over training (mean over the batch)")
-    fig.tight_layout()
-    path = out / "weights_over_training.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "weights_over_training.png")
 
 
 def _distribution_plot(run: Path, out: Path) -> Path | None:
     table = run / "plugins" / "cnet" / "val_weights.csv"
     if not table.is_file():
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     with table.open() as f:
         rows = list(csv.DictReader(f))
@@ -78,11 +85,7 @@ def _distribution_plot(run: Path, out: Path) -> Path | None:
         ax.set_title(term)
     axes[0].legend(fontsize=8)
     fig.suptitle("C-Net weights over the val images at the end of training")
-    fig.tight_layout()
-    path = out / "weights_distribution.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "weights_distribution.png")
 
 
 def _accuracy_vs_macs(results: dict[str, Any], out: Path) -> Path | None:
@@ -94,10 +97,7 @@ def _accuracy_vs_macs(results: dict[str, Any], out: Path) -> Path | None:
     points = [p for p in points if p[1]]
     if not points:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4))
     points.sort(key=lambda p: p[1])
@@ -110,11 +110,7 @@ def _accuracy_vs_macs(results: dict[str, Any], out: Path) -> Path | None:
     ax.set_ylabel(f"test {metric} (%)")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    path = out / "accuracy_vs_macs.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "accuracy_vs_macs.png")
 
 
 def _fmt(v: Any) -> str:
