@@ -78,8 +78,10 @@ def _finished_run(root: Path, name: str) -> Optional[Path]:
     return None
 
 
-def run_one(method: str, method_file: Path, seed: int, args: argparse.Namespace, teacher: Optional[Path]) -> dict[str, Any]:
-    """One ``collab-distill fit`` of examples/digits.yaml composed with ``method_file``."""
+def run_one(method: str, method_file: Path, seed: int, args: argparse.Namespace, teacher: Optional[Path],
+            extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    """One ``collab-distill fit`` of examples/digits.yaml composed with ``method_file`` (plus the
+    command-line overrides ``extra``)."""
     name = f"{method}_s{seed}"
     runs = args.runs_dir
     if args.reuse:
@@ -95,6 +97,7 @@ def run_one(method: str, method_file: Path, seed: int, args: argparse.Namespace,
         cmd += ["--cohort.teachers.teacher.checkpoint", str(teacher), "--cohort.teachers.teacher.train_epochs", "0"]
     elif args.teacher_epochs is not None:
         cmd += ["--cohort.teachers.teacher.train_epochs", str(args.teacher_epochs)]
+    cmd += list(extra)
     env = dict(os.environ)
     if args.threads > 0:
         env["OMP_NUM_THREADS"] = str(args.threads)

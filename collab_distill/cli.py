@@ -126,6 +126,9 @@ def _run_arguments(parser: ArgumentParser, *, training: bool) -> None:
     else:
         parser.add_argument("--ckpt_path", type=Optional[str], default=None, help="checkpoint to evaluate")
         parser.add_argument("--weights", type=str, default="last", choices=["last", "best"], help="last or best-on-val weights")
+        parser.add_argument("--output_dir", type=Optional[str], default=None,
+                            help="where metrics.json and plugin outputs go (default: a new evaluations/<split>-<weights> "
+                                 "folder in the checkpoint's run)")
 
 
 def build_parser() -> ArgumentParser:
@@ -178,7 +181,7 @@ def _engine_from(parser: ArgumentParser, cfg: Namespace, command: str):
     sub_parser = parser._subcommands_action._name_parser_map[command]
     cfg.trainer.name = _experiment_name(cfg)
     saved = cfg.clone()
-    for action in ("resume", "ckpt_path", "weights"):  # how to run, not what to run
+    for action in ("resume", "ckpt_path", "weights", "output_dir"):  # how to run, not what to run
         if action in saved:
             del saved[action]
     text = sub_parser.dump(saved, skip_unset=False, skip_validation=True)
@@ -367,7 +370,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if command == "fit":
             results = engine.fit(resume=sub.resume)
         else:
-            results = engine.evaluate_checkpoint("val" if command == "validate" else "test", sub.ckpt_path, sub.weights)
+            results = engine.evaluate_checkpoint("val" if command == "validate" else "test", sub.ckpt_path, sub.weights, sub.output_dir)
         return 0 if results is not None else 1
     except argparse.ArgumentError as err:
         # jsonargparse: a wrong type, an unknown option or key, a class_path that cannot be imported

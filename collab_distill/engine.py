@@ -186,6 +186,7 @@ class Engine:
         self.meta_modules: dict[str, nn.Module] = {}
         self.meta_optimizers: dict[str, torch.optim.Optimizer] = {}
         self.run_dir: Optional[Path] = None
+        self.fitting = False  # True inside fit(); validate/test of a checkpoint run with it False
         # write into this folder instead of a new root_dir/name/version_N (nested teacher runs)
         self._run_dir_override: Optional[Path] = Path(run_dir) if run_dir is not None else None
         self._meta_trainable = False
@@ -587,6 +588,7 @@ class Engine:
 
     def fit(self, resume: Optional[str] = None) -> dict[str, Any]:
         """Train the cohort; returns (and writes) the run's results."""
+        self.fitting = True
         self.setup()
         state = self._resolve_resume(resume)
         self._open_run_dir(state)
@@ -873,9 +875,17 @@ class Engine:
 
     # ------------------------------------------------------------------ validate / test
 
-    def evaluate_checkpoint(self, split: str, checkpoint: Optional[str], which: str = "last") -> dict[str, Any]:
-        """``collab-distill validate|test``: metrics of every student from a checkpoint."""
+    def evaluate_checkpoint(
+        self, split: str, checkpoint: Optional[str], which: str = "last", output_dir: Optional[str] = None
+    ) -> dict[str, Any]:
+        """``collab-distill validate|test``: metrics of every student from a checkpoint.
+
+        The checkpoint's meta modules (a C-Net) are restored too, so plugins can apply them to
+        ``split`` in ``evaluation_end``. ``metrics.json`` (and whatever plugins write) goes to
+        ``output_dir``, by default a new ``evaluations/<split>-<weights>[-N]`` folder beside the
+        checkpoint's run; nothing there is overwritten."""
         self.setup()
+        state: Optional[Mapping[str, Any]] = None
         if checkpoint is not None:
             state = load_checkpoint(checkpoint, field="--ckpt_path")
             for name, model in self.students.items():
@@ -888,10 +898,37 @@ class Engine:
         assert self.fabric is not None
         self.students = {n: self.fabric.to_device(m) for n, m in self.students.items()}
         self.teachers = {n: self.fabric.to_device(m) for n, m in self.teachers.items()}
+        saved_meta = (state or {}).get("meta_modules", {})
+        for name, spec in self._meta_specs.items():
+            if name in saved_meta:  # an untrained meta module is never applied as if it were the run's
+                spec.module.load_state_dict(saved_meta[name])
+                self.meta_modules[name] = self.fabric.to_device(spec.module)
+        self.run_dir = self._evaluation_dir(split, checkpoint, which, output_dir)
         self.loaders = {split: self._loader(split)}
         metrics = self.evaluate(split)
         console.metrics_table(self.fabric, split, metrics)
+        if self.run_dir is not None and self.fabric.is_global_zero:
+            write_json({"split": split, "checkpoint": checkpoint, "weights": which, "metrics": metrics},
+                       self.run_dir / "metrics.json")
+            console.info(self.fabric, f"evaluation folder: {self.run_dir}")
         return metrics
+
+    def _evaluation_dir(self, split: str, checkpoint: Optional[str], which: str, output_dir: Optional[str]) -> Optional[Path]:
+        if output_dir is not None:
+            folder = Path(output_dir)
+            if folder.exists() and any(folder.iterdir()):
+                raise ConfigError(f"--output_dir {output_dir}: the folder exists and is not empty; give a new or empty folder")
+        elif checkpoint is not None:
+            base = Path(checkpoint).resolve().parent.parent / "evaluations"
+            folder, n = base / f"{split}-{which}", 1
+            while folder.exists():
+                folder, n = base / f"{split}-{which}-{n}", n + 1
+        else:
+            return None
+        self.fabric.barrier()
+        if self.fabric.is_global_zero:
+            folder.mkdir(parents=True, exist_ok=True)
+        return folder
 
 
 class _PlainIndices(torch.utils.data.Sampler):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import html
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +118,17 @@ def _fmt(v: Any) -> str:
     return f"{v:.2f}" if isinstance(v, (int, float)) and v is not None else "-"
 
 
+def _plugin_figures(run: Path, out: Path) -> list[Path]:
+    """PNGs that plugins wrote into ``RUN/plugins/<plugin>/`` (e.g. the C-Net's image grid),
+    copied next to the report as ``<plugin>_<file>``."""
+    copied = []
+    for figure in sorted(run.glob("plugins/*/*.png")):
+        target = out / f"{figure.parent.name}_{figure.name}"
+        shutil.copyfile(figure, target)
+        copied.append(target)
+    return copied
+
+
 def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     """Write ``RUN_DIR/report/report.md`` and ``report.html``; returns their paths."""
     run = Path(run_dir)
@@ -132,6 +144,7 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     metric = results.get("selection_metric", "top1")
     rows = _read_metrics(run / "logs" / "csv" / "metrics.csv")
     figures = [p for p in (_weights_plot(rows, students, out), _distribution_plot(run, out), _accuracy_vs_macs(results, out)) if p]
+    figures += _plugin_figures(run, out)
 
     lines = [f"# Run report: {run.parent.name}/{run.name}", "",
              f"seed {results.get('seed')}, {results.get('epochs')} epochs, {results.get('global_step')} steps; "

@@ -14,6 +14,7 @@ activation, and gamma with PooledStudent is implemented.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal, Mapping, Optional
 
 import torch
@@ -174,13 +175,13 @@ class CNet(Plugin):
         weights = self.weights(engine, batch, records, teacher_records if self.use_logits else {})
         return {s: LossWeights.from_tensor(w) for s, w in weights.items()}
 
-    @hookimpl
-    def collab_distill_fit_end(self, engine: Any) -> None:
-        """Save the C-Net's weights for every val image (``plugins/cnet/val_weights.csv``) so
-        ``collab-distill report`` can show their distribution; rank 0, its shard of val."""
-        if not engine.fabric.is_global_zero or self.module is None:
-            return
-        loader, _ = engine.loaders["val"]
+    # -- applying the C-Net to a data set --------------------------------------------------
+
+    def apply(self, engine: Any, split: str) -> list[tuple[int, int, str, float, float, float]]:
+        """The C-Net's weights for every image of ``split`` (this rank's shard) as rows
+        ``(index, label, student, alpha, beta, gamma)``; the C-Net is left in its previous mode."""
+        assert self.module is not None
+        loader, _ = engine.loaders[split]
         modes = [m.training for m in self.module.modules()]
         self.module.eval()
         rows = []
@@ -189,14 +190,41 @@ class CNet(Plugin):
                 batch = engine.task.move_batch(batch, engine.fabric)
                 records = {s: engine.task.knowledge(m, batch) for s, m in engine.students.items()} if self.use_logits else {}
                 teachers = engine._teacher_records(batch, None) if self.use_logits else {}
+                labels = batch["targets"].tolist() if isinstance(batch, dict) and "targets" in batch else [-1] * len(batch["index"])
                 for student, w in self.weights(engine, batch, records, teachers).items():
-                    for index, (a, b, g) in zip(batch["index"].tolist(), w.float().cpu().tolist()):
-                        rows.append(f"{index},{student},{a:.6g},{b:.6g},{g:.6g}")
+                    for index, label, (a, b, g) in zip(batch["index"].tolist(), labels, w.float().cpu().tolist()):
+                        rows.append((int(index), int(label), student, a, b, g))
         for m, mode in zip(self.module.modules(), modes):
             m.training = mode
+        return rows
+
+    def write_weights(self, engine: Any, split: str, per_side: int = 8) -> Path:
+        """``plugins/cnet/<split>_weights.csv`` and ``<split>_extremes.png`` in the run folder: the
+        weights of every image, and per student the ``per_side`` images whose loss leans most on
+        the teacher (largest beta / (alpha + beta)) and most on the label (smallest)."""
+        rows = self.apply(engine, split)
         folder = engine.run_dir / "plugins" / "cnet"
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "val_weights.csv").write_text("index,student,alpha,beta,gamma\n" + "\n".join(rows) + "\n")
+        table = folder / f"{split}_weights.csv"
+        table.write_text("index,label,student,alpha,beta,gamma\n"
+                         + "".join(f"{i},{y},{s},{a:.6g},{b:.6g},{g:.6g}\n" for i, y, s, a, b, g in rows))
+        try:
+            _extremes_grid(engine, split, rows, self.students, per_side, folder / f"{split}_extremes.png")
+        except ImportError:  # matplotlib is a dependency, but a grid is never worth failing a run for
+            pass
+        return table
+
+    @hookimpl
+    def collab_distill_fit_end(self, engine: Any) -> None:
+        """Apply the trained C-Net to the val split (rank 0, its shard) for ``collab-distill report``."""
+        if engine.fabric.is_global_zero and self.module is not None:
+            self.write_weights(engine, "val")
+
+    @hookimpl
+    def collab_distill_evaluation_end(self, engine: Any, split: str) -> None:
+        """``collab-distill validate|test`` of a finished run: apply its C-Net to that split too."""
+        if not engine.fitting and engine.fabric.is_global_zero and engine.meta_modules.get("cnet") is not None:
+            self.write_weights(engine, split)
 
     def __repr__(self) -> str:
         return (f"CNet(backbone={self.backbone.describe()}, activation={self.activation}, gamma={self.gamma}, "
@@ -224,3 +252,41 @@ class PooledStudent(Plugin):
         stacked = torch.stack([r.logits.detach() for r in records.values()])
         target = SoftTarget.from_logits(pooled_student_logits(stacked, first.unit_labels), temperature)
         return {name: target for name in records}
+
+
+def _extremes_grid(engine: Any, split: str, rows: list[tuple[int, int, str, float, float, float]],
+                   students: list[str], per_side: int, path: Path) -> None:
+    """Two rows of images per student: most teacher-weighted, then most label-weighted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dataset = engine.task.dataset(split)
+    fig, axes = plt.subplots(2 * len(students), per_side, figsize=(1.3 * per_side, 2.9 * len(students)), squeeze=False)
+    for k, student in enumerate(students):
+        mine = sorted((r for r in rows if r[2] == student), key=lambda r: r[4] / max(r[3] + r[4], 1e-12))
+        sides = (("teacher", mine[::-1][:per_side]), ("label", mine[:per_side]))
+        for j, (side, picked) in enumerate(sides):
+            for col in range(per_side):
+                ax = axes[2 * k + j][col]
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if col >= len(picked):
+                    ax.axis("off")
+                    continue
+                index, label, _, a, b, g = picked[col]
+                image = engine.task.images(engine.task.collate([dataset[index]]))[0].float().cpu()
+                image = (image - image.min()) / (image.max() - image.min()).clamp_min(1e-12)
+                if image.shape[0] == 1:
+                    ax.imshow(image[0].numpy(), cmap="gray")
+                else:
+                    ax.imshow(image[:3].permute(1, 2, 0).numpy())
+                ax.set_title(f"y={label}\nα{a:.2f} β{b:.2f}", fontsize=7)
+                if col == 0:
+                    ax.set_ylabel(f"{student}\nmost {side}", fontsize=8)
+    fig.suptitle(f"C-Net on {split}: per student, the images weighted most towards the teacher (β/(α+β) largest) "
+                 f"and towards the label (smallest)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

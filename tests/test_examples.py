@@ -46,6 +46,20 @@ def test_cifar100_teacher_then_cohort(tmp_path, cli_env):
     assert results["teachers"]["teacher"]["params"] > 4_000_000  # ResNet10 for 100 classes
 
 
+def test_cifar100_short_recipe_composes_with_mc_distil(tmp_path, cli_env):
+    """The reduced Table-1 recipe: teacher trained in the run, CE warm-up, MC-Distil on top."""
+    make_cifar100(tmp_path / "data", n_train=80, n_test=20)
+    run_cli(["fit", "--config", str(REPO / "examples" / "cifar100.yaml"), "--config", str(REPO / "examples" / "cifar100_short.yaml"),
+             "--config", str(REPO / "examples" / "methods" / "mc_distil.yaml"), *QUICK,
+             *data_args(tmp_path / "data", checksums="false"), "--trainer.root_dir", str(tmp_path / "runs"),
+             "--cohort.teachers.teacher.train_epochs", "1", "--trainer.warmup_epochs", "0", "--meta.every_n_steps", "1"], cli_env)
+    results = finished(tmp_path / "runs", "cifar100_short")
+    assert set(results["students"]) == {"xxs", "xs", "s", "m"}
+    run = tmp_path / "runs" / "cifar100_short" / "version_0"
+    assert (run / "teachers" / "teacher" / "teacher.pt").is_file()
+    assert (run / "plugins" / "cnet" / "val_extremes.png").is_file()
+
+
 def test_tiny_imagenet_example(tmp_path, cli_env):
     make_tiny(tmp_path / "data", per_class=8)
     from collab_distill.task import TaskInfo

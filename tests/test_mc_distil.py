@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -155,13 +156,13 @@ def test_report_renders_results_weights_and_accuracy_vs_macs(tmp_path, teacher_f
                          max_epochs=1, name="rep", loggers=["csv"], log_every_n_steps=2)
     engine.fit()
     weights = (engine.run_dir / "plugins" / "cnet" / "val_weights.csv").read_text().splitlines()
-    assert weights[0] == "index,student,alpha,beta,gamma"
+    assert weights[0] == "index,label,student,alpha,beta,gamma"
     val_size = len(engine.task.dataset("val"))
     assert len(weights) - 1 == 2 * val_size  # every val image, for both students
     md, page = write_report(engine.run_dir)
     text = md.read_text()
     assert "| xxs |" in text and "| t (teacher) |" in text
-    for figure in ("weights_over_training.png", "weights_distribution.png", "accuracy_vs_macs.png"):
+    for figure in ("weights_over_training.png", "weights_distribution.png", "accuracy_vs_macs.png", "cnet_val_extremes.png"):
         assert (md.parent / figure).stat().st_size > 1000 and figure in text and figure in page.read_text()
     stopped = make_engine(tmp_path, teacher_file, [cnet()], max_epochs=2, max_steps=2, name="unfinished")
     stopped.fit()
@@ -178,3 +179,40 @@ def test_every_meta_step_is_logged(tmp_path, teacher_file):
     with (engine.run_dir / "logs" / "csv" / "metrics.csv").open() as f:
         steps = [int(r["step"]) for r in csv.DictReader(f) if r.get("train/meta/loss")]
     assert steps == list(range(1, engine.global_step + 1, 4))
+
+
+def test_saved_cnet_is_applied_to_a_split_by_validate_and_test(tmp_path, cli_env):
+    """``validate``/``test`` of a finished run restore its C-Net: applied to val it gives exactly
+    the weights written at the end of fit; applied to test it covers every test image; a second
+    evaluation goes to a new folder and an explicit non-empty --output_dir is refused."""
+    import csv
+
+    from conftest import REPO, digits_args
+    from test_cli import run_cli
+
+    method = str(REPO / "examples" / "methods" / "mc_distil.yaml")
+    run_cli(digits_args(tmp_path, "mc", epochs=1, extra=("--config", method, "--meta.every_n_steps", "3")), cli_env)
+    run = tmp_path / "mc" / "version_0"
+    ckpt = str(run / "checkpoints" / "last.ckpt")
+    run_cli(["validate", "--config", str(run / "config.yaml"), "--ckpt_path", ckpt], cli_env)
+    applied = run / "evaluations" / "val-last" / "plugins" / "cnet"
+    assert (applied / "val_weights.csv").read_text() == (run / "plugins" / "cnet" / "val_weights.csv").read_text()
+    assert (applied / "val_extremes.png").stat().st_size > 1000
+
+    run_cli(["test", "--config", str(run / "config.yaml"), "--ckpt_path", ckpt], cli_env)
+    with (run / "evaluations" / "test-last" / "plugins" / "cnet" / "test_weights.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    results = json.loads((run / "results.json").read_text())
+    from collab_distill.tasks.classification import Digits
+
+    test_size = Digits().setup(0).extra["split_sizes"]["test"]
+    assert len(rows) == test_size * len(results["students"])
+    assert all(0 < float(r[w]) < 1 for r in rows for w in ("alpha", "beta", "gamma"))  # sigmoid outputs
+    metrics = json.loads((run / "evaluations" / "test-last" / "metrics.json").read_text())["metrics"]
+    for name, r in results["students"].items():
+        assert metrics[name]["top1"] == pytest.approx(r["last"]["test_top1"])
+    run_cli(["test", "--config", str(run / "config.yaml"), "--ckpt_path", ckpt], cli_env)
+    assert (run / "evaluations" / "test-last-1" / "metrics.json").is_file()  # nothing overwritten
+    proc = run_cli(["test", "--config", str(run / "config.yaml"), "--ckpt_path", ckpt,
+                    "--output_dir", str(run / "evaluations" / "test-last")], cli_env, check=False)
+    assert proc.returncode == 2 and "--output_dir" in proc.stderr and "not empty" in proc.stderr

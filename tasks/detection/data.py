@@ -1,0 +1,215 @@
+"""COCO-format detection data: the ``DETECTRON2_DATASETS`` layout, seeded meta/val splits.
+
+``train`` annotations are split (seeded) into train / meta / val; ``test`` is a separate
+annotation file (COCO's val2017, whose labels are public). Every file and image is checked when
+the task is set up, before any model is built, so a bad path fails in a second, not an epoch.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from collab_distill.data import IndexedDataset, SeededSample, augment_seeded
+from collab_distill.task import ConfigError
+
+__all__ = ["CocoDetection", "CocoSplit", "CocoIndex"]
+
+
+@dataclass
+class CocoIndex:
+    """One annotation file, read once: images, their boxes, and the category ids."""
+
+    path: Path
+    image_root: Path
+    images: list[dict[str, Any]]
+    boxes: dict[int, list[tuple[list[float], int]]]  # image id -> [(xywh, category id)], crowd boxes left out
+    categories: list[dict[str, Any]]
+    document: dict[str, Any]
+
+    @classmethod
+    def load(cls, path: Path, image_root: Path, field: str) -> CocoIndex:
+        if not path.is_file():
+            raise ConfigError(f"{field}: annotation file {str(path)!r} does not exist; give the path of a COCO-format "
+                              f"instances JSON (e.g. ROOT/annotations/instances_train2017.json)")
+        try:
+            document = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{field}: {str(path)!r} is not valid JSON ({err})") from err
+        missing_keys = [k for k in ("images", "annotations", "categories") if k not in document]
+        if missing_keys:
+            raise ConfigError(f"{field}: {str(path)!r} is not a COCO instances file: no {missing_keys} key(s)")
+        if not document["images"]:
+            raise ConfigError(f"{field}: {str(path)!r} lists no images; the split would be empty")
+        if not image_root.is_dir():
+            raise ConfigError(f"{field}: image folder {str(image_root)!r} does not exist")
+        missing = [im["file_name"] for im in document["images"] if not (image_root / im["file_name"]).is_file()]
+        if missing:
+            raise ConfigError(
+                f"{field}: {len(missing)} of {len(document['images'])} images listed in {str(path)!r} are not in "
+                f"{str(image_root)!r} (first: {missing[:3]}); fix the image folder or the annotation file"
+            )
+        known = {c["id"] for c in document["categories"]}
+        boxes: dict[int, list[tuple[list[float], int]]] = {im["id"]: [] for im in document["images"]}
+        for a in document["annotations"]:
+            if a["category_id"] not in known:
+                raise ConfigError(f"{field}: annotation {a.get('id')} in {str(path)!r} has category_id {a['category_id']}, "
+                                  f"which is not among the file's categories {sorted(known)}")
+            if a["image_id"] not in boxes:
+                raise ConfigError(f"{field}: annotation {a.get('id')} in {str(path)!r} refers to image_id {a['image_id']}, "
+                                  "which is not in its images list")
+            x, y, w, h = a["bbox"]
+            if a.get("iscrowd", 0) or w <= 1 or h <= 1:
+                continue
+            boxes[a["image_id"]].append(([float(x), float(y), float(w), float(h)], a["category_id"]))
+        return cls(path, image_root, list(document["images"]), boxes, list(document["categories"]), document)
+
+
+class CocoSplit(IndexedDataset):
+    """Images of one split with their boxes (xyxy, pixels) and contiguous labels ``1..K``
+    (torchvision's convention; 0 is background). Training samples are flipped horizontally
+    with probability ``flip`` under their sample seed."""
+
+    def __init__(self, index: CocoIndex, image_ids: list[int], label_of: dict[int, int], flip: float = 0.0,
+                 name: str = "") -> None:
+        self.index = index
+        self.by_id = {im["id"]: im for im in index.images}
+        self.image_ids = image_ids
+        self.label_of = label_of
+        self.flip = flip
+        self.name = name
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def __getitem__(self, key: int | SeededSample) -> dict[str, Any]:
+        from PIL import Image
+        from torchvision.transforms.functional import pil_to_tensor
+
+        i, seed = self.split_key(key)
+        image_id = self.image_ids[i]
+        info = self.by_id[image_id]
+        with Image.open(self.index.image_root / info["file_name"]) as im:
+            image = pil_to_tensor(im.convert("RGB")).float().div_(255)
+        entries = self.index.boxes[image_id]
+        boxes = torch.tensor([[x, y, x + w, y + h] for (x, y, w, h), _ in entries], dtype=torch.float32).reshape(-1, 4)
+        labels = torch.tensor([self.label_of[c] for _, c in entries], dtype=torch.int64)
+        if seed is not None and self.flip > 0 and augment_seeded(seed % (2**63), lambda: torch.rand(()).item()) < self.flip:
+            width = image.shape[-1]
+            image = image.flip(-1)
+            boxes = torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
+        return {"image": image, "boxes": boxes, "labels": labels, "image_id": image_id, "index": i,
+                "seed": -1 if seed is None else seed, "split": self.name}
+
+
+class CocoDetection:
+    """A COCO-format data set.
+
+    Args:
+        root: a folder in detectron2's ``DETECTRON2_DATASETS/coco`` layout
+            (``annotations/instances_{train,val}2017.json``, ``train2017/``, ``val2017/``);
+            the four paths below default to it.
+        train_annotations, train_images: the training annotations and image folder.
+        test_annotations, test_images: the test split (COCO: val2017).
+        meta_fraction, val_fraction: seeded fractions of the training images held out as the
+            meta split (for bilevel methods) and the val split (model selection).
+        batch_size, eval_batch_size, num_workers: loader settings.
+        flip: probability of a horizontal flip of a training image.
+        keep_empty: keep training images without boxes (COCO has ~1%).
+        subset: use only the first N training images (quick runs).
+    """
+
+    def __init__(
+        self,
+        root: str = "data/coco",
+        train_annotations: Optional[str] = None,
+        train_images: Optional[str] = None,
+        test_annotations: Optional[str] = None,
+        test_images: Optional[str] = None,
+        meta_fraction: float = 0.1,
+        val_fraction: float = 0.1,
+        batch_size: int = 4,
+        eval_batch_size: Optional[int] = None,
+        num_workers: int = 0,
+        flip: float = 0.5,
+        keep_empty: bool = False,
+        subset: Optional[int] = None,
+    ) -> None:
+        for field, value in (("meta_fraction", meta_fraction), ("val_fraction", val_fraction), ("flip", flip)):
+            if not 0 <= value < 1:
+                raise ConfigError(f"CocoDetection.{field}={value} must be in [0, 1)")
+        if meta_fraction + val_fraction >= 1:
+            raise ConfigError("CocoDetection: meta_fraction + val_fraction must leave training images")
+        if batch_size < 1 or num_workers < 0 or (subset is not None and subset < 1):
+            raise ConfigError("CocoDetection: batch_size >= 1, num_workers >= 0 and subset >= 1 are required")
+        base = Path(root)
+        self.train_annotations = Path(train_annotations) if train_annotations else base / "annotations" / "instances_train2017.json"
+        self.train_images = Path(train_images) if train_images else base / "train2017"
+        self.test_annotations = Path(test_annotations) if test_annotations else base / "annotations" / "instances_val2017.json"
+        self.test_images = Path(test_images) if test_images else base / "val2017"
+        self.meta_fraction, self.val_fraction = meta_fraction, val_fraction
+        self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
+        self.flip, self.keep_empty, self.subset = flip, keep_empty, subset
+        self.splits: dict[str, CocoSplit] = {}
+        self.categories: list[dict[str, Any]] = []
+
+    def setup(self, seed: int) -> None:
+        train = CocoIndex.load(self.train_annotations, self.train_images, "task.data.train_annotations")
+        test = CocoIndex.load(self.test_annotations, self.test_images, "task.data.test_annotations")
+        ids = sorted(c["id"] for c in train.categories)
+        if not ids:
+            raise ConfigError(f"task.data.train_annotations: {str(self.train_annotations)!r} declares no categories")
+        test_ids = sorted(c["id"] for c in test.categories)
+        if test_ids != ids:
+            raise ConfigError(f"task.data: the test annotations' category ids {test_ids} differ from the training ones {ids}; "
+                              "both files must declare the same categories")
+        self.categories = sorted(train.categories, key=lambda c: c["id"])
+        label_of = {cid: i + 1 for i, cid in enumerate(ids)}
+        image_ids = [im["id"] for im in train.images if self.keep_empty or train.boxes[im["id"]]]
+        if self.subset is not None:
+            image_ids = image_ids[: self.subset]
+        generator = torch.Generator().manual_seed(seed + 1_234)
+        order = [image_ids[i] for i in torch.randperm(len(image_ids), generator=generator).tolist()]
+        n_meta, n_val = round(len(order) * self.meta_fraction), round(len(order) * self.val_fraction)
+        parts = {"meta": order[:n_meta], "val": order[n_meta:n_meta + n_val], "train": order[n_meta + n_val:]}
+        for split, chosen in parts.items():
+            if not chosen and (split == "train" or (split == "meta" and self.meta_fraction > 0) or (split == "val" and self.val_fraction > 0)):
+                raise ConfigError(f"task.data: the {split} split is empty ({len(image_ids)} usable training images with boxes); "
+                                  "use more images or smaller meta_fraction/val_fraction")
+        if not parts["val"]:
+            parts["val"] = parts["meta"] or parts["train"][: max(1, len(parts["train"]) // 10)]
+        if not parts["meta"]:
+            parts["meta"] = parts["val"]
+        self.splits = {
+            "train": CocoSplit(train, sorted(parts["train"]), label_of, flip=self.flip, name="train"),
+            "meta": CocoSplit(train, sorted(parts["meta"]), label_of, flip=self.flip, name="meta"),
+            "val": CocoSplit(train, sorted(parts["val"]), label_of, name="val"),
+            "test": CocoSplit(test, [im["id"] for im in test.images], label_of, name="test"),
+        }
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.categories)
+
+    def category_id(self, label: Tensor) -> Tensor:
+        """Contiguous labels ``1..K`` back to the data set's category ids."""
+        ids = torch.tensor([c["id"] for c in self.categories], device=label.device)
+        return ids[label - 1]
+
+    def ground_truth(self, split: str) -> dict[str, Any]:
+        """A COCO document with exactly this split's images and annotations (for pycocotools)."""
+        part = self.splits[split]
+        keep = set(part.image_ids)
+        doc = part.index.document
+        annotations = []
+        for a in doc["annotations"]:
+            if a["image_id"] in keep:
+                w, h = a["bbox"][2], a["bbox"][3]
+                annotations.append({"area": w * h, "iscrowd": 0, **a})
+        return {"images": [im for im in doc["images"] if im["id"] in keep], "annotations": annotations,
+                "categories": doc["categories"]}

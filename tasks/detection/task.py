@@ -1,0 +1,251 @@
+"""Object detection as a task adapter (torchvision Faster R-CNN): per-image losses and class
+logits over regions that every cohort member pools through its own box head.
+
+The shared regions of a batch are the region source's RPN proposals (the first teacher, or the
+first student when there is no teacher; best ``regions_per_image`` per image, no gradient) plus
+the ground-truth boxes. Each member's record then holds, for those same regions in the same
+order, class logits with background in the last column, and ``unit_labels`` (the class of the
+ground-truth box a region overlaps with IoU >= ``region_iou``, else background). KD, consensus
+targets and the C-Net therefore compare like with like, and a C-Net weight for an image weighs
+all of that image's regions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+from collab_distill.records import Knowledge
+from collab_distill.task import ConfigError, Evaluator, ModelFactory, Task, TaskInfo
+from collab_distill.tasks.detection.data import CocoDetection
+from collab_distill.tasks.detection.models import RegionDetector, region_labels
+
+__all__ = ["ObjectDetection", "CocoEvaluator", "DetectionContext"]
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+@dataclass
+class DetectionContext:
+    """What every member of the cohort shares for one batch."""
+
+    images: Tensor  # [B, 3, H, W], resized, normalised and padded once
+    image_sizes: list[tuple[int, int]]
+    targets: list[dict[str, Tensor]]  # boxes in the resized frame
+    regions: list[Tensor]
+    unit_image: Tensor
+    unit_labels: Tensor
+    source: Optional[nn.Module]
+    source_features: Optional[dict[str, Tensor]]
+    seed: int
+
+
+class ObjectDetection(Task):
+    """Students and teachers are detectors; a distillation unit is a shared region.
+
+    Args:
+        data: the COCO-format data (:class:`CocoDetection`).
+        min_size, max_size: resize of the shorter / longer image side (torchvision's transform;
+            every member uses the same one so regions mean the same pixels).
+        regions_per_image: shared proposals per image taken from the region source.
+        regions_include_gt: add the ground-truth boxes to the shared regions.
+        region_iou: IoU from which a region takes the class of a ground-truth box.
+        cnet_image_size: side of the square image that image-conditioned meta modules see.
+    """
+
+    selection_metric = "AP"
+
+    def __init__(
+        self,
+        data: CocoDetection,
+        min_size: int = 800,
+        max_size: int = 1333,
+        regions_per_image: int = 64,
+        regions_include_gt: bool = True,
+        region_iou: float = 0.5,
+        cnet_image_size: int = 64,
+    ) -> None:
+        if min_size < 16 or max_size < min_size:
+            raise ConfigError(f"ObjectDetection: need 16 <= min_size <= max_size, got {min_size} and {max_size}")
+        if regions_per_image < 1 or not 0 < region_iou <= 1 or cnet_image_size < 8:
+            raise ConfigError("ObjectDetection: regions_per_image >= 1, 0 < region_iou <= 1 and cnet_image_size >= 8 are required")
+        self.data = data
+        self.min_size, self.max_size = min_size, max_size
+        self.regions_per_image = regions_per_image
+        self.regions_include_gt = regions_include_gt
+        self.region_iou = region_iou
+        self.cnet_image_size = cnet_image_size
+        self.transform = GeneralizedRCNNTransform(min_size, max_size, IMAGENET_MEAN, IMAGENET_STD)
+        self.info: Optional[TaskInfo] = None
+
+    # -- data -----------------------------------------------------------------------------
+
+    def setup(self, seed: int) -> TaskInfo:
+        self.data.setup(seed)
+        self.info = TaskInfo(
+            num_classes=self.data.num_classes, in_channels=3, image_size=(self.min_size, self.min_size),
+            extra={"min_size": self.min_size, "max_size": self.max_size,
+                   "categories": [c["name"] for c in self.data.categories],
+                   "split_sizes": {k: len(v) for k, v in self.data.splits.items()}},
+        )
+        return self.info
+
+    def dataset(self, split: str) -> Dataset:
+        return self.data.splits[split]
+
+    def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "images": [s["image"] for s in samples],
+            "targets": [{"boxes": s["boxes"], "labels": s["labels"]} for s in samples],
+            "image_id": torch.tensor([s["image_id"] for s in samples]),
+            "index": torch.tensor([s["index"] for s in samples]),
+            "seed": sum(int(s["seed"]) if s["seed"] >= 0 else int(s["index"]) for s in samples) % (2**62),
+            "split": samples[0]["split"],
+        }
+
+    def loader_options(self, split: str) -> dict[str, Any]:
+        batch = self.data.batch_size if split in ("train", "meta") else (self.data.eval_batch_size or self.data.batch_size)
+        return {"batch_size": batch, "num_workers": self.data.num_workers, "persistent_workers": self.data.num_workers > 0}
+
+    def move_batch(self, batch: dict[str, Any], fabric: Any) -> dict[str, Any]:
+        return {**batch, "images": [fabric.to_device(x) for x in batch["images"]],
+                "targets": [{k: fabric.to_device(v) for k, v in t.items()} for t in batch["targets"]],
+                "index": fabric.to_device(batch["index"])}
+
+    # -- models ---------------------------------------------------------------------------
+
+    def build_model(self, factory: ModelFactory, info: TaskInfo) -> nn.Module:
+        model = factory.build(info)
+        if not isinstance(model, RegionDetector):
+            raise ConfigError(f"{factory.describe()} does not build a detector; use collab_distill.tasks.detection.FasterRCNN")
+        if model.num_classes != info.num_classes:
+            raise ConfigError(f"{factory.describe()} has {model.num_classes} classes but the data has {info.num_classes}")
+        return model
+
+    def shared_context(self, batch: Any, teachers: Mapping[str, nn.Module], students: Mapping[str, nn.Module]) -> DetectionContext:
+        targets = [{k: v.clone() for k, v in t.items()} for t in batch["targets"]]
+        image_list, targets = self.transform(list(batch["images"]), targets)
+        source = next(iter(teachers.values()), None) or next(iter(students.values()))
+        with torch.no_grad():
+            proposals, features = source(image_list.tensors, image_list.image_sizes, mode="regions")
+        regions = [p[: self.regions_per_image].detach() for p in proposals]
+        if self.regions_include_gt:
+            regions = [torch.cat([r, t["boxes"].to(r.dtype)]) for r, t in zip(regions, targets)]
+        unit_image = torch.cat([torch.full((len(r),), i, dtype=torch.int64, device=r.device) for i, r in enumerate(regions)])
+        labels = region_labels(regions, targets, self.info.num_classes if self.info else 0, self.region_iou)
+        return DetectionContext(
+            images=image_list.tensors, image_sizes=list(image_list.image_sizes), targets=targets, regions=regions,
+            unit_image=unit_image, unit_labels=labels, source=source if not source.training else None,
+            source_features={k: v.detach() for k, v in features.items()} if not source.training else None,
+            seed=int(batch.get("seed", 0)),
+        )
+
+    def knowledge(self, model: nn.Module, batch: Any, *, view: int = 0, context: Any = None) -> Knowledge:
+        if context is None:
+            context = self.shared_context(batch, {}, {"model": model})
+        features = context.source_features if model is context.source else None
+        training = model.training
+        device = context.images.device
+        devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+        # the RPN's and box head's region sampling is random: seed it per batch so that every
+        # evaluation of one batch (e.g. the finite-difference meta step) samples the same regions
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(context.seed)
+            out = model(context.images, context.image_sizes, context.targets if training else None, context.regions,
+                        features, mode="train")
+        logits = out["region_logits"]
+        loss = out.get("supervised_loss")
+        if loss is None:
+            loss = logits.new_zeros(len(context.image_sizes))
+        return Knowledge(supervised_loss=loss, logits=logits, unit_image=context.unit_image,
+                         unit_labels=context.unit_labels, num_images=len(context.image_sizes))
+
+    def images(self, batch: Any) -> Tensor:
+        size = (self.cnet_image_size, self.cnet_image_size)
+        mean = torch.tensor(IMAGENET_MEAN, device=batch["images"][0].device).view(3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=batch["images"][0].device).view(3, 1, 1)
+        resized = [torch.nn.functional.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0] for x in batch["images"]]
+        return (torch.stack(resized) - mean) / std
+
+    # -- evaluation -----------------------------------------------------------------------
+
+    def predict(self, model: nn.Module, batch: Any) -> Any:
+        return model(list(batch["images"]), mode="predict")
+
+    def evaluator(self, fabric: Any) -> Evaluator:
+        return CocoEvaluator(fabric, self.data)
+
+    def describe(self) -> str:
+        return f"ObjectDetection({type(self.data).__name__}, {self.min_size}-{self.max_size}px)"
+
+
+class CocoEvaluator(Evaluator):
+    """COCO box AP (pycocotools) of one model on one split; exact under DDP (detections are
+    gathered to rank 0, deduplicated by image id, evaluated there and the numbers broadcast)."""
+
+    NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+    def __init__(self, fabric: Any, data: CocoDetection) -> None:
+        self.fabric = fabric
+        self.data = data
+        self.detections: dict[int, list[dict[str, Any]]] = {}
+        self.split: Optional[str] = None
+
+    def update(self, outputs: Any, batch: Any) -> None:
+        self.split = batch["split"]
+        for det, image_id in zip(outputs, batch["image_id"].tolist()):
+            boxes = det["boxes"].detach().float().cpu()
+            xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+            cats = self.data.category_id(det["labels"].detach().cpu()).tolist() if len(boxes) else []
+            self.detections[int(image_id)] = [
+                {"image_id": int(image_id), "category_id": int(c), "bbox": [round(v, 2) for v in b], "score": round(float(s), 4)}
+                for b, c, s in zip(xywh, cats, det["scores"].detach().float().cpu().tolist())
+            ]
+
+    def compute(self) -> dict[str, float]:
+        merged = dict(self.detections)
+        split = self.split
+        if self.fabric.world_size > 1:
+            import torch.distributed as dist
+
+            gathered: list[Any] = [None] * self.fabric.world_size
+            dist.all_gather_object(gathered, (self.split, self.detections))
+            merged = {}
+            for part_split, part in gathered:
+                split = split or part_split
+                for image_id, dets in part.items():
+                    merged.setdefault(image_id, dets)  # padded duplicates of an image are dropped
+        metrics = coco_box_ap(self.data.ground_truth(split), [d for dets in merged.values() for d in dets]) \
+            if self.fabric.global_rank == 0 and split is not None else {}
+        if self.fabric.world_size > 1:
+            metrics = self.fabric.broadcast(metrics, src=0)
+        return metrics
+
+
+def coco_box_ap(ground_truth: dict[str, Any], detections: list[dict[str, Any]]) -> dict[str, float]:
+    """pycocotools' box AP (in percent) of ``detections`` on ``ground_truth`` (a COCO document);
+    AP for object sizes the split has no ground truth of is left out."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    if not detections:
+        return {"AP": 0.0, "AP50": 0.0, "AP75": 0.0}
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO()
+        gt.dataset = ground_truth
+        gt.createIndex()
+        dt = gt.loadRes(detections)
+        evaluation = COCOeval(gt, dt, "bbox")
+        evaluation.params.imgIds = [im["id"] for im in ground_truth["images"]]
+        evaluation.evaluate()
+        evaluation.accumulate()
+        evaluation.summarize()
+    return {name: float(v) * 100 for name, v in zip(CocoEvaluator.NAMES, evaluation.stats[:6]) if v >= 0}
