@@ -89,8 +89,9 @@ class SyntheticCIFAR(ClassificationData):
 
 
 def make_engine(data: ClassificationData, students: dict[str, str], teacher: str, workdir: Path, seed: int = 0,
-                alpha: float = ALPHA, beta: float = BETA) -> Engine:
-    """The real engine (FixedLossWeights: KD, or CE with beta=0), set up for training but not fitting."""
+                alpha: float = ALPHA, beta: float = BETA, plugins: list[Any] | None = None, meta: Any = None) -> Engine:
+    """The real engine (FixedLossWeights: KD, or CE with beta=0, unless ``plugins`` are given),
+    set up for training but not fitting."""
     info = data.setup(seed)
     torch.manual_seed(99)
     teacher_path = workdir / f"teacher_{teacher}_{info.in_channels}x{info.image_size[0]}_{info.num_classes}.pt"
@@ -105,7 +106,8 @@ def make_engine(data: ClassificationData, students: dict[str, str], teacher: str
         trainer=TrainerConfig(accelerator="cpu", progress_bar=False, loggers=[], max_epochs=1,
                               temperature=TAU, root_dir=str(workdir / "runs")),
         optimizer=lambda params: torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, weight_decay=WD),
-        plugins=[FixedLossWeights(alpha=alpha, beta=beta)],
+        plugins=plugins if plugins is not None else [FixedLossWeights(alpha=alpha, beta=beta)],
+        meta=meta,
         seed=seed,
     )
     engine.setup()

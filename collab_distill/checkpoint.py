@@ -127,7 +127,8 @@ def load_weights(model: torch.nn.Module, path: str | Path, *, member: str, field
         saved, built = classes
         raise ConfigError(
             f"{field}: {str(path)!r} was saved for {saved} classes but the model is built for {built} (the "
-            f"classes of the data). Use a checkpoint trained on this data, or data with {saved} classes."
+            f"classes of the data; a detector counts background as one more). Use a checkpoint trained on this "
+            f"data, or data with as many classes as the checkpoint."
         )
     if missing or unexpected or wrong:
         parts = []
@@ -146,11 +147,12 @@ def load_weights(model: torch.nn.Module, path: str | Path, *, member: str, field
 
 
 def _class_count_mismatch(obj: Mapping[str, Any], own: Mapping[str, Any], wrong_keys: list[str]) -> tuple[int, int] | None:
-    """``(saved, built)`` output sizes when only the classifier (the last weight and bias of the
-    state dict) differs, and only in its number of outputs; otherwise ``None``."""
-    if not wrong_keys or len(wrong_keys) > 2:
+    """``(saved, built)`` output sizes when only the output layers (the last weights and biases of
+    the state dict: a classifier, or a detector's class and box predictors) differ, and only in
+    their number of outputs, all by the same factor; otherwise ``None``."""
+    if not wrong_keys or len(wrong_keys) > 4:
         return None
-    tail = [k for k in own if hasattr(own[k], "shape") and own[k].dim() >= 1][-2:]
+    tail = [k for k in own if hasattr(own[k], "shape") and own[k].dim() >= 1][-4:]
     if set(wrong_keys) - set(tail):
         return None
     sizes = set()
@@ -159,7 +161,9 @@ def _class_count_mismatch(obj: Mapping[str, Any], own: Mapping[str, Any], wrong_
         if len(a) != len(b) or a[1:] != b[1:]:
             return None
         sizes.add((a[0], b[0]))
-    return next(iter(sizes)) if len(sizes) == 1 else None
+    saved, built = min(sizes, key=lambda pair: pair[1])
+    # e.g. a box predictor has 4 outputs per class: the same change of class count
+    return (saved, built) if all(a * built == b * saved for a, b in sizes) else None
 
 
 def _version_of(dist: str) -> str | None:

@@ -635,6 +635,7 @@ class Engine:
     def _end_epoch(self, seconds: float) -> None:
         assert self.fabric is not None
         self._check_finite()
+        self._sync_meta_buffers()
         for scheduler in self.schedulers.values():
             scheduler.step()
         row: dict[str, Any] = {"epoch": self.epoch + 1, "seconds": round(seconds, 3)}
@@ -844,6 +845,9 @@ class Engine:
         """Write ``checkpoints/last.ckpt`` atomically (once, from rank 0)."""
         assert self.fabric is not None and self.run_dir is not None
         self._check_finite()  # never write a NaN state over a good checkpoint
+        # a meta module's BatchNorm statistics move with each rank's local batches between meta
+        # steps: save (and evaluate) their cross-rank mean, so every rank holds the same module
+        self._sync_meta_buffers()
         path = self.run_dir / "checkpoints" / "last.ckpt"
         state = self.checkpoint_state()
         if self.fabric.is_global_zero:

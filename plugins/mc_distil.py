@@ -190,7 +190,9 @@ class CNet(Plugin):
                 batch = engine.task.move_batch(batch, engine.fabric)
                 records = {s: engine.task.knowledge(m, batch) for s, m in engine.students.items()} if self.use_logits else {}
                 teachers = engine._teacher_records(batch, None) if self.use_logits else {}
-                labels = batch["targets"].tolist() if isinstance(batch, dict) and "targets" in batch else [-1] * len(batch["index"])
+                targets = batch.get("targets") if isinstance(batch, dict) else None
+                # one class per image (classification) is shown in the grid; -1 otherwise
+                labels = targets.tolist() if isinstance(targets, Tensor) and targets.dim() == 1 else [-1] * len(batch["index"])
                 for student, w in self.weights(engine, batch, records, teachers).items():
                     for index, label, (a, b, g) in zip(batch["index"].tolist(), labels, w.float().cpu().tolist()):
                         rows.append((int(index), int(label), student, a, b, g))
@@ -282,7 +284,7 @@ def _extremes_grid(engine: Any, split: str, rows: list[tuple[int, int, str, floa
                     ax.imshow(image[0].numpy(), cmap="gray")
                 else:
                     ax.imshow(image[:3].permute(1, 2, 0).numpy())
-                ax.set_title(f"y={label}\nα{a:.2f} β{b:.2f}", fontsize=7)
+                ax.set_title((f"y={label}\n" if label >= 0 else "") + f"α{a:.2f} β{b:.2f}", fontsize=7)
                 if col == 0:
                     ax.set_ylabel(f"{student}\nmost {side}", fontsize=8)
     fig.suptitle(f"C-Net on {split}: per student, the images weighted most towards the teacher (β/(α+β) largest) "
