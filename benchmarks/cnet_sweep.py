@@ -30,6 +30,7 @@ Writes ``cnet_sweep.{json,md}`` to ``--out`` (default ``benchmarks/results``).
 from __future__ import annotations
 
 import argparse
+import csv
 import itertools
 import json
 import os
@@ -93,10 +94,10 @@ def weight_summary(run_dir: Path) -> dict[str, Any]:
             out[f"{w}_last"] = statistics.fmean(lasts)
     csv_file = run_dir / "plugins" / "cnet" / "val_weights.csv"
     if csv_file.is_file():
-        rows = [line.split(",") for line in csv_file.read_text().splitlines()[1:] if line]
-        for i, w in enumerate(("alpha", "beta", "gamma")):
-            vals = [float(r[2 + i]) for r in rows]
-            out[f"{w}_val_std"] = statistics.pstdev(vals)
+        with csv_file.open() as f:
+            rows = list(csv.DictReader(f))
+        for w in ("alpha", "beta", "gamma"):
+            out[f"{w}_val_std"] = statistics.pstdev(float(r[w]) for r in rows)
     return out
 
 

@@ -64,8 +64,10 @@ METHODS: dict[str, tuple[Path, str]] = {
     "meta_distil": (METHOD_DIR / "meta_distil.yaml", "Meta-Distil"),
     "mc_distil_nops": (METHOD_DIR / "mc_distil_nops.yaml", "MC-Distil-NoPS"),
     "mc_distil": (METHOD_DIR / "mc_distil.yaml", "MC-Distil"),
+    "mc_distil_fast": (METHOD_DIR / "mc_distil_fast.yaml", "MC-Distil (val-chosen C-Net lr/freq)"),
+    "pooled_fixed": (METHOD_DIR / "pooled_fixed.yaml", "fixed 1/1/1 + PooledStudent"),
 }
-CNET_METHODS = ["mc_distil", "mc_distil_nops", "meta_distil"]
+CNET_METHODS = ["mc_distil", "mc_distil_nops", "meta_distil", "mc_distil_fast"]
 WEIGHTS = ("alpha", "beta", "gamma")
 
 
@@ -128,9 +130,9 @@ def _diff(d: dict[str, Any]) -> str:
     return f"{d['mean']:+.2f} ± {d['std']:.2f} ({d['above_kd']}↑ {d['below_kd']}↓ {d['ties']}=)"
 
 
-def verdict(student: str, row: dict[str, Any]) -> str:
-    d = row["mc_distil"]["minus_kd_last"]
-    b = row["mc_distil"]["minus_kd_best_on_val"]
+def verdict(student: str, row: dict[str, Any], method: str = "mc_distil") -> str:
+    d = row[method]["minus_kd_last"]
+    b = row[method]["minus_kd_best_on_val"]
     n = d["n"]
     p = d.get("p_two_sided")
     count = f"above KD on {d['above_kd']}/{n} seeds, below on {d['below_kd']}, tied on {d['ties']}"
@@ -186,6 +188,9 @@ def markdown(res: dict[str, Any]) -> str:
         "",
         "**Does MC-Distil beat KD?** " + " ".join(verdict(st, row) for st, row in res["table"].items()),
         "",
+        *([f"**The same for {labels['mc_distil_fast']}** (wording says MC-Distil): "
+           + " ".join(verdict(st, row, "mc_distil_fast") for st, row in res["table"].items()), ""]
+          if "mc_distil_fast" in res["methods"] else []),
         "## Cost",
         "",
         "| method | wall s per run | student epoch s (median over epochs, mean ± std over seeds) | median epoch / KD | fastest epoch / KD |",
@@ -248,7 +253,7 @@ def markdown(res: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="at least 3")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="at least 3")
     p.add_argument("--epochs", type=int, default=None, help="student epochs (default: the config's)")
     p.add_argument("--teacher-epochs", type=int, default=None, help="teacher CE epochs (default: the config's)")
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each run (0: torch's default)")
