@@ -225,7 +225,8 @@ class CNet(Plugin):
     @hookimpl
     def collab_distill_evaluation_end(self, engine: Any, split: str) -> None:
         """``collab-distill validate|test`` of a finished run: apply its C-Net to that split too."""
-        if not engine.fitting and engine.fabric.is_global_zero and engine.meta_modules.get("cnet") is not None:
+        if (not engine.fitting and engine.run_dir is not None and engine.fabric.is_global_zero
+                and engine.meta_modules.get("cnet") is not None):
             self.write_weights(engine, split)
 
     def __repr__(self) -> str:
