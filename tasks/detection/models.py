@@ -22,7 +22,7 @@ from torchvision.models.detection.rpn import concat_box_prediction_layers
 from torchvision.ops import misc as misc_ops
 
 from collab_distill.task import ConfigError, ModelFactory, TaskInfo
-from collab_distill.tasks.classification.models import RESNET_FAMILY, BasicBlock
+from collab_distill.tasks.classification.models import RESNET_FAMILY, ResNetCifar
 
 __all__ = ["FasterRCNN", "RegionDetector", "TORCHVISION_BACKBONES"]
 
@@ -30,22 +30,18 @@ TORCHVISION_BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
 
 
 def _small_resnet_fpn(size: str, fpn_channels: int) -> BackboneWithFPN:
-    """A ResNet10-family trunk (BasicBlocks) behind a 7x7/2 stem and a max-pool, with an FPN."""
+    """The stages of a ResNet10-family classifier behind a 7x7/2 stem and a max-pool (stride 4
+    like torchvision's ResNets, so full-size images stay affordable), with an FPN."""
     widths, blocks = RESNET_FAMILY[size]
+    classifier = ResNetCifar(widths, blocks, num_classes=1)
     trunk: OrderedDict[str, nn.Module] = OrderedDict()
     trunk["stem"] = nn.Sequential(
         nn.Conv2d(3, widths[0], 7, stride=2, padding=3, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True),
         nn.MaxPool2d(3, stride=2, padding=1),
     )
-    in_planes = widths[0]
-    for k, (width, count, stride) in enumerate(zip(widths, blocks, (1, 2, 2, 2)), start=1):
-        layers = []
-        for i in range(count):
-            layers.append(BasicBlock(in_planes, width, stride if i == 0 else 1))
-            in_planes = width
-        trunk[f"layer{k}"] = nn.Sequential(*layers)
-    body = nn.Sequential(trunk)
-    return BackboneWithFPN(body, {f"layer{k}": str(k - 1) for k in range(1, 5)}, list(widths), fpn_channels)
+    for k in range(1, 5):
+        trunk[f"layer{k}"] = getattr(classifier, f"layer{k}")
+    return BackboneWithFPN(nn.Sequential(trunk), {f"layer{k}": str(k - 1) for k in range(1, 5)}, list(widths), fpn_channels)
 
 
 def _load_trunk(body: nn.Module, path: str) -> None:
