@@ -7,7 +7,7 @@ Everything runs through the real command line (``collab-distill fit``), one proc
   stores it as ``teachers/teacher/teacher.pt`` in its run folder;
 * then KD, Meta-Distil, MC-Distil-NoPS and MC-Distil with the same seed, all loading exactly that
   file (``--cohort.teachers.teacher.checkpoint <file> --cohort.teachers.teacher.train_epochs 0``),
-  so all five methods of one seed share the teacher, the students' initial weights, the data
+  so all methods of one seed share the teacher, the students' initial weights, the data
   splits, the data order and the augmentation.
 
 Reported (``digits_methods.{json,md}``): per student the mean ± std over seeds of test top-1 with
@@ -53,6 +53,7 @@ from digits_table import (
     _pm,
     _portable,
     _summary,
+    run_arguments,
     run_paired_seeds,
 )
 
@@ -244,7 +245,7 @@ def markdown(res: dict[str, Any]) -> str:
         "",
         f"Caveats: {len(s['seeds'])} seeds (a paired t-test with {len(s['seeds']) - 1} degrees of freedom detects only large, "
         f"consistent effects); one fixed {res['test_size']}-image test split for every seed, so the spread is training "
-        "noise; five methods and three students without multiple-comparison correction; nothing was tuned on the test "
+        f"noise; {len(res['methods'])} methods and three students without multiple-comparison correction; nothing was tuned on the test "
         "split (all methods use the method files' settings as they are).",
         "",
     ]
@@ -252,16 +253,7 @@ def markdown(res: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="at least 3")
-    p.add_argument("--epochs", type=int, default=None, help="student epochs (default: the config's)")
-    p.add_argument("--teacher-epochs", type=int, default=None, help="teacher CE epochs (default: the config's)")
-    p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each run (0: torch's default)")
-    p.add_argument("--out", type=Path, default=HERE / "results", help="where the .json/.md go")
-    p.add_argument("--runs-dir", type=Path, default=REPO / "benchmarks" / "out" / "digits_methods", help="run folders")
-    p.add_argument("--reuse", action="store_true", help="reuse finished runs found in --runs-dir")
-    p.add_argument("--fresh", action="store_true", help="delete --runs-dir first")
-    p.add_argument("--render-only", action="store_true", help="only rewrite the .md from the .json in --out")
+    p = run_arguments(__doc__.split("\n\n")[0], "digits_methods", [0, 1, 2, 3, 4])
     args = p.parse_args(argv)
     args.runs_dir = args.runs_dir.resolve()
     if args.render_only:

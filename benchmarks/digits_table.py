@@ -285,17 +285,24 @@ def markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="at least 3")
+def run_arguments(description: str, runs_dir: str, seeds: list[int]) -> argparse.ArgumentParser:
+    """The options every script that runs ``collab-distill fit`` over seeds shares (``run_one``
+    reads them)."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--seeds", type=int, nargs="+", default=seeds, help="at least 3")
     p.add_argument("--epochs", type=int, default=None, help="student epochs (default: the config's)")
     p.add_argument("--teacher-epochs", type=int, default=None, help="teacher CE epochs (default: the config's)")
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each run (0: torch's default)")
     p.add_argument("--out", type=Path, default=HERE / "results", help="where the .json/.md go")
-    p.add_argument("--runs-dir", type=Path, default=REPO / "benchmarks" / "out" / "digits_table", help="run folders")
+    p.add_argument("--runs-dir", type=Path, default=REPO / "benchmarks" / "out" / runs_dir, help="run folders")
     p.add_argument("--reuse", action="store_true", help="reuse finished runs found in --runs-dir")
     p.add_argument("--fresh", action="store_true", help="delete --runs-dir first")
     p.add_argument("--render-only", action="store_true", help="only rewrite the .md from the .json in --out")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = run_arguments(__doc__.split("\n\n")[0], "digits_table", [0, 1, 2, 3, 4])
     args = p.parse_args(argv)
     if args.render_only:
         res = json.loads((args.out / "digits_ce_vs_kd.json").read_text())
