@@ -28,7 +28,7 @@ from collab_distill.optim import OptimizerCallable, Schedule
 from collab_distill.plugin_manager import Plugin, discover, hooks_implemented_by
 from collab_distill.task import ConfigError, ModelFactory, Task
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "engine_from_args"]
 
 _DEFAULT_OPTIMIZER = {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4}}
 
@@ -195,6 +195,15 @@ def _engine_from(parser: ArgumentParser, cfg: Namespace, command: str):
         seed=init.seed, trace_plugins=init.trace_plugins, config_text=text,
     )
     return engine
+
+
+def engine_from_args(argv: list[str]) -> Any:
+    """The :class:`~collab_distill.engine.Engine` that ``collab-distill fit ARGS`` would run,
+    built but not started (for benchmarks and notebooks): ``engine_from_args(["--config", "x.yaml"])``."""
+    _check_config_files(["fit", *argv])
+    parser = build_parser()
+    cfg = parser.parse_args(["fit", *argv])
+    return _engine_from(parser, cfg.fit, "fit")
 
 
 def _class_nodes(value: Any, path: str) -> Iterator[tuple[str, Namespace]]:

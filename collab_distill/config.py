@@ -17,7 +17,7 @@ class Teacher:
     Args:
         model: the architecture (``class_path`` of a model factory).
         checkpoint: a state dict (or a collab-distill checkpoint / export) to load. Required
-            unless ``train_epochs`` > 0.
+            unless ``train_epochs`` > 0 or the model factory loads trained weights itself.
         train_epochs: if no checkpoint is given, first train the teacher with plain
             cross-entropy for this many epochs, as a run of its own inside the run folder.
     """
@@ -58,9 +58,10 @@ class Cohort:
                 f"cohort.student_checkpoints names {sorted(unknown)}, which are not students ({sorted(students)})"
             )
         for name, teacher in teachers.items():
-            if teacher.checkpoint is None and teacher.train_epochs <= 0:
+            if teacher.checkpoint is None and teacher.train_epochs <= 0 and not teacher.model.provides_trained_weights:
                 raise ConfigError(
-                    f"cohort.teachers.{name}: give a `checkpoint` to load or `train_epochs` > 0 to train it first"
+                    f"cohort.teachers.{name}: give a `checkpoint` to load, `train_epochs` > 0 to train it first, "
+                    "or a model factory that loads trained weights"
                 )
         self.students = students
         self.teachers = teachers

@@ -299,6 +299,11 @@ class Engine:
             if spec.name in self._meta_specs:
                 raise ConfigError(f"two plugins declare a meta module named {spec.name!r}")
             self._meta_specs[spec.name] = spec
+        if self._meta_specs and self.meta_config.hypergradient == "second_order" and not self.task.double_backward:
+            raise ConfigError(
+                f"meta.hypergradient=second_order needs a double backward through the students, which "
+                f"{self.task.describe()} does not have (roi_align has none); use meta.hypergradient=finite_difference"
+            )
 
     def _setup_training(self) -> None:
         """Wrap students for the strategy, build optimizers, schedulers and loaders."""
@@ -722,10 +727,11 @@ class Engine:
 
     def _train_teachers(self) -> None:
         """Teachers with ``train_epochs`` and no checkpoint are first trained with plain CE,
-        as their own run inside this run's folder; the result is stored as their checkpoint."""
+        as their own run inside this run's folder; the result is stored as their checkpoint.
+        (A teacher whose factory loads trained weights and has no ``train_epochs`` is used as built.)"""
         assert self.run_dir is not None and self.fabric is not None
         for name, teacher in self.cohort.teachers.items():
-            if teacher.checkpoint is not None:
+            if teacher.checkpoint is not None or teacher.train_epochs <= 0:
                 continue
             target = self.run_dir / "teachers" / name / "teacher.pt"
             if target.is_file():  # already trained by the run we resume

@@ -45,6 +45,12 @@ class ModelFactory(abc.ABC):
     def build(self, info: TaskInfo) -> nn.Module:
         """Return a freshly initialised model for a task described by ``info``."""
 
+    @property
+    def provides_trained_weights(self) -> bool:
+        """True when :meth:`build` loads trained weights itself (e.g. a detector from a
+        model-zoo file), so a teacher built by it needs neither a checkpoint nor training."""
+        return False
+
     def describe(self) -> str:
         return type(self).__name__
 
@@ -65,6 +71,9 @@ class Task(abc.ABC):
 
     #: names of the data splits the task provides; ``meta`` is held out from ``train``.
     splits: tuple[str, ...] = ("train", "meta", "val", "test")
+    #: whether the task's models can be differentiated twice (the exact second-order meta step);
+    #: detectors cannot (roi_align), so the engine refuses that hypergradient up front
+    double_backward: bool = True
 
     @abc.abstractmethod
     def setup(self, seed: int) -> TaskInfo:

@@ -184,7 +184,7 @@ CASES = [
      ["cohort.teachers.t.checkpoint", "{s100}", "saved for 100 classes but the model is built for 10"]),
     ("teacher_without_checkpoint_or_training",
      ["--cohort.teachers", _teacher("s", train_epochs=0)],
-     ["cohort.teachers.t", "give a `checkpoint` to load or `train_epochs` > 0"]),
+     ["cohort.teachers.t", "give a `checkpoint` to load, `train_epochs` > 0"]),
     ("missing_teacher_checkpoint",
      ["--cohort.teachers", _teacher("s", "{empty_dir}/teacher.pt")],
      ["cohort.teachers.t.checkpoint", "teacher.pt' does not exist", "Fix the path"]),

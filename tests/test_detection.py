@@ -128,7 +128,11 @@ def test_two_process_ddp_detection_keeps_ranks_identical(tmp_path, cli_env, shap
              "--config", str(REPO / "examples" / "methods" / "mc_distil.yaml"), "--meta.every_n_steps", "2",
              "--plugins+", json.dumps({"class_path": "support_plugins.WeightChecksums"})]
     run_cli(tiny_args(tmp_path, shapes, "ddp", extra=extra), cli_env, timeout=900)
-    run = tmp_path / "ddp" / "version_0"
+    assert_ranks_identical(tmp_path / "ddp" / "version_0")
+
+
+def assert_ranks_identical(run):
+    """Both ranks of a 2-process run ended with the same weights (C-Net included) and it finished."""
     sums = [json.loads((run / f"checksums_rank{r}.json").read_text()) for r in (0, 1)]
     assert sums[0]["world_size"] == 2 and sums[0] == sums[1] and "meta:cnet" in sums[0]
     assert json.loads((run / "results.json").read_text())["status"] == "finished"
@@ -163,6 +167,9 @@ def test_bad_detection_input_fails_before_training(tmp_path, cli_env, shapes):
                                "annotations": [a for a in vdoc["annotations"] if a["category_id"] != 7]}))
     _expect_error(tmp_path, cli_env, data, "category ids", "differ")
     val.write_text(json.dumps(vdoc))
+    # the exact hypergradient cannot differentiate roi_align twice: refused before any training
+    _expect_error(tmp_path, cli_env, data, "meta.hypergradient=second_order", "finite_difference",
+                  extra=("--config", str(REPO / "examples" / "methods" / "mc_distil.yaml"), "--meta.hypergradient", "second_order"))
     # a teacher trained for other classes
     other = make_task(shapes)
     other.setup(0)

@@ -196,6 +196,11 @@ class CocoDetection:
     def num_classes(self) -> int:
         return len(self.categories)
 
+    def loader_options(self, split: str) -> dict[str, Any]:
+        """``DataLoader`` settings of a split (training splits use ``batch_size``)."""
+        batch = self.batch_size if split in ("train", "meta") else (self.eval_batch_size or self.batch_size)
+        return {"batch_size": batch, "num_workers": self.num_workers, "persistent_workers": self.num_workers > 0}
+
     def category_id(self, label: Tensor) -> Tensor:
         """Contiguous labels ``1..K`` back to the data set's category ids."""
         ids = torch.tensor([c["id"] for c in self.categories], device=label.device)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import io
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
@@ -27,7 +27,7 @@ from collab_distill.task import ConfigError, Evaluator, ModelFactory, Task, Task
 from collab_distill.tasks.detection.data import CocoDetection
 from collab_distill.tasks.detection.models import RegionDetector, region_labels
 
-__all__ = ["ObjectDetection", "CocoEvaluator", "DetectionContext"]
+__all__ = ["ObjectDetection", "CocoEvaluator", "PerImageEvaluator", "DetectionContext"]
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -48,6 +48,49 @@ class DetectionContext:
     seed: int
 
 
+def batch_seed(samples: list[dict[str, Any]]) -> int:
+    """One seed per batch from its samples' seeds (their indices for evaluation samples)."""
+    return sum(int(s["seed"]) if s["seed"] >= 0 else int(s["index"]) for s in samples) % (2**62)
+
+
+def region_context(proposals: list[Tensor], features: dict[str, Tensor], targets: list[dict[str, Tensor]],
+                   image_sizes: list[tuple[int, int]], source: nn.Module, seed: int, *, regions_per_image: int,
+                   include_gt: bool, num_classes: int, iou: float, images: Optional[Tensor] = None) -> DetectionContext:
+    """The shared regions of a batch from the region source's proposals (best first) and the
+    ground truth (``targets`` with labels ``1..K``); the source's features are kept for reuse
+    only when it is frozen."""
+    regions = [p[:regions_per_image].detach() for p in proposals]
+    if include_gt:
+        regions = [torch.cat([r, t["boxes"].to(r.dtype)]) for r, t in zip(regions, targets)]
+    device = regions[0].device
+    unit_image = torch.cat([torch.full((len(r),), i, dtype=torch.int64, device=device) for i, r in enumerate(regions)])
+    frozen = not source.training
+    return DetectionContext(
+        images=images if images is not None else torch.empty(0), image_sizes=list(image_sizes), targets=targets,
+        regions=regions, unit_image=unit_image, unit_labels=region_labels(regions, targets, num_classes, iou),
+        source=source if frozen else None, source_features={k: v.detach() for k, v in features.items()} if frozen else None,
+        seed=seed,
+    )
+
+
+def region_knowledge(context: DetectionContext, run: Callable[[], dict[str, Any]]) -> Knowledge:
+    """Run one member (``run`` returns its ``region_logits`` and, when training, its
+    per-image ``supervised_loss``) with region sampling seeded by the batch, and package it."""
+    device = context.unit_image.device
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    # the RPN's and box head's region sampling is random: seed it per batch so that every
+    # evaluation of one batch (e.g. the finite-difference meta step) samples the same regions
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(context.seed)
+        out = run()
+    logits = out["region_logits"]
+    loss = out.get("supervised_loss")
+    if loss is None:
+        loss = logits.new_zeros(len(context.image_sizes))
+    return Knowledge(supervised_loss=loss, logits=logits, unit_image=context.unit_image,
+                     unit_labels=context.unit_labels, num_images=len(context.image_sizes))
+
+
 class ObjectDetection(Task):
     """Students and teachers are detectors; a distillation unit is a shared region.
 
@@ -62,6 +105,7 @@ class ObjectDetection(Task):
     """
 
     selection_metric = "AP"
+    double_backward = False
 
     def __init__(
         self,
@@ -107,13 +151,12 @@ class ObjectDetection(Task):
             "targets": [{"boxes": s["boxes"], "labels": s["labels"]} for s in samples],
             "image_id": torch.tensor([s["image_id"] for s in samples]),
             "index": torch.tensor([s["index"] for s in samples]),
-            "seed": sum(int(s["seed"]) if s["seed"] >= 0 else int(s["index"]) for s in samples) % (2**62),
+            "seed": batch_seed(samples),
             "split": samples[0]["split"],
         }
 
     def loader_options(self, split: str) -> dict[str, Any]:
-        batch = self.data.batch_size if split in ("train", "meta") else (self.data.eval_batch_size or self.data.batch_size)
-        return {"batch_size": batch, "num_workers": self.data.num_workers, "persistent_workers": self.data.num_workers > 0}
+        return self.data.loader_options(split)
 
     def move_batch(self, batch: dict[str, Any], fabric: Any) -> dict[str, Any]:
         return {**batch, "images": [fabric.to_device(x) for x in batch["images"]],
@@ -136,37 +179,18 @@ class ObjectDetection(Task):
         source = next(iter(teachers.values()), None) or next(iter(students.values()))
         with torch.no_grad():
             proposals, features = source(image_list.tensors, image_list.image_sizes, mode="regions")
-        regions = [p[: self.regions_per_image].detach() for p in proposals]
-        if self.regions_include_gt:
-            regions = [torch.cat([r, t["boxes"].to(r.dtype)]) for r, t in zip(regions, targets)]
-        unit_image = torch.cat([torch.full((len(r),), i, dtype=torch.int64, device=r.device) for i, r in enumerate(regions)])
-        labels = region_labels(regions, targets, self.info.num_classes if self.info else 0, self.region_iou)
-        return DetectionContext(
-            images=image_list.tensors, image_sizes=list(image_list.image_sizes), targets=targets, regions=regions,
-            unit_image=unit_image, unit_labels=labels, source=source if not source.training else None,
-            source_features={k: v.detach() for k, v in features.items()} if not source.training else None,
-            seed=int(batch.get("seed", 0)),
-        )
+        return region_context(proposals, features, targets, image_list.image_sizes, source, int(batch.get("seed", 0)),
+                              regions_per_image=self.regions_per_image, include_gt=self.regions_include_gt,
+                              num_classes=self.info.num_classes if self.info else 0, iou=self.region_iou,
+                              images=image_list.tensors)
 
     def knowledge(self, model: nn.Module, batch: Any, *, view: int = 0, context: Any = None) -> Knowledge:
         if context is None:
             context = self.shared_context(batch, {}, {"model": model})
         features = context.source_features if model is context.source else None
-        training = model.training
-        device = context.images.device
-        devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-        # the RPN's and box head's region sampling is random: seed it per batch so that every
-        # evaluation of one batch (e.g. the finite-difference meta step) samples the same regions
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(context.seed)
-            out = model(context.images, context.image_sizes, context.targets if training else None, context.regions,
-                        features, mode="train")
-        logits = out["region_logits"]
-        loss = out.get("supervised_loss")
-        if loss is None:
-            loss = logits.new_zeros(len(context.image_sizes))
-        return Knowledge(supervised_loss=loss, logits=logits, unit_image=context.unit_image,
-                         unit_labels=context.unit_labels, num_images=len(context.image_sizes))
+        targets = context.targets if model.training else None
+        return region_knowledge(context, lambda: model(context.images, context.image_sizes, targets, context.regions,
+                                                       features, mode="train"))
 
     def images(self, batch: Any) -> Tensor:
         size = (self.cnet_image_size, self.cnet_image_size)
@@ -187,17 +211,45 @@ class ObjectDetection(Task):
         return f"ObjectDetection({type(self.data).__name__}, {self.min_size}-{self.max_size}px)"
 
 
-class CocoEvaluator(Evaluator):
-    """COCO box AP (pycocotools) of one model on one split; exact under DDP (detections are
-    gathered to rank 0, deduplicated by image id, evaluated there and the numbers broadcast)."""
+class PerImageEvaluator(Evaluator):
+    """Keeps one entry per image id and scores them all on rank 0. Under DDP the entries are
+    gathered first and deduplicated by image id (the engine's sampler pads the last batch with
+    repeats, which would otherwise count twice); the numbers are broadcast back."""
+
+    def __init__(self, fabric: Any) -> None:
+        self.fabric = fabric
+        self.per_image: dict[int, Any] = {}
+        self.split: Optional[str] = None
+
+    def score(self, split: str, per_image: dict[int, Any]) -> dict[str, float]:
+        raise NotImplementedError
+
+    def compute(self) -> dict[str, float]:
+        merged, split = dict(self.per_image), self.split
+        if self.fabric.world_size > 1:
+            import torch.distributed as dist
+
+            gathered: list[Any] = [None] * self.fabric.world_size
+            dist.all_gather_object(gathered, (self.split, self.per_image))
+            merged = {}
+            for part_split, part in gathered:
+                split = split or part_split
+                for image_id, entry in part.items():
+                    merged.setdefault(image_id, entry)
+        metrics = self.score(split, merged) if self.fabric.global_rank == 0 and split is not None else {}
+        if self.fabric.world_size > 1:
+            metrics = self.fabric.broadcast(metrics, src=0)
+        return metrics
+
+
+class CocoEvaluator(PerImageEvaluator):
+    """COCO box AP (pycocotools) of one model on one split, exact under DDP."""
 
     NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
     def __init__(self, fabric: Any, data: CocoDetection) -> None:
-        self.fabric = fabric
+        super().__init__(fabric)
         self.data = data
-        self.detections: dict[int, list[dict[str, Any]]] = {}
-        self.split: Optional[str] = None
 
     def update(self, outputs: Any, batch: Any) -> None:
         self.split = batch["split"]
@@ -205,29 +257,13 @@ class CocoEvaluator(Evaluator):
             boxes = det["boxes"].detach().float().cpu()
             xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
             cats = self.data.category_id(det["labels"].detach().cpu()).tolist() if len(boxes) else []
-            self.detections[int(image_id)] = [
+            self.per_image[int(image_id)] = [
                 {"image_id": int(image_id), "category_id": int(c), "bbox": [round(v, 2) for v in b], "score": round(float(s), 4)}
                 for b, c, s in zip(xywh, cats, det["scores"].detach().float().cpu().tolist())
             ]
 
-    def compute(self) -> dict[str, float]:
-        merged = dict(self.detections)
-        split = self.split
-        if self.fabric.world_size > 1:
-            import torch.distributed as dist
-
-            gathered: list[Any] = [None] * self.fabric.world_size
-            dist.all_gather_object(gathered, (self.split, self.detections))
-            merged = {}
-            for part_split, part in gathered:
-                split = split or part_split
-                for image_id, dets in part.items():
-                    merged.setdefault(image_id, dets)  # padded duplicates of an image are dropped
-        metrics = coco_box_ap(self.data.ground_truth(split), [d for dets in merged.values() for d in dets]) \
-            if self.fabric.global_rank == 0 and split is not None else {}
-        if self.fabric.world_size > 1:
-            metrics = self.fabric.broadcast(metrics, src=0)
-        return metrics
+    def score(self, split: str, per_image: dict[int, Any]) -> dict[str, float]:
+        return coco_box_ap(self.data.ground_truth(split), [d for dets in per_image.values() for d in dets])
 
 
 def coco_box_ap(ground_truth: dict[str, Any], detections: list[dict[str, Any]]) -> dict[str, float]:
