@@ -48,7 +48,8 @@ def bench_steps(adapter: str, data: Path, workdir: Path, steps: int, warmup: int
                "mc_distil": engine_from_args([*base, *METHODS["mc_distil"], "--meta.hypergradient", "finite_difference"])}
     fns = {}
     for name, engine in engines.items():
-        engine._setup_training()
+        engine.setup()
+        engine._setup_training()  # the teacher keeps its initial weights: timing only
         loader, sampler = engine.loaders["train"]
         sampler.select_epoch(0)
         batch = engine.task.move_batch(next(iter(loader)), engine.fabric)
@@ -157,6 +158,11 @@ def main(argv: list[str] | None = None) -> int:
         for adapter in args.adapters:
             report["ap"][adapter] = run_ap(adapter, args.data, args.runs, args.epochs, args.seed, env)
     args.out.mkdir(parents=True, exist_ok=True)
+    # merge with what another invocation (other adapters or parts) wrote meanwhile
+    latest = json.loads(path.read_text()) if path.is_file() else {}
+    steps = {r["adapter"]: r for r in latest.get("steps", [])}
+    steps.update({r["adapter"]: r for r in report.get("steps", [])})
+    report = {**latest, **report, "steps": list(steps.values()), "ap": {**latest.get("ap", {}), **report.get("ap", {})}}
     path.write_text(json.dumps(report, indent=1) + "\n")
     (args.out / "detection_tiny.md").write_text(markdown(report))
     print(markdown(report))

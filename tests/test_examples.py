@@ -80,10 +80,10 @@ def test_imagefolder_example(tmp_path, cli_env):
     assert set(results["students"]) == {"mobilenet", "s"}
 
 
-@pytest.mark.parametrize("method", ["ce", "kd", "mc_distil", "mc_distil_nops", "meta_distil"])
+@pytest.mark.parametrize("method", ["ce", "kd", "mc_distil", "mc_distil_nops", "meta_distil", "dml"])
 def test_method_files_compose_with_digits(tmp_path, cli_env, method):
     run_cli([*digits_args(tmp_path, method, epochs=1), "--config", str(REPO / "examples" / "methods" / f"{method}.yaml"),
              "--trainer.limit_train_batches", "3"], cli_env)
     cfg = (tmp_path / method / "version_0" / "config.yaml").read_text()
-    assert ("beta: 0.0" in cfg) == (method == "ce")
+    assert ("beta: 0.0" in cfg) == (method in ("ce", "dml"))
     finished(tmp_path, method)
