@@ -108,7 +108,7 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {r['adapter']} | {r['kd_ms']:.0f} | {r['mc_distil_ms']:.0f} | {r['mc_distil_meta_step_ms']:.0f} | "
                          f"{r['meta_ratio']:.2f} ({r['meta_ratio_paired_median']:.2f}) | {r['mc_distil_vs_kd']:.2f} |")
         lines.append("")
-    for adapter, runs in report.get("ap", {}).items():
+    for adapter, runs in sorted(report.get("ap", {}).items(), reverse=True):
         lines += [f"## {adapter}: COCO box AP on the shapes test split ({report['epochs']} epochs, seed {report['seed']})", "",
                   "| student | alone (CE) last | KD last | MC-Distil last | alone best-val | KD best-val | MC-Distil best-val |",
                   "|---|---|---|---|---|---|---|"]
@@ -119,7 +119,8 @@ def markdown(report: dict[str, Any]) -> str:
         teacher = runs["kd"].get("teacher_test_AP")
         if teacher is not None:
             lines.append(f"\nTeacher (trained in the KD run): test AP {teacher:.1f}.")
-        lines.append("Median epoch seconds (2 students, 1 thread): " + ", ".join(
+        lines.append("Median epoch seconds, students only, 1 thread (these runs overlapped other jobs; the step table "
+                     "above is the cost measurement): " + ", ".join(
             f"{m} {runs[m]['epoch_seconds_median']:.0f}" for m in ("alone", "kd", "mc_distil")) + ".")
         lines.append("")
     lines.append("One seed on a synthetic data set: differences of a few AP points are within run-to-run noise.")
