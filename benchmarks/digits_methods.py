@@ -28,13 +28,11 @@ The run folders go to ``--runs-dir`` (default ``benchmarks/out/digits_methods``,
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
 import os
 import platform
-import shutil
 import statistics
 import sys
 import time
@@ -44,7 +42,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from digits_table import (
+from digits_table import (  # noqa: E402
     CONFIG,
     REPO,
     STUDENTS,
@@ -53,6 +51,7 @@ from digits_table import (
     _pm,
     _portable,
     _summary,
+    prepare_output,
     run_arguments,
     run_paired_seeds,
 )
@@ -256,17 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     p = run_arguments(__doc__.split("\n\n")[0], "digits_methods", [0, 1, 2, 3, 4])
     args = p.parse_args(argv)
     args.runs_dir = args.runs_dir.resolve()
-    if args.render_only:
-        res = json.loads((args.out / "digits_methods.json").read_text())
-        (args.out / "digits_methods.md").write_text(markdown(res))
-        print((args.out / "digits_methods.md").read_text())
+    if prepare_output(p, args, "digits_methods", markdown):
         return 0
-    if len(set(args.seeds)) < 3:
-        p.error("give at least 3 distinct seeds")
-    if args.fresh and args.runs_dir.exists():
-        shutil.rmtree(args.runs_dir)
-    args.runs_dir.mkdir(parents=True, exist_ok=True)
-    args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 
     per_seed, runs, teacher_hashes = run_paired_seeds({m: f for m, (f, _) in METHODS.items()}, args)

@@ -38,7 +38,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -301,20 +301,30 @@ def run_arguments(description: str, runs_dir: str, seeds: list[int]) -> argparse
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = run_arguments(__doc__.split("\n\n")[0], "digits_table", [0, 1, 2, 3, 4])
-    args = p.parse_args(argv)
+def prepare_output(p: argparse.ArgumentParser, args: argparse.Namespace, stem: str,
+                   markdown: Callable[[dict[str, Any]], str], min_seeds: int = 3) -> bool:
+    """The common start of the seed-sweeping scripts: ``--render-only`` rewrites ``stem.md``
+    from ``stem.json`` and returns True (nothing to run); otherwise checks the seeds, clears
+    ``--runs-dir`` with ``--fresh`` and creates the output folders."""
     if args.render_only:
-        res = json.loads((args.out / "digits_ce_vs_kd.json").read_text())
-        (args.out / "digits_ce_vs_kd.md").write_text(markdown(res))
-        print((args.out / "digits_ce_vs_kd.md").read_text())
-        return 0
-    if len(set(args.seeds)) < 3:
-        p.error("give at least 3 distinct seeds")
+        res = json.loads((args.out / f"{stem}.json").read_text())
+        (args.out / f"{stem}.md").write_text(markdown(res))
+        print((args.out / f"{stem}.md").read_text())
+        return True
+    if len(set(args.seeds)) < min_seeds:
+        p.error(f"give at least {min_seeds} distinct seeds")
     if args.fresh and args.runs_dir.exists():
         shutil.rmtree(args.runs_dir)
     args.runs_dir.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
+    return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = run_arguments(__doc__.split("\n\n")[0], "digits_table", [0, 1, 2, 3, 4])
+    args = p.parse_args(argv)
+    if prepare_output(p, args, "digits_ce_vs_kd", markdown):
+        return 0
     started = time.perf_counter()
 
     per_seed, runs, teacher_hashes = run_paired_seeds(METHODS, args)
