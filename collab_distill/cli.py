@@ -26,6 +26,7 @@ from collab_distill.config import Cohort, TrainerConfig
 from collab_distill.meta import BilevelConfig
 from collab_distill.optim import OptimizerCallable, Schedule
 from collab_distill.plugin_manager import Plugin, discover, hooks_implemented_by
+from collab_distill.stages import Stage
 from collab_distill.task import ConfigError, ModelFactory, Task
 
 __all__ = ["main", "build_parser", "engine_from_args"]
@@ -119,6 +120,8 @@ def _run_arguments(parser: ArgumentParser, *, training: bool) -> None:
     parser.add_subclass_arguments(Schedule, "schedule", default=Namespace(class_path="collab_distill.optim.Cosine"), help="student LR schedule")
     parser.add_class_arguments(BilevelConfig, "meta")
     parser.add_argument("--plugins", type=list[Plugin], default=[], help="configured plugins (methods)")
+    parser.add_argument("--stages", type=Optional[list[Stage]], default=None,
+                        help="train the students in a sequence of runs; earlier students teach later ones")
     parser.add_argument("--disable_plugins", type=list[str], default=[], help="always-on plugins to leave out")
     parser.add_argument("--trace_plugins", type=bool, default=False, help="print every hook call")
     if training:
@@ -192,7 +195,7 @@ def _engine_from(parser: ArgumentParser, cfg: Namespace, command: str):
     engine = Engine(
         task=init.task, cohort=init.cohort, trainer=init.trainer, optimizer=init.optimizer,
         schedule=init.schedule, meta=init.meta, plugins=init.plugins, disable_plugins=init.disable_plugins,
-        seed=init.seed, trace_plugins=init.trace_plugins, config_text=text,
+        seed=init.seed, trace_plugins=init.trace_plugins, config_text=text, stages=init.get("stages"),
     )
     return engine
 

@@ -40,6 +40,7 @@ from collab_distill.meta import BilevelConfig, MetaModule, hypergradient
 from collab_distill.optim import Constant, OptimizerCallable, Schedule, sgd
 from collab_distill.plugin_manager import make_plugin_manager
 from collab_distill.records import Knowledge, LossWeights, SoftTarget
+from collab_distill.stages import Stage, check_stages
 from collab_distill.task import ConfigError, Task, TaskInfo
 
 __all__ = ["Engine", "NonFiniteLossError"]
@@ -148,6 +149,8 @@ class Engine:
         seed: seeds model initialisation, data splits, data order and augmentation.
         trace_plugins: print every hook call (debugging a plugin).
         run_dir: write into this folder instead of a new ``root_dir/name/version_N``.
+        stages: train the students in a sequence of runs, earlier students teaching later ones
+            (teacher-assistant chains); see :mod:`collab_distill.stages`.
     """
 
     def __init__(
@@ -165,6 +168,7 @@ class Engine:
         config_text: Optional[str] = None,
         fabric: Optional[Fabric] = None,
         run_dir: Optional[str] = None,
+        stages: Optional[list[Stage]] = None,
     ) -> None:
         self.task = task
         self.cohort = cohort
@@ -175,6 +179,10 @@ class Engine:
         self.seed = seed
         self.config_text = config_text
         self.pm = make_plugin_manager(plugins or [], disable_plugins or [], trace=trace_plugins)
+        # kept so that nested runs (the stages of a staged fit) use the same plugins
+        self.plugin_objects: list[Any] = list(plugins or [])
+        self.disabled_plugins: list[str] = list(disable_plugins or [])
+        self.stages = list(stages) if stages else None
         self.hook = self.pm.hook
         self.fabric = fabric
         self._owns_fabric = fabric is None
@@ -221,6 +229,8 @@ class Engine:
         """Validate everything and build the cohort; writes no file."""
         if self._is_setup:
             return
+        if self.stages:
+            check_stages(self.stages, self.cohort)
         t = self.trainer
         if self.fabric is None:
             loggers = []  # attached once the run folder exists
@@ -489,9 +499,14 @@ class Engine:
             return False
         if not self._meta_trainable:
             return False  # every meta module is frozen
-        if self.meta_config.every_n_epochs is not None:
-            return self.batch_in_epoch == 0 and self.epoch % self.meta_config.every_n_epochs == 0
-        return self.global_step % self.meta_config.every_n_steps == 0
+        config = self.meta_config
+        if config.every_n_epochs is not None:
+            if self.epoch % config.every_n_epochs != 0:
+                return False
+            if config.steps_in_meta_epoch == "every_n_steps":
+                return self.batch_in_epoch % config.every_n_steps == 0
+            return self.batch_in_epoch == 0
+        return self.global_step % config.every_n_steps == 0
 
     def meta_step(self, batch: Any, teacher_records: Mapping[str, Knowledge], context: Any) -> dict[str, Tensor]:
         """The bilevel step: look ahead one step of every student, score the result on a
@@ -593,6 +608,10 @@ class Engine:
 
     def fit(self, resume: Optional[str] = None) -> dict[str, Any]:
         """Train the cohort; returns (and writes) the run's results."""
+        if self.stages:
+            from collab_distill.stages import fit_stages
+
+            return fit_stages(self, resume)
         self.fitting = True
         self.setup()
         state = self._resolve_resume(resume)

@@ -58,7 +58,13 @@ class BilevelConfig:
 
     Args:
         every_n_steps: a meta step every this many training steps (MC-Distil's release: 20).
-        every_n_epochs: if set, a meta step at the first step of every this many epochs instead.
+        every_n_epochs: if set, meta steps happen only in every this many epochs (epochs
+            0, n, 2n, ... counted from 0), as ``steps_in_meta_epoch`` says.
+        steps_in_meta_epoch: with ``every_n_epochs``: ``first`` runs one meta step at the first
+            step of such an epoch; ``every_n_steps`` runs one at every ``every_n_steps``-th step
+            of it (batches 0, n, 2n, ... of the epoch), e.g. MetaDistiller's Algorithm 1 updates
+            its label generator at every iteration of every 5th epoch (``every_n_epochs: 5``,
+            ``steps_in_meta_epoch: every_n_steps``, ``every_n_steps: 1``).
         hypergradient: ``second_order`` (exact, double backward) or ``finite_difference``.
         lookahead_momentum: include the optimizer's momentum buffer in the lookahead, as
             MC-Distil's release does.
@@ -69,6 +75,7 @@ class BilevelConfig:
 
     every_n_steps: int = 20
     every_n_epochs: int | None = None
+    steps_in_meta_epoch: Literal["first", "every_n_steps"] = "first"
     hypergradient: Literal["second_order", "finite_difference"] = "second_order"
     lookahead_momentum: bool = False
     lookahead_weight_decay: bool = False
@@ -80,6 +87,8 @@ class BilevelConfig:
             raise ValueError("meta.every_n_steps must be >= 1")
         if self.every_n_epochs is not None and self.every_n_epochs < 1:
             raise ValueError("meta.every_n_epochs must be >= 1 or null")
+        if self.steps_in_meta_epoch not in ("first", "every_n_steps"):
+            raise ValueError(f"meta.steps_in_meta_epoch={self.steps_in_meta_epoch!r} must be 'first' or 'every_n_steps'")
 
 
 def _optimizer_terms(optimizer: torch.optim.Optimizer | None) -> dict[int, tuple[float, float, float, Tensor | None]]:

@@ -80,10 +80,40 @@ def test_imagefolder_example(tmp_path, cli_env):
     assert set(results["students"]) == {"mobilenet", "s"}
 
 
-@pytest.mark.parametrize("method", ["ce", "kd", "mc_distil", "mc_distil_nops", "meta_distil", "dml"])
+TEACHERLESS = ["dml", "kdcl_naive", "kdcl_linear", "kdcl_minlogit", "kdcl_general"]
+
+
+@pytest.mark.parametrize("method", ["ce", "kd", "mc_distil", "mc_distil_nops", "meta_distil", "rmc", *TEACHERLESS])
 def test_method_files_compose_with_digits(tmp_path, cli_env, method):
     run_cli([*digits_args(tmp_path, method, epochs=1), "--config", str(REPO / "examples" / "methods" / f"{method}.yaml"),
              "--trainer.limit_train_batches", "3"], cli_env)
     cfg = (tmp_path / method / "version_0" / "config.yaml").read_text()
-    assert ("beta: 0.0" in cfg) == (method in ("ce", "dml"))
-    finished(tmp_path, method)
+    assert ("beta: 0.0" in cfg) == (method == "ce" or method in TEACHERLESS)
+    results = finished(tmp_path, method)
+    # online methods drop the digits config's teacher: it is neither trained nor loaded
+    assert (results["teachers"] == {}) == (method in TEACHERLESS)
+    assert (tmp_path / method / "version_0" / "teachers").exists() == (method not in TEACHERLESS)
+
+
+def test_kdcl_views_give_each_student_its_own_augmentation_and_general_refreshes_its_weights(tmp_path, cli_env):
+    methods = REPO / "examples" / "methods"
+    run_cli([*digits_args(tmp_path, "icl", epochs=2), "--config", str(methods / "kdcl_general.yaml"),
+             "--config", str(methods / "kdcl_views.yaml"), "--trainer.limit_train_batches", "3"], cli_env)
+    run = tmp_path / "icl" / "version_0"
+    assert "views: 3" in (run / "config.yaml").read_text()
+    finished(tmp_path, "icl")
+    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["plugins"]["kdcl"]["weights"]
+    assert set(state) == {"xxs", "xs", "s"} and abs(sum(state.values()) - 1) < 1e-6
+    assert state != {s: 1 / 3 for s in state}  # measured on the meta split after each epoch (eq. 10-11)
+    header = (run / "logs" / "csv" / "metrics.csv").read_text().splitlines()[0]
+    assert "kdcl/weight/xxs" in header
+
+
+@pytest.mark.parametrize("method", ["takd", "dgkd"])
+def test_staged_method_files_compose_with_digits(tmp_path, cli_env, method):
+    run_cli([*digits_args(tmp_path, method, epochs=1), "--config", str(REPO / "examples" / "methods" / f"{method}.yaml"),
+             "--trainer.limit_train_batches", "2"], cli_env)
+    results = finished(tmp_path, method)
+    assert set(results["students"]) == {"xxs", "xs", "s"}
+    guides = {"takd": ["xs"], "dgkd": ["teacher", "s", "xs"]}[method]
+    assert results["stages"][-1]["teachers"] == guides

@@ -1,0 +1,196 @@
+"""Staged runs: train the cohort's students in a sequence of runs, where the trained students of
+earlier stages become frozen teachers of later ones.
+
+This is how teacher-assistant chains are expressed (TAKD: teacher -> s -> xs -> xxs; DGKD: every
+later student learns from the teacher and all trained assistants) without anything
+method-specific in the engine: each stage is an ordinary :class:`~collab_distill.engine.Engine`
+fit with a sub-cohort and the run's plugins, written to ``stages/<i>-<name>/`` inside the run
+folder. A student hands down its best-on-validation weights (never chosen on test), as a teacher
+trained inside a run does. Cohort teachers with ``train_epochs`` are trained once, before the
+first stage, and shared by every stage that names them.
+
+The run folder's ``results.json`` merges every student's results from its stage and lists the
+stages; each stage folder has its own config, checkpoint, logs and results. ``--resume last`` (or
+``--resume RUN_FOLDER``) skips finished stages and resumes the unfinished one from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+from collab_distill import console
+from collab_distill.checkpoint import atomic_save, write_json
+from collab_distill.config import Cohort, Teacher
+from collab_distill.task import ConfigError
+
+if TYPE_CHECKING:
+    from collab_distill.engine import Engine
+
+__all__ = ["Stage", "check_stages", "fit_stages"]
+
+
+@dataclass
+class Stage:
+    """One run of a staged fit.
+
+    Args:
+        name: the stage's folder name (``stages/<i>-<name>``).
+        students: cohort students trained in this stage (each in exactly one stage).
+        teachers: frozen teachers of this stage: cohort teachers, or students trained in an
+            earlier stage (their best-on-val weights).
+    """
+
+    name: str
+    students: list[str]
+    teachers: list[str] = field(default_factory=list)
+
+
+def check_stages(stages: list[Stage], cohort: Cohort) -> None:
+    """One clear error for a stage list that cannot run, before any training."""
+    seen: dict[str, int] = {}
+    names: set[str] = set()
+    for i, stage in enumerate(stages):
+        where = f"stages[{i}] ({stage.name!r})"
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", stage.name):
+            raise ConfigError(f"{where}.name must be letters, digits, '.', '-' or '_' (it names a folder)")
+        if stage.name in names:
+            raise ConfigError(f"{where}.name: two stages are named {stage.name!r}; names must be unique")
+        names.add(stage.name)
+        if not stage.students:
+            raise ConfigError(f"{where}.students is empty: name the cohort students this stage trains")
+        for student in stage.students:
+            if student not in cohort.students:
+                raise ConfigError(f"{where}.students names {student!r}, not a cohort student ({sorted(cohort.students)})")
+            if student in seen:
+                raise ConfigError(f"{where}.students: {student!r} is already trained in stages[{seen[student]}]")
+            seen[student] = i
+    for i, stage in enumerate(stages):
+        for teacher in stage.teachers:
+            if teacher in cohort.teachers or seen.get(teacher, i) < i:
+                continue
+            hint = (
+                f"it is trained in stages[{seen[teacher]}], not before this stage" if teacher in seen
+                else f"use a cohort teacher ({sorted(cohort.teachers)}) or a student of an earlier stage"
+            )
+            raise ConfigError(f"stages[{i}] ({stage.name!r}).teachers names {teacher!r}: {hint}")
+    missing = [s for s in cohort.students if s not in seen]
+    if missing:
+        raise ConfigError(f"stages: student(s) {missing} are in no stage; add them to one stage's students")
+
+
+def _stage_dir(run_dir: Path, index: int, stage: Stage) -> Path:
+    return run_dir / "stages" / f"{index + 1}-{stage.name}"
+
+
+def _resume_dir(engine: Engine, resume: str) -> Path:
+    if resume == "last":
+        base = Path(engine.trainer.root_dir) / (engine.trainer.name or "run")
+        runs = sorted(
+            (int(m.group(1)), p) for p in (base.iterdir() if base.is_dir() else [])
+            if (m := re.fullmatch(r"version_(\d+)", p.name)) and (p / "stages").is_dir()
+        )
+        if not runs:
+            raise ConfigError(f"--resume last: no staged run under {base}; give the run folder instead")
+        return runs[-1][1]
+    path = Path(resume)
+    if not (path / "stages").is_dir():
+        raise ConfigError(
+            f"--resume {resume}: a staged run resumes from its run folder (the one holding stages/), "
+            "or `last`; this path has no stages/ folder"
+        )
+    return path
+
+
+def fit_stages(engine: Engine, resume: Optional[str] = None) -> dict[str, Any]:
+    """Run ``engine.stages`` one after the other; returns (and writes) the merged results."""
+    from collab_distill.engine import Engine, _replace, _unwrap
+
+    engine.fitting = True
+    engine.setup()
+    stages = engine.stages
+    assert stages and engine.fabric is not None
+    check_stages(stages, engine.cohort)
+    if resume is not None:
+        engine._run_dir_override = _resume_dir(engine, resume)
+    engine._open_run_dir(None)
+    engine._train_teachers()
+    run_dir, fabric, cohort = engine.run_dir, engine.fabric, engine.cohort
+    assert run_dir is not None
+    handed_down: dict[str, Path] = {}
+    stage_results: list[dict[str, Any]] = []
+    students: dict[str, Any] = {}
+    teachers: dict[str, Any] = {}
+    history: list[dict[str, Any]] = []
+    for index, stage in enumerate(stages):
+        folder = _stage_dir(run_dir, index, stage)
+        weights = {s: folder / "students" / f"{s}.pt" for s in stage.students}
+        done = folder / "results.json"
+        results: Optional[dict[str, Any]] = None
+        if done.is_file() and all(p.is_file() for p in weights.values()):
+            results = json.loads(done.read_text())
+            if results.get("status") != "finished":
+                results = None
+        if results is None:
+            console.info(fabric, f"stage {index + 1}/{len(stages)} {stage.name!r}: students {stage.students}, teachers {stage.teachers}")
+            sub_teachers = {}
+            for name in stage.teachers:
+                if name in cohort.teachers:
+                    own = cohort.teachers[name]
+                    trained = run_dir / "teachers" / name / "teacher.pt"
+                    checkpoint = own.checkpoint or (str(trained) if trained.is_file() else None)
+                    sub_teachers[name] = Teacher(model=own.model, checkpoint=checkpoint,
+                                                 train_epochs=0 if checkpoint else own.train_epochs)
+                else:
+                    sub_teachers[name] = Teacher(model=cohort.students[name], checkpoint=str(handed_down[name]))
+            sub = Engine(
+                task=engine.task,
+                cohort=Cohort(
+                    students={s: cohort.students[s] for s in stage.students},
+                    teachers=sub_teachers,
+                    student_checkpoints={s: p for s, p in cohort.student_checkpoints.items() if s in stage.students},
+                ),
+                trainer=_replace(engine.trainer, root_dir=str(folder.parent), name=folder.name),
+                optimizer=engine.optimizer_factory, schedule=engine.schedule, meta=engine.meta_config,
+                plugins=engine.plugin_objects, disable_plugins=engine.disabled_plugins, seed=engine.seed,
+                config_text=engine.config_text, fabric=fabric, run_dir=str(folder),
+            )
+            last = folder / "checkpoints" / "last.ckpt"
+            own_loggers = fabric._loggers
+            try:
+                results = sub.fit(resume=str(last) if last.is_file() else None)
+            finally:
+                fabric._loggers = own_loggers
+            if fabric.is_global_zero:
+                for s in stage.students:
+                    state = sub.best.get(s, {}).get("state") or _unwrap(sub.students[s]).state_dict()
+                    atomic_save(state, weights[s])
+            fabric.barrier()
+        handed_down.update(weights)
+        students.update(results["students"])
+        for name, info in results.get("teachers", {}).items():
+            teachers.setdefault(name, info)
+        seconds = sum(row.get("seconds", 0.0) for row in results.get("history", []))
+        history += [{"stage": stage.name, **row} for row in results.get("history", [])]
+        stage_results.append({
+            "name": stage.name, "students": stage.students, "teachers": stage.teachers,
+            "folder": str(folder.relative_to(run_dir)), "train_seconds": round(seconds, 3),
+        })
+    merged = {
+        "status": "finished",
+        "seed": engine.seed,
+        "epochs": engine.trainer.max_epochs,
+        "selection_metric": engine.task_selection_metric,
+        "students": {s: students[s] for s in cohort.students},
+        "teachers": teachers,
+        "stages": stage_results,
+        "history": history,
+    }
+    if fabric.is_global_zero:
+        write_json(merged, run_dir / "results.json")
+        console.results_table(fabric, merged)
+        console.info(fabric, f"run folder: {run_dir}")
+    return merged
