@@ -53,6 +53,7 @@ from digits_table import (  # noqa: E402
     _summary,
     prepare_output,
     run_arguments,
+    write_outputs,
     run_paired_seeds,
 )
 
@@ -335,10 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": {s: {m: {"wall_s": r["wall_s"], "command": _portable(r["command"])} for m, r in v.items()} for s, v in runs.items()},
         "elapsed_s": time.perf_counter() - started,
     }
-    (args.out / "digits_methods.json").write_text(json.dumps(res, indent=1) + "\n")
-    (args.out / "digits_methods.md").write_text(markdown(res))
-    print((args.out / "digits_methods.md").read_text())
-    print(f"wrote {args.out}/digits_methods.{{json,md}} in {res['elapsed_s']:.0f} s")
+    write_outputs(args.out, "digits_methods", res, markdown)
     return 0
 
 

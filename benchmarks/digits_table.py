@@ -301,6 +301,14 @@ def run_arguments(description: str, runs_dir: str, seeds: list[int]) -> argparse
     return p
 
 
+def write_outputs(out: Path, stem: str, res: dict[str, Any], markdown: Callable[[dict[str, Any]], str]) -> None:
+    """Write ``stem.json`` and its rendering ``stem.md`` into ``out`` and print the table."""
+    (out / f"{stem}.json").write_text(json.dumps(res, indent=1) + "\n")
+    (out / f"{stem}.md").write_text(markdown(res))
+    print((out / f"{stem}.md").read_text())
+    print(f"wrote {out}/{stem}.{{json,md}} in {res['elapsed_s']:.0f} s")
+
+
 def prepare_output(p: argparse.ArgumentParser, args: argparse.Namespace, stem: str,
                    markdown: Callable[[dict[str, Any]], str], min_seeds: int = 3) -> bool:
     """The common start of the seed-sweeping scripts: ``--render-only`` rewrites ``stem.md``
@@ -362,10 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": {s: {m: {"wall_s": r["wall_s"], "command": _portable(r["command"])} for m, r in v.items()} for s, v in runs.items()},
         "elapsed_s": time.perf_counter() - started,
     }
-    (args.out / "digits_ce_vs_kd.json").write_text(json.dumps(res, indent=1) + "\n")
-    (args.out / "digits_ce_vs_kd.md").write_text(markdown(res))
-    print((args.out / "digits_ce_vs_kd.md").read_text())
-    print(f"wrote {args.out}/digits_ce_vs_kd.{{json,md}} in {res['elapsed_s']:.0f} s")
+    write_outputs(args.out, "digits_ce_vs_kd", res, markdown)
     return 0
 
 

@@ -419,7 +419,8 @@ class Engine:
                     logs[f"{name}/{key}"] = value if isinstance(value, float) else value.detach().float().mean()
             total = total + student_loss
         extra = self.hook.collab_distill_auxiliary_losses(
-            engine=self, batch=batch, records=records, teacher_records=teacher_records, weights=weights
+            engine=self, batch=batch, records=records, teacher_records=teacher_records, weights=weights,
+            phase=phase,
         )
         for group in extra:
             for key, value in (group or {}).items():

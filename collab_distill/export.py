@@ -62,7 +62,8 @@ def export_student(
     if torchscript or exported_program:
         model, example = _rebuild(state, student)
         model.load_state_dict(tensors)
-        model.eval()
+        # a multi-exit student deploys as its plain final-exit network (the exit heads are training-only)
+        model = getattr(model, "deploy_model", model).eval()
     if torchscript:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch 2.14 marks TorchScript deprecated

@@ -130,9 +130,14 @@ def collab_distill_auxiliary_losses(
     records: Mapping[str, Knowledge],
     teacher_records: Mapping[str, Knowledge],
     weights: Mapping[str, LossWeights],
+    phase: str,
 ) -> Mapping[str, Tensor] | None:
-    """Extra loss terms added to the cohort loss (feature or box-regression distillation).
+    """Extra loss terms added to the cohort loss (feature or box-regression distillation, the
+    early exits of a multi-exit student).
 
+    :param phase: ``"train"`` for the real step, ``"lookahead"`` inside the bilevel step; a term
+        built by a meta module keeps its graph only in the lookahead (the real step must leave
+        no gradient on it).
     :return: ``{term name: scalar tensor}``. Terms are logged under their names and summed.
     """
 

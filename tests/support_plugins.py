@@ -67,6 +67,9 @@ class WeightChecksums(Plugin):
 
         sums = {name: digest(_unwrap(m)) for name, m in engine.students.items()}
         sums.update({f"meta:{name}": digest(m) for name, m in engine.meta_modules.items()})
+        plugin_state: dict[str, Any] = {}  # e.g. KDCL-General's ensemble weights, computed per rank
+        engine.hook.collab_distill_save_state(engine=engine, state=plugin_state)
+        sums["plugins"] = json.dumps(plugin_state, default=str, sort_keys=True)
         sums["world_size"] = engine.fabric.world_size
         path = engine.run_dir / f"checksums_rank{engine.fabric.global_rank}.json"
         path.write_text(json.dumps(sums))

@@ -80,7 +80,9 @@ def test_imagefolder_example(tmp_path, cli_env):
     assert set(results["students"]) == {"mobilenet", "s"}
 
 
-TEACHERLESS = ["dml", "kdcl_naive", "kdcl_linear", "kdcl_minlogit", "kdcl_general"]
+#: self-boosting of multi-exit students (teacherless too)
+SELF_BOOSTING = ["dsn", "sd", "metadistiller"]
+TEACHERLESS = ["dml", "kdcl_naive", "kdcl_linear", "kdcl_minlogit", "kdcl_general", *SELF_BOOSTING]
 
 
 @pytest.mark.parametrize("method", ["ce", "kd", "mc_distil", "mc_distil_nops", "meta_distil", "rmc", *TEACHERLESS])
@@ -93,6 +95,28 @@ def test_method_files_compose_with_digits(tmp_path, cli_env, method):
     # online methods drop the digits config's teacher: it is neither trained nor loaded
     assert (results["teachers"] == {}) == (method in TEACHERLESS)
     assert (tmp_path / method / "version_0" / "teachers").exists() == (method not in TEACHERLESS)
+    if method in SELF_BOOSTING:
+        # digits.yaml's three sizes, each a multi-exit net, scored exit by exit and as an ensemble
+        assert {n: s["model"] for n, s in results["students"].items()} == {n: f"MultiExit(ResNet({n}))" for n in ("xxs", "xs", "s")}
+        for student in results["students"].values():
+            for weights in ("last", "best_on_val"):
+                metrics = student[weights]
+                assert {"test_top1", "test_ensemble_top1", "test_ensemble_top5", "test_exit1_top1", "test_exit4_top1"} <= set(metrics)
+                assert metrics["test_exit4_top1"] == metrics["test_top1"]  # the last exit is the deployed model
+        # only MetaDistiller has a meta module, trained from the first step (epoch 1 is a meta epoch)
+        state = torch.load(tmp_path / method / "version_0" / "checkpoints" / "last.ckpt", weights_only=False)
+        assert set(state["meta_modules"]) == ({"label_generator"} if method == "metadistiller" else set())
+        logs = (tmp_path / method / "version_0" / "logs" / "csv" / "metrics.csv").read_text()
+        assert ("train/meta/loss" in logs) == (method == "metadistiller")
+    if method == "dsn":
+        # a multi-exit student deploys as its plain network: the exported program returns logits only
+        run_cli(["export", "--ckpt_path", str(tmp_path / method / "version_0" / "checkpoints" / "last.ckpt"),
+                 "--student", "xs", "--output", str(tmp_path / "export")], cli_env)
+        program = torch.export.load(str(tmp_path / "export" / "xs-last.pt2"))
+        out = program.module()(torch.zeros(2, 1, 8, 8))
+        assert isinstance(out, torch.Tensor) and out.shape == (2, 10)
+        scripted = torch.jit.load(str(tmp_path / "export" / "xs-last.torchscript.pt"))
+        assert torch.allclose(scripted(torch.zeros(2, 1, 8, 8)), out, atol=1e-5)
 
 
 def test_kdcl_views_give_each_student_its_own_augmentation_and_general_refreshes_its_weights(tmp_path, cli_env):

@@ -1,4 +1,5 @@
-"""Image classification: data sets, the ResNet10 family and torchvision models, the task adapter."""
+"""Image classification: data sets, the ResNet10 family and torchvision models, multi-exit
+wrappers, the task adapter."""
 
 from collab_distill.tasks.classification.data import (
     CIFAR10,
@@ -9,6 +10,7 @@ from collab_distill.tasks.classification.data import (
     TinyImageNet,
 )
 from collab_distill.tasks.classification.models import ResNet, ResNetCifar, TorchvisionModel
+from collab_distill.tasks.classification.multi_exit import MultiExit, MultiExitNet, MultiExitOutput
 from collab_distill.tasks.classification.task import ImageClassification, TopKEvaluator
 
 __all__ = [
@@ -21,6 +23,9 @@ __all__ = [
     "ResNet",
     "ResNetCifar",
     "TorchvisionModel",
+    "MultiExit",
+    "MultiExitNet",
+    "MultiExitOutput",
     "ImageClassification",
     "TopKEvaluator",
 ]

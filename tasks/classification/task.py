@@ -28,6 +28,19 @@ def _logits(output: Any) -> Tensor:
     raise TypeError(f"a classifier returned {type(output).__name__}; expected a logits tensor")
 
 
+def _exit_features(output: Any) -> dict[str, Tensor]:
+    """A multi-exit classifier's exits and stage maps as record features, for self-boosting rules:
+    ``exit_logits`` ``[E, B, K]`` (shallow to deep, the last is the final exit) and ``stage_<k>``
+    (k = 1..K); empty for a plain classifier."""
+    exits = getattr(output, "exits", None)
+    if exits is None:
+        return {}
+    features = {"exit_logits": torch.stack(tuple(exits))}
+    for k, stage in enumerate(getattr(output, "features", ()), start=1):
+        features[f"stage_{k}"] = stage
+    return features
+
+
 class ImageClassification(Task):
     """Students and teachers are image classifiers; a unit is an image.
 
@@ -76,14 +89,19 @@ class ImageClassification(Task):
         return x
 
     def knowledge(self, model: nn.Module, batch: Any, *, view: int = 0, context: Any = None) -> Knowledge:
-        logits = _logits(model(self._inputs(batch, view)))
-        return Knowledge.for_images(logits, batch["targets"])
+        output = model(self._inputs(batch, view))
+        return Knowledge.for_images(_logits(output), batch["targets"], **_exit_features(output))
 
     def images(self, batch: Any) -> Tensor:
         return self._inputs(batch, 0)
 
-    def predict(self, model: nn.Module, batch: Any) -> Tensor:
-        return _logits(model(self._inputs(batch, 0)))
+    def predict(self, model: nn.Module, batch: Any) -> Any:
+        """Logits; for a multi-exit model its output without the stage maps, so the evaluator
+        also scores every exit and their ensemble in the same pass."""
+        output = model(self._inputs(batch, 0))
+        if getattr(output, "exits", None) is not None and hasattr(output, "_replace"):
+            return output._replace(features=())
+        return _logits(output)
 
     def evaluator(self, fabric: Any) -> Evaluator:
         return TopKEvaluator(fabric, self.topk)
@@ -97,6 +115,11 @@ class TopKEvaluator(Evaluator):
 
     Samples are keyed by their data-set index so the padding a distributed sampler adds to even
     out ranks is counted once.
+
+    For outputs with ``exits`` (a multi-exit classifier) ``top<k>``/``loss`` stay those of the
+    final exit (the deployed model, and the selection metric); added are ``exit<e>_top1`` of
+    every exit ``e = 1..E`` and ``ensemble_top<k>`` of the mean of the exits' softmax
+    probabilities (the self-distillation papers' "ensemble output").
     """
 
     def __init__(self, fabric: Any, topk: Sequence[int] = (1, 5)) -> None:
@@ -105,17 +128,29 @@ class TopKEvaluator(Evaluator):
         self._index: list[Tensor] = []
         self._correct: list[Tensor] = []
         self._loss: list[Tensor] = []
+        self._exit_correct: list[Tensor] = []  # [B, E + len(topk)]: each exit's top-1, then the ensemble's top-k
+        self._num_exits = 0
 
-    def update(self, outputs: Tensor, batch: Any) -> None:
-        targets = batch["targets"]
-        logits = outputs.float()
+    def _hits(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """``[B, len(topk)]`` whether the target is in each top-k."""
         k_max = min(max(self.topk), logits.shape[-1])
-        top = logits.topk(k_max, dim=-1).indices
-        hits = top.eq(targets[:, None])
-        correct = torch.stack([hits[:, : min(k, k_max)].any(dim=1) for k in self.topk], dim=1)
+        hits = logits.topk(k_max, dim=-1).indices.eq(targets[:, None])
+        return torch.stack([hits[:, : min(k, k_max)].any(dim=1) for k in self.topk], dim=1)
+
+    def update(self, outputs: Any, batch: Any) -> None:
+        targets = batch["targets"]
+        logits = _logits(outputs).float()
         self._index.append(batch["index"].detach())
-        self._correct.append(correct.detach())
+        self._correct.append(self._hits(logits, targets).detach())
         self._loss.append(torch.nn.functional.cross_entropy(logits, targets, reduction="none").detach())
+        exits = getattr(outputs, "exits", None)
+        if exits is not None:
+            stacked = torch.stack([e.float() for e in exits])  # [E, B, K]
+            k_max = min(max(self.topk), stacked.shape[-1])  # as _hits, so the last exit's top-1 is top1 exactly
+            per_exit = stacked.topk(k_max, dim=-1).indices[..., 0].eq(targets[None, :])  # [E, B]
+            ensemble = self._hits(stacked.softmax(dim=-1).mean(dim=0), targets)
+            self._exit_correct.append(torch.cat([per_exit.t(), ensemble], dim=1).detach())
+            self._num_exits = stacked.shape[0]
 
     def compute(self) -> dict[str, float]:
         if not self._index:
@@ -123,6 +158,8 @@ class TopKEvaluator(Evaluator):
         index = torch.cat(self._index)
         correct = torch.cat(self._correct).double()
         loss = torch.cat(self._loss)
+        with_exits = len(self._exit_correct) == len(self._index)
+        exit_correct = torch.cat(self._exit_correct).double() if with_exits else None
         if self.fabric is not None and self.fabric.world_size > 1:
             with warnings.catch_warnings():  # Fabric's all_gather uses a deprecated torch helper
                 warnings.simplefilter("ignore", FutureWarning)
@@ -131,6 +168,8 @@ class TopKEvaluator(Evaluator):
                 index = self.fabric.all_gather(index).flatten(0, 1)
                 correct = self.fabric.all_gather(correct).flatten(0, 1)
                 loss = self.fabric.all_gather(loss).flatten(0, 1)
+                if exit_correct is not None:
+                    exit_correct = self.fabric.all_gather(exit_correct).flatten(0, 1)
         order = torch.argsort(index, stable=True)
         index, correct, loss = index[order], correct[order], loss[order]
         keep = torch.ones_like(index, dtype=torch.bool)
@@ -138,4 +177,10 @@ class TopKEvaluator(Evaluator):
         correct, loss = correct[keep], loss[keep]
         out = {f"top{k}": 100.0 * float(correct[:, i].mean()) for i, k in enumerate(self.topk)}
         out["loss"] = float(loss.double().mean())
+        if exit_correct is not None:
+            exit_correct = exit_correct[order][keep]
+            for e in range(self._num_exits):
+                out[f"exit{e + 1}_top1"] = 100.0 * float(exit_correct[:, e].mean())
+            for i, k in enumerate(self.topk):
+                out[f"ensemble_top{k}"] = 100.0 * float(exit_correct[:, self._num_exits + i].mean())
         return out

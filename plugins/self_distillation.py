@@ -1,0 +1,147 @@
+"""Self-boosting of multi-exit students: every early exit learns from the labels and from a soft
+target, with no teacher (MetaDistiller's eq. 3-4).
+
+For a student with exits ``S_1 .. S_K`` (``S_K`` the final one, see
+:class:`~collab_distill.tasks.classification.MultiExit`), each early exit ``k < K`` adds::
+
+    alpha * CE(y, S_k) + (1 - alpha) * tau^2 * KL(T_k || S_k)        (CE alone when T_k is None)
+
+averaged over the batch and summed over exits, logged as the ``<student>/exits`` term. The final
+exit's CE is the record's supervised loss, which the engine already weighs with alpha (1 with
+``FixedLossWeights(alpha=1, beta=0, gamma=0)`` or the defaults), giving eq. 3.
+
+* :class:`DeepSupervision` (DSN, Lee et al. 2015; the papers' "hard only"): labels on every exit.
+* :class:`SelfDistillation` (SD, Zhang et al. 2019 "Be Your Own Teacher", its logit part): the
+  final exit's distribution, detached, is every early exit's target.
+* :class:`~collab_distill.plugins.metadistiller.MetaDistiller`: a meta-learned top-down label
+  generator produces ``T_k``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from collab_distill.hookspecs import hookimpl
+from collab_distill.plugin_manager import Plugin
+from collab_distill.records import Knowledge, SoftTarget
+from collab_distill.task import ConfigError
+
+__all__ = ["ExitSupervision", "DeepSupervision", "SelfDistillation", "exit_loss"]
+
+#: the record feature holding a multi-exit student's ``[E, U, K]`` exit logits
+EXIT_LOGITS = "exit_logits"
+
+
+def exit_loss(
+    record: Knowledge, targets: list[Optional[SoftTarget]], alpha: float, temperature: float
+) -> Tensor:
+    """Eq. 4 summed over the early exits of one record: ``sum_k mean_i L_k``.
+
+    ``targets[k]`` is exit ``k``'s soft target, or ``None`` for the labels alone (weight 1).
+    """
+    exits = record.features[EXIT_LOGITS]
+    if len(targets) != exits.shape[0] - 1:
+        raise ValueError(f"{len(targets)} exit targets for {exits.shape[0] - 1} early exits")
+    labels = record.unit_labels
+    total = exits.new_zeros((), dtype=torch.float32)
+    for logits, target in zip(exits[:-1], targets):
+        ce = F.cross_entropy(logits.float(), labels, reduction="none", ignore_index=-1)
+        if target is None:
+            per_unit = ce
+        else:
+            kl = target.kl_per_unit(logits, temperature)
+            per_unit = alpha * ce + (1.0 - alpha) * temperature * temperature * kl
+        total = total + record.per_image(per_unit).mean()
+    return total
+
+
+def is_multi_exit(model: Any) -> bool:
+    """Whether a (possibly Fabric-wrapped) model declares several exits."""
+    return int(getattr(getattr(model, "module", model), "num_exits", 0)) >= 2
+
+
+class ExitSupervision(Plugin):
+    """Base of the self-boosting rules: supervises every early exit of every multi-exit student.
+
+    Subclasses say what each early exit distils from (:meth:`exit_targets`).
+
+    Args:
+        alpha: weight of the labels' CE on an early exit; ``1 - alpha`` weighs the KL term
+            (MetaDistiller and SD: 0.5).
+        temperature: tau of the exits' KL term (MetaDistiller: 1); ``None``: ``trainer.temperature``.
+    """
+
+    def __init__(self, alpha: float = 0.5, temperature: Optional[float] = None) -> None:
+        name = type(self).__name__
+        if not 0.0 <= alpha <= 1.0:
+            raise ConfigError(f"{name}.alpha={alpha} must be in [0, 1]: it mixes the exits' CE (alpha) and KL (1 - alpha)")
+        if temperature is not None and not temperature > 0:
+            raise ConfigError(f"{name}.temperature={temperature} must be > 0, or null for trainer.temperature")
+        self.alpha = alpha
+        self.temperature = temperature
+
+    def tau(self, engine: Any) -> float:
+        return float(self.temperature if self.temperature is not None else engine.trainer.temperature)
+
+    def exit_targets(self, engine: Any, name: str, record: Knowledge, phase: str) -> list[Optional[SoftTarget]]:
+        """One soft target per early exit of student ``name`` (``None``: labels only); ``phase``
+        is the cohort loss's (``train`` or ``lookahead``)."""
+        raise NotImplementedError
+
+    @hookimpl
+    def collab_distill_configure(self, engine: Any) -> None:
+        plain = [n for n, m in engine.students.items() if not is_multi_exit(m)]
+        if plain:
+            described = ", ".join(f"{n} ({engine.cohort.students[n].describe()})" for n in plain)
+            raise ConfigError(
+                f"{type(self).__name__} needs multi-exit students: wrap them in MultiExit, e.g. "
+                "`cohort.students.<name>: {class_path: collab_distill.tasks.classification.MultiExit, "
+                f"init_args: {{backbone: <the model>}}}}`; not multi-exit: {described}"
+            )
+
+    @hookimpl
+    def collab_distill_auxiliary_losses(
+        self, engine: Any, records: Mapping[str, Knowledge], phase: str = "train"
+    ) -> dict[str, Tensor]:
+        tau = self.tau(engine)
+        out = {}
+        for name, record in records.items():
+            exits = record.features.get(EXIT_LOGITS)
+            if exits is None or exits.shape[0] < 2:
+                continue
+            if engine.warming_up(name):  # the warm-up is labels only, on every exit
+                targets: list[Optional[SoftTarget]] = [None] * (exits.shape[0] - 1)
+            else:
+                targets = self.exit_targets(engine, name, record, phase)
+            out[f"{name}/exits"] = exit_loss(record, targets, self.alpha, tau)
+        return out
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(alpha={self.alpha}, temperature={self.temperature})"
+
+
+class DeepSupervision(ExitSupervision):
+    """DSN: every early exit learns from the labels only (CE with weight 1)."""
+
+    def __init__(self) -> None:
+        super().__init__(alpha=1.0)
+
+    def exit_targets(self, engine: Any, name: str, record: Knowledge, phase: str) -> list[Optional[SoftTarget]]:
+        return [None] * (record.features[EXIT_LOGITS].shape[0] - 1)
+
+    def __repr__(self) -> str:
+        return "DeepSupervision()"
+
+
+class SelfDistillation(ExitSupervision):
+    """SD (Zhang et al. 2019, logit part): every early exit distils the final exit's
+    distribution at tau, detached (the deepest classifier teaches the shallow ones)."""
+
+    def exit_targets(self, engine: Any, name: str, record: Knowledge, phase: str) -> list[Optional[SoftTarget]]:
+        exits = record.features[EXIT_LOGITS]
+        target = SoftTarget.from_logits(exits[-1], self.tau(engine))
+        return [target] * (exits.shape[0] - 1)
