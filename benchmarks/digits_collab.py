@@ -226,13 +226,14 @@ def markdown(res: dict[str, Any]) -> str:
     lines += ["", f"Caveats: {n} seeds and one fixed {res['test_size']}-image test split; {len(res['methods'])} methods × "
               f"{len(STUDENTS)} students without multiple-comparison correction; every method file is used as written "
               "(hyper-parameters from the papers, nothing tuned on digits' test split). Timings come from one shared "
-              "2-core machine, one thread per run, runs sequential.", ""]
+              "2-core machine, one thread per run, runs sequential." + (f" {s['note']}" if s.get("note") else ""), ""]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     p = run_arguments(__doc__.split("\n\n")[0], "digits_collab", [0, 1, 2])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help="a subset (ce is always run)")
+    p.add_argument("--note", default="", help="a remark on the measurement, printed under the tables")
     args = p.parse_args(argv)
     args.runs_dir = args.runs_dir.resolve()
     if prepare_output(p, args, "digits_collab", markdown):
@@ -256,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     res = {
         "environment": {"platform": platform.platform(), "python": sys.version.split()[0], "cpu_count": os.cpu_count()},
         "settings": {"seeds": seeds, "student_epochs": first["epochs"], "threads": args.threads,
-                     "teacher_epochs": args.teacher_epochs or 15, "config": str(CONFIG.relative_to(REPO)),
+                     "teacher_epochs": args.teacher_epochs or 15, "config": str(CONFIG.relative_to(REPO)), "note": args.note,
                      "method_files": {n: [f"examples/methods/{m.file}.yaml"] + (["examples/methods/kdcl_views.yaml"] if m.views else [])
                                       for n, m in methods.items()}},
         "methods": list(methods),

@@ -217,7 +217,7 @@ CASES = [
      ["plugins[0]: FixedLossWeights.per_student.s", "each >= 0"]),
     ("unknown_disabled_plugin",
      ["--disable_plugins", "[defualts]"],
-     ["--disable_plugins", "'defualts'", "installed: ['defaults'"]),
+     ["--disable_plugins", "'defualts'", "installed: [", "'defaults'"]),
 ]
 
 
