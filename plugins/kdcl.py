@@ -69,49 +69,48 @@ def minlogit_logits(logits: Tensor, labels: Tensor) -> Tensor:
 
 
 def project_to_simplex(v: Tensor) -> Tensor:
-    """The Euclidean projection of ``v`` ``[m]`` onto ``{w >= 0, sum w = 1}`` (sort-based)."""
-    u, _ = torch.sort(v, descending=True)
-    css = u.cumsum(0) - 1
-    k = torch.arange(1, v.numel() + 1, device=v.device, dtype=v.dtype)
-    rho = int((u - css / k > 0).nonzero().max())
-    theta = css[rho] / (rho + 1)
+    """The Euclidean projection of ``v`` ``[..., m]`` onto ``{w >= 0, sum w = 1}`` along the last
+    dimension (sort-based; no host synchronisation)."""
+    u, _ = torch.sort(v, dim=-1, descending=True)
+    css = u.cumsum(-1) - 1
+    k = torch.arange(1, v.shape[-1] + 1, device=v.device, dtype=v.dtype)
+    rho = (u - css / k > 0).sum(-1, keepdim=True) - 1  # the condition holds on a prefix
+    theta = css.gather(-1, rho) / (rho + 1).to(v.dtype)
     return (v - theta).clamp_min(0)
 
 
-def _combined_ce(weights: Tensor, logits: Tensor, labels: Tensor) -> Tensor:
-    return F.cross_entropy(torch.einsum("s,suk->uk", weights, logits), labels)
+#: the line search's trial distances (in weight space) along the projected negative gradient
+_TRIAL_STEPS = 2.0 ** torch.arange(1.0, -15.0, -1.0)
+
+
+def _mean_ce(weights: Tensor, logits: Tensor, onehot: Tensor, mask: Tensor) -> Tensor:
+    """Mean CE over the labelled units of ``sum_s w_s z_s`` for ``[J, S]`` weights at once, ``[J]``."""
+    log_p = F.log_softmax(torch.einsum("js,suk->juk", weights, logits), dim=-1)
+    return -(log_p * onehot).sum(-1).mul(mask).sum(-1) / mask.sum().clamp_min(1)
 
 
 def linear_weights(logits: Tensor, labels: Tensor, iterations: int = 30) -> Tensor:
     """Eq. 5: ``argmin_{w in simplex} CE(sum_i w_i z_i, y)`` over the batch, ``[S]``.
 
-    The problem is convex in ``w``. Projected gradient descent with a backtracking line search,
-    started at the best single student (a vertex of the simplex) and accepting only steps that
-    lower the loss, so the result is never worse than any one student's cross-entropy.
+    The problem is convex in ``w``. Projected gradient descent started at the best single
+    student (a vertex of the simplex); each iteration tries 16 step lengths along the projected
+    negative gradient at once and keeps the best point, the current one included, so the loss
+    never rises and the result is never worse than any one student. Everything stays on the
+    device: no host synchronisation in the training step.
     """
     logits = logits.detach().float()
-    keep = labels >= 0
-    logits, labels = logits[:, keep], labels[keep]
     num_students = logits.shape[0]
-    if labels.numel() == 0 or num_students == 1:
-        return torch.full((num_students,), 1.0 / num_students, device=logits.device)
-    single = torch.stack([F.cross_entropy(z, labels) for z in logits])
-    w = F.one_hot(single.argmin(), num_students).to(logits.dtype)
-    loss, step = single.min(), 1.0
+    mask = (labels >= 0).to(logits.dtype)
+    onehot = F.one_hot(labels.clamp_min(0), logits.shape[-1]).to(logits.dtype)
+    vertices = torch.eye(num_students, device=logits.device)
+    w = vertices[_mean_ce(vertices, logits, onehot, mask).argmin()]
+    steps = _TRIAL_STEPS.to(logits.device)[:, None]
     for _ in range(iterations):
-        w_var = w.clone().requires_grad_(True)
-        (grad,) = torch.autograd.grad(_combined_ce(w_var, logits, labels), w_var)
-        improved = False
-        while step > 1e-6:
-            candidate = project_to_simplex(w - step * grad)
-            new = _combined_ce(candidate, logits, labels)
-            if new < loss - 1e-7:
-                w, loss, improved = candidate, new, True
-                step *= 2.0  # let the next step try a longer one
-                break
-            step *= 0.5
-        if not improved:
-            break  # no descent direction left at this precision: (near) optimal
+        probs = F.softmax(torch.einsum("s,suk->uk", w, logits), dim=-1)
+        grad = torch.einsum("uk,suk->s", (probs - onehot) * mask[:, None], logits) / mask.sum().clamp_min(1)
+        direction = grad / grad.norm().clamp_min(1e-12)
+        candidates = torch.cat([w[None], project_to_simplex(w[None] - steps * direction[None])])
+        w = candidates[_mean_ce(candidates, logits, onehot, mask).argmin()]
     return w
 
 
@@ -209,9 +208,9 @@ class KDCL(Plugin):
                 self.last_linear_weights = dict(zip(names, w.tolist()))
                 fused = torch.einsum("s,suk->uk", w, logits)
             target = SoftTarget.from_logits(fused, temperature)
-            if (labels < 0).any() and self.variant != "linear":
-                # naive/minlogit need the true class; units without one (detection background
-                # without a match) get no consensus term rather than an arbitrary target
+            if not records[names[0]].units_are_images and self.variant != "linear":
+                # naive/minlogit need the true class; units without one (detection regions
+                # matching no object) get no consensus term rather than an arbitrary target
                 target.weight = (labels >= 0).to(logits.dtype)
         return {name: target for name in names}
 
