@@ -8,13 +8,13 @@ to) is in the record, so rules never need to know which task produced it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["Knowledge", "SoftTarget", "LossWeights", "per_image_mean"]
+__all__ = ["Knowledge", "SoftTarget", "TargetSet", "LossWeights", "per_image_mean"]
 
 
 @dataclass
@@ -114,6 +114,30 @@ class SoftTarget:
         if self.weight is not None:
             kl = kl * self.weight
         return kl
+
+
+class TargetSet(SoftTarget):
+    """Several distributions a student learns from at once (DML's peers, DGKD's guides): its KL
+    term is the mean (or sum) of one KL per distribution, not the KL to their mean.
+
+    ``probs`` holds the distributions' mean, for logging and for rules that read it.
+    """
+
+    def __init__(self, members: list[Tensor], reduction: str = "mean") -> None:
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"TargetSet.reduction={reduction!r}: choose mean or sum")
+        super().__init__(probs=torch.stack(members).mean(dim=0))
+        self.members = members
+        self.reduction = reduction
+
+    def kl_per_unit(self, student_logits: Tensor, temperature: float) -> Tensor:
+        kls = torch.stack([SoftTarget(probs=p).kl_per_unit(student_logits, temperature) for p in self.members])
+        return kls.sum(dim=0) if self.reduction == "sum" else kls.mean(dim=0)
+
+
+def mean_of_teachers(teacher_records: Mapping[str, Knowledge], temperature: float) -> Tensor:
+    """The mean over teachers of ``softmax(logits / tau)`` (the default distillation target)."""
+    return torch.stack([SoftTarget.from_logits(t.logits, temperature).probs for t in teacher_records.values()]).mean(dim=0)
 
 
 @dataclass

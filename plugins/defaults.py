@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from collab_distill.hookspecs import hookimpl
-from collab_distill.records import Knowledge, LossWeights, SoftTarget
+from collab_distill.records import Knowledge, LossWeights, SoftTarget, mean_of_teachers
 
 
 @hookimpl(trylast=True)
@@ -33,8 +33,7 @@ def collab_distill_soft_targets(
 ) -> dict[str, SoftTarget] | None:
     if not teacher_records:
         return None
-    probs = torch.stack([SoftTarget.from_logits(t.logits, temperature).probs for t in teacher_records.values()]).mean(0)
-    target = SoftTarget(probs=probs)
+    target = SoftTarget(probs=mean_of_teachers(teacher_records, temperature))
     return {name: target for name in records}
 
 

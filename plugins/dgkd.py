@@ -22,10 +22,10 @@ import torch
 
 from collab_distill.hookspecs import hookimpl
 from collab_distill.plugin_manager import Plugin
-from collab_distill.records import Knowledge, SoftTarget
+from collab_distill.records import Knowledge, SoftTarget, TargetSet
 from collab_distill.task import ConfigError
 
-__all__ = ["DGKD", "GuidesTarget", "kept_guides"]
+__all__ = ["DGKD", "kept_guides"]
 
 
 def kept_guides(names: list[str], drop_rate: float, seed: int, step: int) -> list[str]:
@@ -37,22 +37,6 @@ def kept_guides(names: list[str], drop_rate: float, seed: int, step: int) -> lis
     if not keep.any():
         keep[int(torch.randint(len(names), (1,), generator=generator))] = True
     return [n for n, k in zip(names, keep.tolist()) if k]
-
-
-class GuidesTarget(SoftTarget):
-    """Several guides' distributions; the KL term is their mean (or sum) over guides.
-
-    ``probs`` holds the guides' mean distribution, for logging and for rules that read it.
-    """
-
-    def __init__(self, guides: list[torch.Tensor], reduction: str = "mean") -> None:
-        super().__init__(probs=torch.stack(guides).mean(dim=0))
-        self.guides = guides
-        self.reduction = reduction
-
-    def kl_per_unit(self, student_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-        kls = torch.stack([SoftTarget(probs=p).kl_per_unit(student_logits, temperature) for p in self.guides])
-        return kls.sum(dim=0) if self.reduction == "sum" else kls.mean(dim=0)
 
 
 class DGKD(Plugin):
@@ -88,5 +72,5 @@ class DGKD(Plugin):
         names = list(teacher_records)
         self.last_kept = kept_guides(names, self.drop_rate, engine.seed, engine.global_step)
         guides = [SoftTarget.from_logits(teacher_records[n].logits, temperature).probs for n in self.last_kept]
-        target = GuidesTarget(guides, self.reduction)
+        target = TargetSet(guides, self.reduction)
         return {name: target for name in records}

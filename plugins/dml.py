@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from collab_distill.hookspecs import hookimpl
 from collab_distill.plugin_manager import Plugin
-from collab_distill.records import Knowledge, SoftTarget
+from collab_distill.records import Knowledge, SoftTarget, TargetSet
 from collab_distill.task import ConfigError
 
 __all__ = ["DML", "peer_mean_targets"]
@@ -53,17 +53,5 @@ class DML(Plugin):
     def collab_distill_consensus_targets(self, records: Mapping[str, Knowledge], temperature: float) -> dict[str, SoftTarget]:
         if not self.per_peer:
             return peer_mean_targets(records, temperature)
-        return {name: _PairwiseTarget([F.softmax(r.logits.detach().float() / temperature, dim=-1)
-                                       for other, r in records.items() if other != name])
-                for name in records}
-
-
-class _PairwiseTarget(SoftTarget):
-    """The mean of one KL per peer (``SoftTarget``'s probs hold the peers' mean for display)."""
-
-    def __init__(self, peers: list[torch.Tensor]) -> None:
-        super().__init__(probs=torch.stack(peers).mean(dim=0))
-        self.peers = peers
-
-    def kl_per_unit(self, student_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-        return torch.stack([SoftTarget(probs=p).kl_per_unit(student_logits, temperature) for p in self.peers]).mean(dim=0)
+        probs = {name: F.softmax(r.logits.detach().float() / temperature, dim=-1) for name, r in records.items()}
+        return {name: TargetSet([p for other, p in probs.items() if other != name]) for name in records}

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from collab_distill.hookspecs import hookimpl
 from collab_distill.plugin_manager import Plugin
-from collab_distill.records import Knowledge, SoftTarget
+from collab_distill.records import Knowledge, SoftTarget, mean_of_teachers
 from collab_distill.task import ConfigError
 
 __all__ = ["RMC", "disagreement", "temper"]
@@ -77,9 +77,7 @@ class RMC(Plugin):
         self, records: Mapping[str, Knowledge], teacher_records: Mapping[str, Knowledge], temperature: float
     ) -> dict[str, SoftTarget]:
         first = next(iter(records.values()))
-        teacher = torch.stack(
-            [SoftTarget.from_logits(t.logits, temperature).probs for t in teacher_records.values()]
-        ).mean(dim=0)
+        teacher = mean_of_teachers(teacher_records, temperature)
         u = disagreement(torch.stack([r.logits for r in records.values()]), first.unit_labels, self.strength)
         self.last_disagreement = u
         target = SoftTarget(probs=temper(teacher, u))

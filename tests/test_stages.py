@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from collab_distill.config import Cohort, Teacher
-from collab_distill.plugins.dgkd import DGKD, GuidesTarget, kept_guides
-from collab_distill.records import Knowledge
+from collab_distill.plugins.dgkd import DGKD, kept_guides
+from collab_distill.records import Knowledge, TargetSet
 from collab_distill.stages import Stage, check_stages
 from collab_distill.task import ConfigError
 from collab_distill.tasks.classification import ResNet
@@ -63,11 +63,11 @@ def test_dgkd_target_is_the_mean_of_the_kept_guides_kls():
         engine=engine, records={"s": Knowledge.for_images(student, labels)},
         teacher_records={n: Knowledge.for_images(z, labels) for n, z in guides.items()}, temperature=2.0,
     )["s"]
-    assert isinstance(target, GuidesTarget) and plugin.last_kept == ["t", "a"]
+    assert isinstance(target, TargetSet) and plugin.last_kept == ["t", "a"]
     log_q = F.log_softmax(student / 2, -1)
     kls = [F.kl_div(log_q, F.softmax(z / 2, -1), reduction="none").sum(-1) for z in guides.values()]
     assert torch.allclose(target.kl_per_unit(student, 2.0), (kls[0] + kls[1]) / 2, atol=1e-6)
-    assert torch.allclose(GuidesTarget(target.guides, "sum").kl_per_unit(student, 2.0), kls[0] + kls[1], atol=1e-6)
+    assert torch.allclose(TargetSet(target.members, "sum").kl_per_unit(student, 2.0), kls[0] + kls[1], atol=1e-6)
 
 
 @pytest.mark.slow
