@@ -173,8 +173,6 @@ class KDCL(Plugin):
         self.measure_batch_size = measure_batch_size
         #: ``general``: the current ensemble weights per student (equal until the first epoch ends)
         self.weights: dict[str, float] = {}
-        #: ``linear``: the weights of the last training step (for logging and tests)
-        self.last_linear_weights: dict[str, float] = {}
 
     def __repr__(self) -> str:
         return f"KDCL(variant={self.variant!r})"
@@ -205,7 +203,6 @@ class KDCL(Plugin):
                 fused = minlogit_logits(logits, labels)
             else:
                 w = linear_weights(logits, labels, self.linear_iterations)
-                self.last_linear_weights = dict(zip(names, w.tolist()))
                 fused = torch.einsum("s,suk->uk", w, logits)
             target = SoftTarget.from_logits(fused, temperature)
             if not records[names[0]].units_are_images and self.variant != "linear":
