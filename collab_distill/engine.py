@@ -36,7 +36,7 @@ from collab_distill.checkpoint import (
 )
 from collab_distill.config import Cohort, TrainerConfig
 from collab_distill.data import SeededSampler
-from collab_distill.meta import BilevelConfig, MetaModule, hypergradient
+from collab_distill.meta import BilevelConfig, MetaModule, hypergradient, meta_summary
 from collab_distill.optim import Constant, OptimizerCallable, Schedule, sgd
 from collab_distill.plugin_manager import make_plugin_manager
 from collab_distill.records import Knowledge, LossWeights, SoftTarget
@@ -202,6 +202,8 @@ class Engine:
         self.global_step = 0
         self.batch_in_epoch = 0
         self.history: list[dict[str, Any]] = []
+        #: one ``{"step", "loss", "grad_norm"}`` per meta step: whether the meta modules learn
+        self.meta_history: list[dict[str, float]] = []
         self.best: dict[str, dict[str, Any]] = {}
         self.model_summary: dict[str, dict[str, Any]] = {}
         self._is_setup = False
@@ -547,16 +549,17 @@ class Engine:
         for p, g in zip(meta_params, grads):
             p.grad = g.detach()
         self._reduce_meta_grads(meta_params)
-        if self.meta_config.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(meta_params, self.meta_config.grad_clip)
+        # the norm before clipping tells users whether the meta objective reaches the modules at all
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(meta_params, self.meta_config.grad_clip or float("inf")))
         for optimizer in self.meta_optimizers.values():
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         self._sync_meta_buffers()
-        self.hook.collab_distill_meta_step_end(engine=self, step=self.global_step, meta_loss=value)
+        self.meta_history.append({"step": self.global_step, "loss": value, "grad_norm": grad_norm})
+        self.hook.collab_distill_meta_step_end(engine=self, step=self.global_step, meta_loss=value, grad_norm=grad_norm)
         # meta steps are rare: log each one at the step it belongs to, whatever log_every_n_steps is
-        self.fabric.log_dict({"train/meta/loss": value}, step=self.global_step + 1)
-        return {"meta/loss": torch.tensor(value)}
+        self.fabric.log_dict({"train/meta/loss": value, "train/meta/grad_norm": grad_norm}, step=self.global_step + 1)
+        return {"meta/loss": torch.tensor(value), "meta/grad_norm": torch.tensor(grad_norm)}
 
     def _reduce_meta_grads(self, params: list[nn.Parameter]) -> None:
         assert self.fabric is not None
@@ -730,6 +733,8 @@ class Engine:
             "teachers": {n: self.model_summary.get(n, {}) for n in self.teachers},
             "history": self.history,
         }
+        if self.has_meta:
+            results["meta"] = meta_summary(self.meta_history)
         if self.teachers:
             teacher_test = self.evaluate("test", self.teachers)
             for name, values in teacher_test.items():
@@ -854,6 +859,7 @@ class Engine:
             "loop": {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "global_step": self.global_step},
             "best": self.best,
             "history": self.history,
+            "meta_history": self.meta_history,
             "rng": rng_state(),
             "model_summary": self.model_summary,
             "task_info": None if self.info is None else {
@@ -899,6 +905,7 @@ class Engine:
         self.epoch, self.batch_in_epoch, self.global_step = loop["epoch"], loop["batch_in_epoch"], loop["global_step"]
         self.best = dict(state["best"])
         self.history = list(state["history"])
+        self.meta_history = list(state.get("meta_history", []))
         set_rng_state(state["rng"])
         self.hook.collab_distill_load_state(engine=self, state=state.get("plugins", {}))
         console.info(self.fabric, f"resumed from {state['_path']} at epoch {self.epoch}, step {self.global_step}")

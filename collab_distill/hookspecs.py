@@ -167,8 +167,13 @@ def collab_distill_train_step_end(engine: Engine, step: int, losses: Mapping[str
 
 
 @hookspec
-def collab_distill_meta_step_end(engine: Engine, step: int, meta_loss: float) -> None:
-    """A bilevel meta step finished."""
+def collab_distill_meta_step_end(engine: Engine, step: int, meta_loss: float, grad_norm: float) -> None:
+    """A bilevel meta step finished.
+
+    :param meta_loss: the meta objective after the lookahead.
+    :param grad_norm: the norm of the meta modules' gradient (before any ``meta.grad_clip``); a
+        norm that stays zero means the meta objective does not reach the modules.
+    """
 
 
 @hookspec

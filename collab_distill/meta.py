@@ -29,7 +29,7 @@ from typing import Callable, Iterable, Literal, Mapping
 import torch
 from torch import Tensor, nn
 
-__all__ = ["MetaModule", "BilevelConfig", "Params", "hypergradient", "lookahead"]
+__all__ = ["MetaModule", "BilevelConfig", "Params", "hypergradient", "lookahead", "meta_summary"]
 
 #: ``{student name: {parameter name: tensor}}``
 Params = dict[str, dict[str, Tensor]]
@@ -208,3 +208,25 @@ def hypergradient(
     plus, minus = grad_phi_at(+1.0), grad_phi_at(-1.0)
     hyper = [d - (gp - gm) / (2 * eps) for d, gp, gm in zip(direct, plus, minus)]
     return hyper, float(outer.detach())
+
+
+def meta_summary(history: list[dict[str, float]]) -> dict[str, float | int | None]:
+    """What a run's meta steps did, for ``results.json``: how many, the meta loss at the first
+    and last of them (and the mean of the first and last tenth, less noisy), and the
+    meta-gradient norm (median, and the share of steps where it was exactly zero: a meta module
+    the meta objective does not reach)."""
+    if not history:
+        return {"steps": 0, "loss_first": None, "loss_last": None, "grad_norm_median": None, "zero_grad_share": None}
+    losses = [h["loss"] for h in history]
+    norms = sorted(h["grad_norm"] for h in history)
+    tenth = max(1, len(history) // 10)
+    return {
+        "steps": len(history),
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+        "loss_first_tenth": sum(losses[:tenth]) / tenth,
+        "loss_last_tenth": sum(losses[-tenth:]) / tenth,
+        "grad_norm_median": norms[len(norms) // 2],
+        "grad_norm_max": norms[-1],
+        "zero_grad_share": sum(n == 0.0 for n in norms) / len(norms),
+    }

@@ -8,12 +8,23 @@ student's loss per image, and the PooledStudent consensus target (eq. 4).
 * :class:`PooledStudent` answers ``consensus_targets``: the true class takes the largest logit
   over the students, every other class the smallest (detached).
 
-Unlike the authors' release, the C-Net's head is trained, its outputs are bounded by a chosen
-activation, and gamma with PooledStudent is implemented.
+Unlike the authors' release, the C-Net's head is trained, gamma with PooledStudent is
+implemented, and by default the weights are *normalised*: relative weights around a starting mix
+(KD's) with a fixed batch-mean budget, so the meta step learns which images and terms matter
+instead of a larger loss scale, and an untrained C-Net is exactly the fixed-mix baseline.
+``normalize: none`` gives the unnormalised ``scale * activation`` form.
+
+At the end of a fit the C-Net is applied to the val split (and to a training split with label
+noise): ``plugins/cnet/summary.json`` holds each student's weight spread over the images (std
+and quantiles per term) and, with label noise, the AUC of alpha separating clean from flipped
+labels; a warning says when the weights stayed inert.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import warnings
 from pathlib import Path
 from typing import Any, Literal, Mapping, Optional
 
@@ -21,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from collab_distill import console
 from collab_distill.hookspecs import hookimpl
 from collab_distill.meta import MetaModule
 from collab_distill.plugin_manager import Plugin
@@ -30,38 +42,76 @@ from collab_distill.task import ConfigError, ModelFactory, TaskInfo
 __all__ = ["CNet", "CoordinatorNetwork", "PooledStudent", "pooled_student_logits"]
 
 Activation = Literal["sigmoid", "softplus", "softmax"]
+Normalize = Literal["batch", "none"]
+TERMS = ("alpha", "beta", "gamma")
+
+
+def _kd_mix(gamma: bool) -> tuple[float, float, float]:
+    """KD's mix of examples/digits.yaml (lambda = 0.7); with gamma on, 0.2 of beta's share goes
+    to the consensus term so that the three terms still sum to 1."""
+    return (0.3, 0.5, 0.2) if gamma else (0.3, 0.7, 0.0)
 
 
 class CoordinatorNetwork(nn.Module):
-    """``g_phi``: an image backbone, optionally the detached logits of the cohort, and a linear
-    head with 3 outputs (alpha, beta, gamma) per student it coordinates."""
+    """``g_phi``: per image, features (the image through ``backbone``, and/or detached per-image
+    signals of the cohort) and a head with 3 outputs (alpha, beta, gamma) per student.
+
+    ``normalize="batch"`` (the default) turns the head's outputs into *relative* weights: each
+    term's weight is its starting ``mix`` times a factor in ``(1/max_factor, max_factor)`` that is
+    exactly 1 while the head is zero (as it is at initialisation), and each student's weights are rescaled
+    so that their sum over the three terms has batch mean ``sum(mix)``. The network can shift
+    weight between images and between terms but cannot change the loss scale: a one-step
+    lookahead otherwise learns a larger step (every weight saturates), not a different mix.
+    A term whose ``mix`` is 0 stays 0. ``normalize="none"`` is the unnormalised form
+    ``scale * activation(head)``.
+    """
 
     def __init__(
         self,
-        backbone: nn.Module,
+        backbone: Optional[nn.Module],
         embedding_dim: int,
+        extra_inputs: int,
         num_students: int,
+        mix: tuple[float, float, float],
+        normalize: Normalize = "batch",
+        max_factor: float = 10.0,
+        hidden: int = 0,
         activation: Activation = "sigmoid",
         scale: float = 1.0,
-        logit_inputs: int = 0,
     ) -> None:
         super().__init__()
         self.backbone = backbone
         self.num_students = num_students
+        self.normalize = normalize
         self.activation = activation
         self.scale = scale
-        self.head = nn.Linear(embedding_dim + logit_inputs, 3 * num_students)
-        # start near the same weights for every image (0.5 * scale for sigmoid); small non-zero
-        # head weights so the backbone gets a meta-gradient from the first meta step on
-        nn.init.normal_(self.head.weight, std=1e-2)
-        nn.init.zeros_(self.head.bias)
+        self.max_factor = max_factor
+        width = (embedding_dim if backbone is not None else 0) + extra_inputs
+        layers: list[nn.Module] = [nn.Linear(width, hidden), nn.ReLU()] if hidden else []
+        last = nn.Linear(hidden or width, 3 * num_students)
+        self.head = nn.Sequential(*layers, last)
+        if normalize == "batch":
+            # a zero head gives every image exactly ``mix``: doing nothing is the fixed-mix baseline
+            nn.init.zeros_(last.weight)
+        else:
+            # start near the same weights for every image (0.5 * scale for sigmoid); small non-zero
+            # head weights so the backbone gets a meta-gradient from the first meta step on
+            nn.init.normal_(last.weight, std=1e-2)
+        nn.init.zeros_(last.bias)
+        self.register_buffer("mix", torch.tensor(mix, dtype=torch.float32).expand(num_students, 3).clone(), persistent=False)
 
-    def forward(self, images: Tensor, logits: Optional[Tensor] = None) -> Tensor:
+    def forward(self, images: Optional[Tensor], extras: Optional[Tensor] = None) -> Tensor:
         """``[B, S, 3]`` weights (alpha, beta, gamma) for ``S`` students."""
-        features = self.backbone(images)
-        if logits is not None:
-            features = torch.cat([features, logits], dim=1)
-        raw = self.head(features).view(-1, self.num_students, 3)
+        parts = ([self.backbone(images)] if self.backbone is not None else []) + ([extras] if extras is not None else [])
+        raw = self.head(torch.cat(parts, dim=1).float() if len(parts) > 1 else parts[0].float())
+        raw = raw.view(-1, self.num_students, 3)
+        if self.normalize == "batch":
+            # a factor in (1/max_factor, max_factor), exactly 1 at raw = 0 (so is the rescaling below:
+            # a zero head reproduces the fixed mix bit for bit)
+            factor = torch.exp(math.log(self.max_factor) * torch.tanh(raw))
+            budget = self.mix.sum(dim=-1)  # [S]
+            relative = (self.mix * factor).sum(dim=-1) / budget  # [B, S]
+            return self.mix * (factor / relative.mean(dim=0)[None, :, None])
         if self.activation == "sigmoid":
             return self.scale * torch.sigmoid(raw)
         if self.activation == "softplus":
@@ -76,68 +126,124 @@ class CNet(Plugin):
         backbone: any image classifier factory; it is built with ``embedding_dim`` outputs and
             used as the C-Net's feature extractor (default: ResNet10-s, a small ResNet as in the paper).
         embedding_dim: width of the backbone's output.
-        activation: ``sigmoid`` (each weight in (0, scale)), ``softplus`` (non-negative,
-            unbounded) or ``softmax`` (alpha + beta + gamma = scale for each student and image).
-        scale: multiplies the activation's output.
+        normalize: ``batch`` (default): relative weights around ``mix`` whose batch-mean sum is
+            fixed (see :class:`CoordinatorNetwork`); ``none``: ``scale * activation`` as in the
+            paper's text, whose scale the meta step learns as a step size.
+        mix: the starting ``(alpha, beta, gamma)`` of every image and the per-image budget
+            (``normalize: batch``); ``None``: KD's 0.3/0.7 (0.3/0.5/0.2 with gamma on).
+        max_factor: how far one term of one image can move from ``mix`` before the batch
+            rescaling (a factor in ``(1/max_factor, max_factor)``).
+        hidden: width of a hidden layer in the head (0: a linear head, as in the paper).
+        activation: with ``normalize: none``: ``sigmoid`` (each weight in (0, scale)),
+            ``softplus`` (non-negative, unbounded) or ``softmax`` (alpha + beta + gamma = scale).
+        scale: with ``normalize: none``, multiplies the activation's output.
+        use_image: feed the image through ``backbone`` (the paper's ``g_phi(x)``).
         use_logits: also feed the detached students' (and teachers') logits to the head.
+        use_label: also feed the one-hot label (one class per image tasks only).
+        use_losses: also feed every member's per-image supervised loss (``log1p``, detached), as
+            Meta-Weight-Net does: an extension beyond the paper, which lets the C-Net tell a
+            label the cohort disagrees with from a clean one (the image alone cannot, when
+            whether a label is wrong does not depend on the image).
         gamma: learn gamma; ``false`` fixes it at 0 (MC-Distil-NoPS).
         independent: one C-Net per student, each seeing only its own student (Meta-Distil).
         lr: Adam learning rate of the C-Net (paper: 1e-3).
         weight_decay: Adam weight decay of the C-Net (paper: 1e-4).
+        inert_threshold: at the end of a fit, warn when no student's weight of any term varies
+            over the val images by more than this fraction of its mean (std / mean).
     """
 
     def __init__(
         self,
         backbone: Optional[ModelFactory] = None,
         embedding_dim: int = 64,
+        normalize: Normalize = "batch",
+        mix: Optional[tuple[float, float, float]] = None,
+        max_factor: float = 10.0,
+        hidden: int = 0,
         activation: Activation = "sigmoid",
         scale: float = 1.0,
+        use_image: bool = True,
         use_logits: bool = False,
+        use_label: bool = False,
+        use_losses: bool = False,
         gamma: bool = True,
         independent: bool = False,
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
+        inert_threshold: float = 0.05,
     ) -> None:
-        if embedding_dim < 1 or scale <= 0 or lr <= 0 or weight_decay < 0:
-            raise ConfigError("CNet: embedding_dim >= 1, scale > 0, lr > 0 and weight_decay >= 0 are required")
+        if embedding_dim < 1 or scale <= 0 or lr <= 0 or weight_decay < 0 or hidden < 0 or inert_threshold < 0:
+            raise ConfigError("CNet: embedding_dim >= 1, scale > 0, lr > 0, weight_decay >= 0, hidden >= 0 "
+                              "and inert_threshold >= 0 are required")
         if activation not in ("sigmoid", "softplus", "softmax"):
             raise ConfigError(f"CNet.activation={activation!r}: use sigmoid, softplus or softmax")
-        if backbone is None:
+        if normalize not in ("batch", "none"):
+            raise ConfigError(f"CNet.normalize={normalize!r}: use batch (relative weights, fixed budget) or none")
+        if not max_factor > 1:
+            raise ConfigError(f"CNet.max_factor={max_factor} must be > 1 (1 would freeze every weight at mix)")
+        if not (use_image or use_logits or use_label or use_losses):
+            raise ConfigError("CNet: no input; set use_image (the paper's g_phi(x)) or one of use_logits, use_label, use_losses")
+        mix = tuple(float(m) for m in (mix if mix is not None else _kd_mix(gamma)))  # type: ignore[assignment]
+        if len(mix) != 3 or not all(m >= 0 for m in mix) or sum(mix) <= 0:
+            raise ConfigError(f"CNet.mix={list(mix)} must be [alpha, beta, gamma], each >= 0, not all 0")
+        if not gamma:
+            mix = (mix[0], mix[1], 0.0)
+        elif normalize == "batch" and mix[2] == 0:
+            raise ConfigError(
+                "CNet: gamma is on but mix gives it 0, and in the normalised form a term that starts at 0 "
+                "stays 0: give gamma a share (e.g. mix: [0.3, 0.5, 0.2]) or set gamma: false")
+        if backbone is None and use_image:
             from collab_distill.tasks.classification.models import ResNet
 
             backbone = ResNet("s")
-        self.backbone = backbone
+        self.backbone = backbone if use_image else None
         self.embedding_dim = embedding_dim
+        self.normalize = normalize
+        self.mix = mix
+        self.max_factor = max_factor
+        self.hidden = hidden
         self.activation = activation
         self.scale = scale
+        self.use_image = use_image
         self.use_logits = use_logits
+        self.use_label = use_label
+        self.use_losses = use_losses
         self.gamma = gamma
         self.independent = independent
         self.lr = lr
         self.weight_decay = weight_decay
+        self.inert_threshold = inert_threshold
         self.students: list[str] = []
         self.module: Optional[nn.ModuleDict] = None
 
     # -- construction ---------------------------------------------------------------------
 
-    def _network(self, info: TaskInfo, num_students: int, logit_inputs: int) -> CoordinatorNetwork:
-        backbone_info = TaskInfo(num_classes=self.embedding_dim, in_channels=info.in_channels, image_size=info.image_size)
-        return CoordinatorNetwork(
-            self.backbone.build(backbone_info), self.embedding_dim, num_students, self.activation, self.scale, logit_inputs
-        )
+    @property
+    def uses_records(self) -> bool:
+        """Whether the C-Net reads the cohort's records (not only the image)."""
+        return self.use_logits or self.use_label or self.use_losses
+
+    def _network(self, info: TaskInfo, num_students: int, members: int) -> CoordinatorNetwork:
+        extra = (info.num_classes * members if self.use_logits else 0) + (info.num_classes if self.use_label else 0) \
+            + (members if self.use_losses else 0)
+        backbone = None
+        if self.backbone is not None:
+            backbone_info = TaskInfo(num_classes=self.embedding_dim, in_channels=info.in_channels, image_size=info.image_size)
+            backbone = self.backbone.build(backbone_info)
+        return CoordinatorNetwork(backbone, self.embedding_dim, extra, num_students, self.mix, self.normalize,
+                                  self.max_factor, self.hidden, self.activation, self.scale)
 
     @hookimpl
     def collab_distill_configure(self, engine: Any) -> None:
         info = engine.info
         self.students = list(engine.cohort.students)
+        self.num_classes = info.num_classes
         torch.manual_seed(engine.seed * 1_000 + 7)  # the C-Net's initialisation depends on the seed only
+        teachers = len(engine.cohort.teachers)
         if self.independent:
-            logit_inputs = info.num_classes * (1 + len(engine.cohort.teachers)) if self.use_logits else 0
-            nets = {s: self._network(info, 1, logit_inputs) for s in self.students}
+            nets = {s: self._network(info, 1, 1 + teachers) for s in self.students}
         else:
-            members = len(self.students) + len(engine.cohort.teachers)
-            logit_inputs = info.num_classes * members if self.use_logits else 0
-            nets = {"shared": self._network(info, len(self.students), logit_inputs)}
+            nets = {"shared": self._network(info, len(self.students), len(self.students) + teachers)}
         self.module = nn.ModuleDict(nets)
 
     @hookimpl
@@ -147,22 +253,32 @@ class CNet(Plugin):
 
     # -- the hook -------------------------------------------------------------------------
 
-    def _logit_features(self, students: list[str], records: Mapping[str, Knowledge], teachers: Mapping[str, Knowledge]) -> Tensor:
-        parts = [records[s].logits.detach() for s in students] + [t.logits.detach() for t in teachers.values()]
-        return torch.cat(parts, dim=1).float()
+    def _extras(self, students: list[str], records: Mapping[str, Knowledge], teachers: Mapping[str, Knowledge]) -> Optional[Tensor]:
+        """The detached per-image signals the C-Net reads besides the image, ``[B, D]``."""
+        if not self.uses_records:
+            return None
+        members = [records[s] for s in students] + list(teachers.values())
+        parts: list[Tensor] = []
+        if (self.use_logits or self.use_label) and not members[0].units_are_images:
+            raise ConfigError("CNet.use_logits / use_label need one class per image (classification); "
+                              "for detection use use_image and/or use_losses")
+        if self.use_logits:
+            parts += [m.logits.detach().float() for m in members]
+        if self.use_label:
+            parts.append(F.one_hot(members[0].unit_labels.clamp_min(0), self.num_classes).float())
+        if self.use_losses:
+            parts.append(torch.log1p(torch.stack([m.supervised_loss.detach().float() for m in members], dim=1)))
+        return torch.cat(parts, dim=1)
 
     def weights(self, engine: Any, batch: Any, records: Mapping[str, Knowledge], teacher_records: Mapping[str, Knowledge] = {}) -> dict[str, Tensor]:
         """``{student: [B, 3]}`` from the (possibly looked-ahead) C-Net."""
         nets = engine.meta_modules["cnet"]
-        images = engine.task.images(batch)
-        out: dict[str, Tensor] = {}
+        images = engine.task.images(batch) if self.use_image else None
+        teachers = teacher_records if self.uses_records else {}
         if self.independent:
-            for s in self.students:
-                logits = self._logit_features([s], records, teacher_records) if self.use_logits else None
-                out[s] = nets[s](images, logits)[:, 0]
+            out = {s: nets[s](images, self._extras([s], records, teachers))[:, 0] for s in self.students}
         else:
-            logits = self._logit_features(self.students, records, teacher_records) if self.use_logits else None
-            w = nets["shared"](images, logits)
+            w = nets["shared"](images, self._extras(self.students, records, teachers))
             out = {s: w[:, i] for i, s in enumerate(self.students)}
         if not self.gamma:
             out = {s: torch.cat([w[:, :2], torch.zeros_like(w[:, 2:])], dim=1) for s, w in out.items()}
@@ -172,14 +288,15 @@ class CNet(Plugin):
     def collab_distill_loss_weights(
         self, engine: Any, batch: Any, records: Mapping[str, Knowledge], teacher_records: Mapping[str, Knowledge]
     ) -> dict[str, LossWeights]:
-        weights = self.weights(engine, batch, records, teacher_records if self.use_logits else {})
+        weights = self.weights(engine, batch, records, teacher_records)
         return {s: LossWeights.from_tensor(w) for s, w in weights.items()}
 
     # -- applying the C-Net to a data set --------------------------------------------------
 
     def apply(self, engine: Any, split: str) -> list[tuple[int, int, str, float, float, float]]:
         """The C-Net's weights for every image of ``split`` (this rank's shard) as rows
-        ``(index, label, student, alpha, beta, gamma)``; the C-Net is left in its previous mode."""
+        ``(index, label, student, alpha, beta, gamma)``; the C-Net is left in its previous mode.
+        With ``normalize: batch`` the weights are those of the split's batches."""
         assert self.module is not None
         loader, _ = engine.loaders[split]
         modes = [m.training for m in self.module.modules()]
@@ -188,8 +305,8 @@ class CNet(Plugin):
         with torch.no_grad():
             for batch in loader:
                 batch = engine.task.move_batch(batch, engine.fabric)
-                records = {s: engine.task.knowledge(m, batch) for s, m in engine.students.items()} if self.use_logits else {}
-                teachers = engine._teacher_records(batch, None) if self.use_logits else {}
+                records = {s: engine.task.knowledge(m, batch) for s, m in engine.students.items()} if self.uses_records else {}
+                teachers = engine._teacher_records(batch, None) if self.uses_records else {}
                 targets = batch.get("targets") if isinstance(batch, dict) else None
                 # one class per image (classification) is shown in the grid; -1 otherwise
                 labels = targets.tolist() if isinstance(targets, Tensor) and targets.dim() == 1 else [-1] * len(batch["index"])
@@ -203,24 +320,60 @@ class CNet(Plugin):
     def write_weights(self, engine: Any, split: str, per_side: int = 8) -> Path:
         """``plugins/cnet/<split>_weights.csv`` and ``<split>_extremes.png`` in the run folder: the
         weights of every image, and per student the ``per_side`` images whose loss leans most on
-        the teacher (largest beta / (alpha + beta)) and most on the label (smallest)."""
+        the teacher (largest beta / (alpha + beta)) and most on the label (smallest). Also adds
+        the split's weight statistics (and, for a training split with label noise, how well
+        alpha separates clean from flipped labels) to ``plugins/cnet/summary.json``."""
         rows = self.apply(engine, split)
         folder = engine.run_dir / "plugins" / "cnet"
         folder.mkdir(parents=True, exist_ok=True)
+        flipped = _flipped_flags(engine, split)
         table = folder / f"{split}_weights.csv"
-        table.write_text("index,label,student,alpha,beta,gamma\n"
-                         + "".join(f"{i},{y},{s},{a:.6g},{b:.6g},{g:.6g}\n" for i, y, s, a, b, g in rows))
+        if flipped is None:
+            table.write_text("index,label,student,alpha,beta,gamma\n"
+                             + "".join(f"{i},{y},{s},{a:.6g},{b:.6g},{g:.6g}\n" for i, y, s, a, b, g in rows))
+        else:
+            table.write_text("index,label,student,alpha,beta,gamma,flipped\n"
+                             + "".join(f"{i},{y},{s},{a:.6g},{b:.6g},{g:.6g},{int(flipped[i])}\n" for i, y, s, a, b, g in rows))
+        summary = {"students": weight_statistics(rows, self.students)}
+        if flipped is not None:
+            summary["label_noise"] = noise_separation(rows, self.students, flipped)
+        _update_summary(folder / "summary.json", split, summary)
         try:
             _extremes_grid(engine, split, rows, self.students, per_side, folder / f"{split}_extremes.png")
-        except ImportError:  # matplotlib is a dependency, but a grid is never worth failing a run for
+            if flipped is not None:
+                _clean_vs_flipped_histogram(rows, self.students, flipped, summary["label_noise"],
+                                            folder / f"{split}_alpha_clean_vs_flipped.png")
+        except ImportError:  # matplotlib is a dependency, but a figure is never worth failing a run for
             pass
         return table
 
+    def inert(self, statistics: Mapping[str, Mapping[str, Mapping[str, float]]]) -> bool:
+        """No student's weight of any learned term varies over the images by more than
+        ``inert_threshold`` of its mean: the C-Net weighs every image alike."""
+        spreads = [t["std"] / t["mean"] for s in statistics.values() for name, t in s.items()
+                   if name in TERMS and t["mean"] > 0]
+        return not spreads or max(spreads) <= self.inert_threshold
+
     @hookimpl
     def collab_distill_fit_end(self, engine: Any) -> None:
-        """Apply the trained C-Net to the val split (rank 0, its shard) for ``collab-distill report``."""
-        if engine.fabric.is_global_zero and self.module is not None:
-            self.write_weights(engine, "val")
+        """Apply the trained C-Net to the val split (and to a training split with label noise)
+        for ``collab-distill report``; warn when its weights stayed inert."""
+        if not engine.fabric.is_global_zero or self.module is None:
+            return
+        self.write_weights(engine, "val")
+        if _flipped_flags(engine, "train") is not None:
+            self.write_weights(engine, "train")
+        summary = json.loads((engine.run_dir / "plugins" / "cnet" / "summary.json").read_text())
+        val = summary["val"]["students"]
+        if self.inert(val):
+            spread = max((t["std"] / t["mean"] for s in val.values() for t in s.values() if t["mean"] > 0), default=0.0)
+            message = (
+                f"CNet: the C-Net's weights stayed inert: over the val images no student's alpha, beta or gamma "
+                f"varies by more than {spread:.2%} of its mean (threshold {self.inert_threshold:.0%}), so it weighed "
+                f"every image alike after {len(engine.meta_history)} meta steps. Give it more meta steps "
+                "(meta.every_n_steps), a larger CNet.lr, or per-image signals (CNet.use_losses).")
+            warnings.warn(message, stacklevel=1)
+            console.info(engine.fabric, f"[warning] {message}")
 
     @hookimpl
     def collab_distill_evaluation_end(self, engine: Any, split: str) -> None:
@@ -230,8 +383,63 @@ class CNet(Plugin):
             self.write_weights(engine, split)
 
     def __repr__(self) -> str:
-        return (f"CNet(backbone={self.backbone.describe()}, activation={self.activation}, gamma={self.gamma}, "
-                f"independent={self.independent}, use_logits={self.use_logits})")
+        inputs = [n for n, on in (("image", self.use_image), ("logits", self.use_logits), ("label", self.use_label),
+                                  ("losses", self.use_losses)) if on]
+        form = f"normalize=batch, mix={list(self.mix)}" if self.normalize == "batch" else f"activation={self.activation}"
+        backbone = self.backbone.describe() if self.backbone is not None else None
+        return (f"CNet(backbone={backbone}, inputs={inputs}, {form}, gamma={self.gamma}, "
+                f"independent={self.independent})")
+
+
+def weight_statistics(rows: list[tuple[int, int, str, float, float, float]], students: list[str]) -> dict[str, dict[str, dict[str, float]]]:
+    """Per student and term: mean, std and the 5/25/50/75/95% quantiles over the images."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for student in students:
+        mine = torch.tensor([r[3:] for r in rows if r[2] == student], dtype=torch.float64).view(-1, 3)
+        if mine.shape[0] == 0:
+            continue
+        q = torch.quantile(mine, torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95], dtype=torch.float64), dim=0)
+        out[student] = {
+            term: {"mean": float(mine[:, k].mean()), "std": float(mine[:, k].std(unbiased=False)),
+                   **{f"q{p}": float(q[j, k]) for j, p in enumerate((5, 25, 50, 75, 95))}}
+            for k, term in enumerate(TERMS)
+        }
+    return out
+
+
+def noise_separation(rows: list[tuple[int, int, str, float, float, float]], students: list[str], flipped: Any) -> dict[str, dict[str, float]]:
+    """Per student: the AUC of alpha ranking clean labels above flipped ones (0.5: blind, 1:
+    every clean image gets more label weight than every flipped one) and the mean alpha of each."""
+    from sklearn.metrics import roc_auc_score
+
+    out = {}
+    for student in students:
+        mine = [(r[3], bool(flipped[r[0]])) for r in rows if r[2] == student]
+        alpha = [a for a, _ in mine]
+        clean = [not f for _, f in mine]
+        if len(set(clean)) < 2:
+            continue
+        out[student] = {
+            "alpha_auc_clean_vs_flipped": float(roc_auc_score(clean, alpha)),
+            "alpha_mean_clean": float(sum(a for a, c in mine if not c) / max(1, sum(not c for _, c in mine))),
+            "alpha_mean_flipped": float(sum(a for a, c in mine if c) / max(1, sum(c for _, c in mine))),
+            "flipped": int(sum(f for _, f in mine)),
+            "images": len(mine),
+        }
+    return out
+
+
+def _flipped_flags(engine: Any, split: str) -> Optional[Any]:
+    """Which labels of ``split`` were flipped by a label-noise option (indexed like the split),
+    or ``None`` when the split's data set has no such record."""
+    flipped = getattr(engine.task.dataset(split), "flipped", None)
+    return flipped if flipped is not None and len(flipped) else None
+
+
+def _update_summary(path: Path, split: str, summary: Mapping[str, Any]) -> None:
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    data[split] = summary
+    path.write_text(json.dumps(data, indent=2))
 
 
 def pooled_student_logits(logits: Tensor, labels: Tensor) -> Tensor:
@@ -290,6 +498,31 @@ def _extremes_grid(engine: Any, split: str, rows: list[tuple[int, int, str, floa
                     ax.set_ylabel(f"{student}\nmost {side}", fontsize=8)
     fig.suptitle(f"C-Net on {split}: per student, the images weighted most towards the teacher (β/(α+β) largest) "
                  f"and towards the label (smallest)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _clean_vs_flipped_histogram(rows: list[tuple[int, int, str, float, float, float]], students: list[str], flipped: Any,
+                                separation: Mapping[str, Mapping[str, float]], path: Path) -> None:
+    """Per student, histograms of alpha for images whose label is clean and for flipped ones."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(students), figsize=(3.6 * len(students), 2.8), squeeze=False)
+    for ax, student in zip(axes[0], students):
+        mine = [(r[3], bool(flipped[r[0]])) for r in rows if r[2] == student]
+        for is_flipped, colour, name in ((False, "tab:blue", "clean"), (True, "tab:red", "flipped")):
+            values = [a for a, f in mine if f == is_flipped]
+            if values:
+                ax.hist(values, bins=30, alpha=0.6, color=colour, label=f"{name} ({len(values)})", density=True)
+        auc = separation.get(student, {}).get("alpha_auc_clean_vs_flipped")
+        ax.set_title(f"{student}: alpha AUC {auc:.2f}" if auc is not None else student, fontsize=9)
+        ax.set_xlabel("alpha (label weight)")
+        ax.legend(fontsize=7)
+    fig.suptitle("C-Net on the training split: label weight of images with clean vs flipped labels", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

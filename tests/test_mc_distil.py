@@ -45,25 +45,30 @@ def cnet(**kw):
 
 @pytest.mark.parametrize("independent", [False, True])
 def test_cnet_meta_step_reaches_head_and_backbone(tmp_path, teacher_file, independent):
-    plugin = cnet(independent=independent, gamma=not independent, lr=1e-2)
+    plugin = cnet(independent=independent, gamma=not independent, lr=1e-2, weight_decay=0.0)
     plugins = [plugin] + ([] if independent else [PooledStudent()])
     engine = make_engine(tmp_path, teacher_file, plugins, meta=BilevelConfig(every_n_steps=1))
     batch = ready(engine)
     students, teachers = records_of(engine, batch)
     weights = plugin.weights(engine, batch, students)
     assert set(weights) == {"xxs", "xs"} and weights["xs"].shape == (len(batch["targets"]), 3)
-    learned = weights["xs"] if not independent else weights["xs"][:, :2]  # gamma is fixed at 0 there
-    assert ((learned > 0) & (learned < 1)).all()  # sigmoid-bounded
+    # an untrained C-Net gives every image exactly its starting mix
+    assert torch.equal(weights["xs"], torch.tensor(plugin.mix).expand_as(weights["xs"]))
     before = {k: v.detach().clone() for k, v in plugin.module.named_parameters()}
     engine.meta_step(batch, teachers, None)
     moved = {k for k, v in plugin.module.named_parameters() if not torch.equal(v, before[k])}
     assert any(".head." in k for k in moved), "the C-Net's head is trained"
+    # the head starts at zero, so the backbone's first meta-gradient is zero; from the second on it is not
+    assert not any(".backbone." in k for k in moved)
+    engine.meta_step(batch, teachers, None)
+    moved = {k for k, v in plugin.module.named_parameters() if not torch.equal(v, before[k])}
     assert any(".backbone." in k for k in moved), "the meta-gradient reaches the backbone"
+    assert engine.meta_history[-1]["grad_norm"] > 0 and len(engine.meta_history) == 2
 
 
 @pytest.mark.parametrize("activation", ["sigmoid", "softplus", "softmax"])
-def test_activations(tmp_path, teacher_file, activation):
-    plugin = cnet(activation=activation, scale=2.0)
+def test_unnormalised_activations(tmp_path, teacher_file, activation):
+    plugin = cnet(normalize="none", activation=activation, scale=2.0)
     engine = make_engine(tmp_path, teacher_file, [plugin])
     batch = ready(engine)
     students, _ = records_of(engine, batch)
@@ -73,6 +78,32 @@ def test_activations(tmp_path, teacher_file, activation):
         torch.testing.assert_close(w.sum(1), torch.full((w.shape[0],), 2.0))
     if activation == "sigmoid":
         assert (w < 2.0).all()
+
+
+@pytest.mark.parametrize("inputs", [{}, {"use_losses": True, "use_label": True, "use_image": False, "hidden": 16},
+                                    {"use_losses": True, "use_logits": True, "independent": True, "gamma": False}])
+def test_normalised_weights_cannot_change_the_loss_scale(tmp_path, teacher_file, inputs):
+    """Whatever the C-Net's parameters, each student's alpha + beta + gamma has batch mean
+    sum(mix): the meta step can move weight between images and terms, never scale the loss."""
+    plugin = cnet(**inputs)
+    engine = make_engine(tmp_path, teacher_file, [plugin] + ([PooledStudent()] if plugin.gamma else []))
+    batch = ready(engine)
+    students, teachers = records_of(engine, batch)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in plugin.module.parameters():
+            p.normal_(std=0.3)
+    weights = plugin.weights(engine, batch, students, teachers)
+    budget = sum(plugin.mix)
+    for w in weights.values():
+        assert w.min() >= 0 and w.std(dim=0).max() > 0.05  # the weights differ between images...
+        torch.testing.assert_close(w.sum(dim=1).mean(), torch.tensor(budget), rtol=1e-5, atol=1e-6)  # ...the budget does not
+    if not plugin.gamma:
+        assert all(float(w[:, 2].abs().max()) == 0.0 for w in weights.values())
+    # and so the budget's gradient with respect to the C-Net is zero
+    total = sum(w.sum(dim=1).mean() for w in plugin.weights(engine, batch, students, teachers).values())
+    grads = torch.autograd.grad(total, [p for p in plugin.module.parameters()], allow_unused=True)
+    assert max(float(g.abs().max()) for g in grads if g is not None) < 1e-5
 
 
 def fit_weights(engine):
@@ -89,23 +120,43 @@ def test_gamma_off_reproduces_nops_exactly(tmp_path, teacher_file):
             assert torch.equal(value, with_ps[name][key]), f"{name}.{key}"
 
 
-def test_frozen_constant_cnet_equals_fixed_weight_kd(tmp_path, teacher_file):
-    """A C-Net whose output does not depend on the image and never learns is plain KD."""
+def test_cnet_started_at_the_kd_mix_gives_kds_steps_exactly(tmp_path, teacher_file):
+    """A C-Net that never learns is plain KD, bit for bit: its zero head gives every image the
+    KD mix (0.3, 0.7), and the batch rescaling leaves it unchanged."""
     plugin = cnet(gamma=False)
     engine = make_engine(tmp_path, teacher_file, [plugin], meta=BilevelConfig(every_n_steps=4), name="c")
     engine.setup()
-    head = plugin.module["shared"].head
-    with torch.no_grad():
-        head.weight.zero_()
-        head.bias.copy_(torch.tensor([-0.8, 0.85, 0.0] * 2))
     plugin.module.requires_grad_(False)  # frozen: the engine skips its meta steps
-    alpha, beta = (torch.sigmoid(torch.tensor(v)).item() for v in (-0.8, 0.85))
     learned = fit_weights(engine)
-    fixed = fit_weights(make_engine(tmp_path, teacher_file, [FixedLossWeights(alpha, beta, 0.0)], name="d"))
-    assert torch.equal(head.weight, torch.zeros_like(head.weight))
+    fixed = fit_weights(make_engine(tmp_path, teacher_file, [FixedLossWeights(0.3, 0.7, 0.0)], name="d"))
     for name in fixed:
         for key, value in fixed[name].items():
             assert torch.equal(learned[name][key], value), f"{name}.{key}"
+
+
+def test_inert_weights_warn_and_trained_weights_do_not(tmp_path, teacher_file):
+    """A C-Net without meta steps weighs every image alike: the fit warns; one that is trained
+    (loss-aware, a meta step every step) spreads its weights and does not."""
+    frozen = make_engine(tmp_path, teacher_file, [cnet(gamma=False)], meta=BilevelConfig(every_n_steps=10_000), name="inert")
+    with pytest.warns(UserWarning, match="stayed inert"):
+        frozen.fit()
+    assert json.loads((frozen.run_dir / "results.json").read_text())["meta"]["steps"] == 1  # only step 0
+    import warnings
+
+    trained = make_engine(tmp_path, teacher_file, [cnet(gamma=False, use_losses=True, lr=5e-2)],
+                          meta=BilevelConfig(every_n_steps=1), name="trained", max_epochs=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        trained.fit()
+    summary = json.loads((trained.run_dir / "plugins" / "cnet" / "summary.json").read_text())
+    spread = max(t["std"] / t["mean"] for s in summary["val"]["students"].values() for t in s.values() if t["mean"] > 0)
+    assert spread > plugin_threshold()
+    meta = json.loads((trained.run_dir / "results.json").read_text())["meta"]
+    assert meta["steps"] == trained.global_step and meta["grad_norm_median"] > 0 and meta["zero_grad_share"] < 0.5
+
+
+def plugin_threshold() -> float:
+    return CNet().inert_threshold
 
 
 def test_short_mc_distil_fit_on_digits_learns(tmp_path, teacher_file):
@@ -207,7 +258,7 @@ def test_saved_cnet_is_applied_to_a_split_by_validate_and_test(tmp_path, cli_env
 
     test_size = Digits().setup(0).extra["split_sizes"]["test"]
     assert len(rows) == test_size * len(results["students"])
-    assert all(0 < float(r[w]) < 1 for r in rows for w in ("alpha", "beta", "gamma"))  # sigmoid outputs
+    assert all(0 < float(r[w]) < 1 for r in rows for w in ("alpha", "beta", "gamma"))  # a 0.3/0.5/0.2 mix, moved
     metrics = json.loads((run / "evaluations" / "test-last" / "metrics.json").read_text())["metrics"]
     for name, r in results["students"].items():
         assert metrics[name]["top1"] == pytest.approx(r["last"]["test_top1"])

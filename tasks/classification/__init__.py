@@ -7,7 +7,10 @@ from collab_distill.tasks.classification.data import (
     ClassificationData,
     Digits,
     ImageFolderData,
+    LabelNoise,
     TinyImageNet,
+    instance_dependent_noise,
+    symmetric_noise,
 )
 from collab_distill.tasks.classification.models import ResNet, ResNetCifar, TorchvisionModel
 from collab_distill.tasks.classification.multi_exit import MultiExit, MultiExitNet, MultiExitOutput
@@ -20,6 +23,9 @@ __all__ = [
     "Digits",
     "ImageFolderData",
     "TinyImageNet",
+    "LabelNoise",
+    "symmetric_noise",
+    "instance_dependent_noise",
     "ResNet",
     "ResNetCifar",
     "TorchvisionModel",

@@ -25,15 +25,21 @@ position within the split (the number the sampler gave). ``inputs`` is ``[C, H, 
 
 The splits depend only on the ``seed`` given to :meth:`ClassificationData.setup` (never on the
 global RNG state), so every process of a run, and a resumed run, sees the same splits.
+
+``label_noise`` (a :class:`LabelNoise`) corrupts the labels of the ``train`` split only, seeded
+the same way, for robustness experiments such as MC-Distil's Instance CIFAR-100: ``meta``,
+``val`` and ``test`` keep their clean labels. The train split's ``flipped`` and
+``clean_targets`` tell which labels were changed.
 """
 
 from __future__ import annotations
 
 import abc
+import numbers
 import os
 import pickle
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -48,6 +54,9 @@ from collab_distill.task import ConfigError, TaskInfo
 __all__ = [
     "ClassificationData",
     "SplitDataset",
+    "LabelNoise",
+    "symmetric_noise",
+    "instance_dependent_noise",
     "Digits",
     "CIFAR10",
     "CIFAR100",
@@ -125,6 +134,143 @@ class _FileSource(_Source):
 
 
 # ----------------------------------------------------------------------------------------------
+# label noise of the train split
+# ----------------------------------------------------------------------------------------------
+
+NOISE_KINDS = ("symmetric", "instance")
+
+
+@dataclass(frozen=True)
+class LabelNoise:
+    """Synthetic label noise applied to the ``train`` split (``meta``/``val``/``test`` stay clean).
+
+    In YAML: ``label_noise: {kind: instance, rate: 0.4}``.
+
+    Args:
+        kind: ``symmetric``: each label flips with probability ``rate`` to a uniformly drawn
+            other class (:func:`symmetric_noise`). ``instance``: the instance-dependent noise of
+            Xia et al. 2020 (:func:`instance_dependent_noise`), as in MC-Distil's Instance
+            CIFAR-100.
+        rate: Expected fraction of flipped labels, in ``[0, 1)``.
+        seed: Seed of the noise; ``None`` uses the run seed.
+    """
+
+    kind: Literal["symmetric", "instance"]
+    rate: float
+    seed: int | None = None
+
+
+def symmetric_noise(
+    labels: np.ndarray, num_classes: int, rate: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Flip each label with probability ``rate`` to a class drawn uniformly among the other
+    ``num_classes - 1`` (so the realised flip rate is ``rate`` in expectation).
+
+    Returns ``(noisy_labels, flipped)``, int64 and bool arrays shaped like ``labels``.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    flipped = rng.random(labels.shape) < rate
+    # an offset in 1..K-1 modulo K is uniform over the other classes and never the label itself
+    offset = rng.integers(1, num_classes, size=labels.shape)
+    noisy = np.where(flipped, (labels + offset) % num_classes, labels)
+    return noisy, flipped
+
+
+class _Rows(Protocol):
+    """``[N, D]`` array-like indexed by an integer array of rows (a numpy array or a lazy loader)."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    def __getitem__(self, rows: np.ndarray) -> np.ndarray: ...
+
+
+def _truncated_normal(
+    mean: float, std: float, size: int, rng: np.random.Generator, low: float = 0.0, high: float = 1.0
+) -> np.ndarray:
+    """Normal draws conditioned on ``[low, high]`` by rejection (at least half are accepted
+    for a mean inside the interval), so only numpy's seeded generator is involved."""
+    out = rng.normal(mean, std, size)
+    bad = (out < low) | (out > high)
+    while bad.any():
+        out[bad] = rng.normal(mean, std, int(bad.sum()))
+        bad = (out < low) | (out > high)
+    return out
+
+
+def instance_dependent_noise(
+    images_flat: np.ndarray | _Rows,
+    labels: np.ndarray,
+    num_classes: int,
+    rate: float,
+    rng: np.random.Generator,
+    std: float = 0.1,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Instance-dependent label noise (Xia et al., NeurIPS 2020, "Part-dependent label noise",
+    the instance-dependent generator that MC-Distil's Instance CIFAR-100 uses).
+
+    Each sample gets a flip rate ``q_i ~ N(rate, std^2)`` truncated to ``[0, 1]``; each class
+    ``c`` a projection ``W_c ~ N(0, 1)`` of shape ``[D, K]``. With ``p = x_i W_{y_i}``,
+    ``p[y_i] = -inf``, the new label is drawn from ``q_i softmax(p)`` with ``1 - q_i`` left on
+    ``y_i``. This draws the same distribution in two steps: flip with probability ``q_i``
+    (independent of the image), then pick the wrong class from ``softmax(p)`` (which depends on
+    it). The realised rate is the mean of the truncated normal: ``rate`` up to truncation, which
+    matters only within about ``2 std`` of 0 or 1 (``rate=0`` still flips about 8%).
+
+    Args:
+        images_flat: ``[N, D]`` pixels on the 0..255 scale, as Xia et al.'s code feeds raw
+            uint8 pixels; the scale sets how sharply the image picks the wrong class. Indexed
+            one class at a time, so it may be a lazy loader of a large set.
+        labels: ``[N]`` clean labels in ``0..num_classes-1``.
+        num_classes: ``K``, at least 2.
+        rate: Mean flip rate, in ``[0, 1)``.
+        rng: The seeded generator; the draws depend only on it and on ``N``, ``D``, ``K``.
+        std: Standard deviation of the per-sample flip rate (0.1 in the paper).
+
+    Returns ``(noisy_labels, flipped)``, int64 and bool arrays of shape ``[N]``.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    n, d = labels.shape[0], int(images_flat.shape[1])
+    q = _truncated_normal(rate, std, n, rng)
+    flipped = rng.random(n) < q
+    pick = 1.0 - rng.random(n)  # in (0, 1]: the inverse-CDF draw below never lands on a zero-probability class
+    noisy = labels.copy()
+    for c in range(num_classes):
+        w = rng.standard_normal((d, num_classes), dtype=np.float32)  # drawn for every class: seeded draws stay aligned
+        rows = np.flatnonzero(flipped & (labels == c))
+        if len(rows) == 0:
+            continue
+        logits = np.asarray(images_flat[rows], dtype=np.float64).reshape(len(rows), d) @ w
+        logits[:, c] = -np.inf
+        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+        cdf = np.cumsum(probs, axis=1)
+        noisy[rows] = (cdf < pick[rows, None] * cdf[:, -1:]).sum(axis=1)
+    return noisy, flipped
+
+
+class _SplitPixels:
+    """The flattened pixels of a split's images on the 0..255 scale, read only when indexed:
+    :func:`instance_dependent_noise` reads one class at a time, so a file-backed training set
+    is read once from disk (resized as the data set does) without being held in memory whole."""
+
+    def __init__(self, source: _Source, indices: np.ndarray, dim: int) -> None:
+        self.source = source
+        self.indices = indices
+        self.shape = (len(indices), dim)
+
+    def __getitem__(self, rows: np.ndarray) -> np.ndarray:
+        picked = self.indices[rows]
+        if isinstance(self.source, _TensorSource):
+            images = self.source.images[torch.from_numpy(picked)]
+        else:
+            images = torch.stack([self.source.load(int(j)) for j in picked])
+        x = images.reshape(len(picked), -1).float()
+        if images.dtype != torch.uint8:
+            x = x * 255.0  # float sources hold [0, 1]
+        return x.numpy()
+
+
+# ----------------------------------------------------------------------------------------------
 # the data set of one split
 # ----------------------------------------------------------------------------------------------
 
@@ -134,6 +280,10 @@ class SplitDataset(IndexedDataset):
 
     ``augment_transform`` (training only) is applied under ``augment_seeded`` with the key's seed
     (view ``v`` uses ``seed + v``); with a plain ``int`` key it draws from the global RNG.
+
+    ``targets_override`` (split order) replaces the source's labels for this split only, so the
+    noisy labels of ``train`` never reach ``meta``/``val``, which share the source. ``flipped``
+    (bool, split order) marks the samples whose label it changed; ``None`` without an override.
     """
 
     def __init__(
@@ -145,6 +295,7 @@ class SplitDataset(IndexedDataset):
         augment_transform: Callable[[Tensor], Tensor] | None = None,
         views: int = 1,
         name: str = "",
+        targets_override: np.ndarray | None = None,
     ) -> None:
         self.source = source
         self.indices = np.asarray(indices, dtype=np.int64)
@@ -152,14 +303,29 @@ class SplitDataset(IndexedDataset):
         self.augment_transform = augment_transform
         self.views = views
         self.name = name
+        self.targets_override: np.ndarray | None = None
+        self.flipped: np.ndarray | None = None
+        if targets_override is not None:
+            self.targets_override = np.asarray(targets_override, dtype=np.int64)
+            if self.targets_override.shape != self.indices.shape:
+                raise ValueError(
+                    f"targets_override has shape {self.targets_override.shape}; the {name or 'data'} split "
+                    f"has {len(self.indices)} samples"
+                )
+            self.flipped = self.targets_override != self.clean_targets
 
     def __len__(self) -> int:
         return len(self.indices)
 
     @property
-    def targets(self) -> np.ndarray:
-        """Labels of this split's samples, in split order."""
+    def clean_targets(self) -> np.ndarray:
+        """The source's labels of this split's samples, in split order."""
         return self.source.targets[self.indices]
+
+    @property
+    def targets(self) -> np.ndarray:
+        """Labels of this split's samples as training sees them (noisy where overridden), in split order."""
+        return self.clean_targets if self.targets_override is None else self.targets_override.copy()
 
     def _augmented(self, img: Tensor, seed: int | None) -> Tensor:
         assert self.augment_transform is not None
@@ -185,7 +351,8 @@ class SplitDataset(IndexedDataset):
             x = torch.stack(
                 [self._augmented(img, None if seed is None else seed + v) for v in range(self.views)]
             )
-        return {"inputs": x, "targets": int(self.source.targets[j]), "index": i}
+        target = self.source.targets[j] if self.targets_override is None else self.targets_override[i]
+        return {"inputs": x, "targets": int(target), "index": i}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name}, {len(self)} samples, views={self.views})"
@@ -228,6 +395,9 @@ class ClassificationData(abc.ABC):
         subset: Use only the first ``subset`` images of the official training set after the
             seeded shuffle (for quick runs and benchmarks); the fractions apply to them.
             ``None`` uses everything. The test split is never reduced.
+        label_noise: Corrupt the ``train`` split's labels (seeded; see :class:`LabelNoise`),
+            e.g. ``{kind: instance, rate: 0.4}``. ``meta``, ``val`` and ``test`` stay clean.
+            ``None``: no noise. ``instance`` reads every training image once at setup.
     """
 
     mean: tuple[float, ...] = IMAGENET_MEAN
@@ -243,6 +413,7 @@ class ClassificationData(abc.ABC):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         subset: int | None = None,
+        label_noise: LabelNoise | None = None,
     ) -> None:
         self.meta_fraction = meta_fraction
         self.val_fraction = val_fraction
@@ -252,6 +423,7 @@ class ClassificationData(abc.ABC):
         self.eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
         self.num_workers = num_workers
         self.subset = subset
+        self.label_noise = label_noise
         self._info: TaskInfo | None = None
         self._loaded: _Loaded | None = None
         self._datasets: dict[str, SplitDataset] = {}
@@ -298,6 +470,28 @@ class ClassificationData(abc.ABC):
             raise ConfigError(f"{name}.num_workers is {self.num_workers}; it must be >= 0.")
         if self.subset is not None and self.subset < 1:
             raise ConfigError(f"{name}.subset is {self.subset}; it must be >= 1 or null (use all images).")
+        self._check_label_noise()
+
+    def _check_label_noise(self) -> None:
+        noise, field = self.label_noise, f"{type(self).__name__}.label_noise"
+        if noise is None:
+            return
+        if not isinstance(noise, LabelNoise):
+            raise ConfigError(
+                f"{field} is {noise!r}; give a LabelNoise, e.g. {{kind: instance, rate: 0.4}} in YAML, or null."
+            )
+        if noise.kind not in NOISE_KINDS:
+            raise ConfigError(
+                f"{field}.kind is {noise.kind!r}; choose 'symmetric' (uniform flips to another class) or "
+                "'instance' (Xia et al. 2020 instance-dependent noise)."
+            )
+        if isinstance(noise.rate, bool) or not isinstance(noise.rate, numbers.Real) or not 0.0 <= noise.rate < 1.0:
+            raise ConfigError(
+                f"{field}.rate is {noise.rate!r}; it must be a number in [0, 1), the expected fraction of "
+                "flipped training labels, e.g. 0.4."
+            )
+        if noise.seed is not None and (isinstance(noise.seed, bool) or not isinstance(noise.seed, numbers.Integral)):
+            raise ConfigError(f"{field}.seed is {noise.seed!r}; it must be an integer, or null to use the run seed.")
 
     def _check_labels(self, src: _Source, which: str, num_classes: int) -> None:
         t = src.targets
@@ -319,6 +513,11 @@ class ClassificationData(abc.ABC):
         num_classes = len(loaded.class_names)
         self._check_labels(loaded.train, "training", num_classes)
         self._check_labels(loaded.test, "test", num_classes)
+        if self.label_noise is not None and num_classes < 2:
+            raise ConfigError(
+                f"{name}.label_noise: the data has {num_classes} class(es); a label can only be flipped with "
+                "at least 2. Remove label_noise (set it to null) or use data with more classes."
+            )
 
         n_total = len(loaded.train)
         if self.subset is not None and self.subset > n_total:
@@ -354,9 +553,16 @@ class ClassificationData(abc.ABC):
         augment_transform = None
         if self.augment:
             augment_transform = v2.Compose([*self._augmentation(loaded.image_size), *finish.transforms])
+        noisy = None if self.label_noise is None else self._noisy_labels(loaded, parts["train"], int(seed))
         self._datasets = {
             "train": SplitDataset(
-                loaded.train, parts["train"], finish, augment_transform=augment_transform, views=self.views, name="train"
+                loaded.train,
+                parts["train"],
+                finish,
+                augment_transform=augment_transform,
+                views=self.views,
+                name="train",
+                targets_override=noisy,
             ),
             "meta": SplitDataset(loaded.train, parts["meta"], finish, name="meta"),
             "test": SplitDataset(loaded.test, np.arange(len(loaded.test)), finish, name="test"),
@@ -376,9 +582,54 @@ class ClassificationData(abc.ABC):
                 "mean": mean,
                 "std": std,
                 "views": self.views,
+                **({} if noisy is None else {"label_noise": self._noise_summary(int(seed))}),
             },
         )
         return self._info
+
+    def _noise_seed(self, run_seed: int) -> int:
+        assert self.label_noise is not None
+        return run_seed if self.label_noise.seed is None else int(self.label_noise.seed)
+
+    def _noisy_labels(self, loaded: _Loaded, train_indices: np.ndarray, run_seed: int) -> np.ndarray:
+        """The train split's noisy labels (split order), from a generator seeded only by the noise seed."""
+        noise = self.label_noise
+        assert noise is not None
+        rng = np.random.default_rng(self._noise_seed(run_seed))
+        labels = loaded.train.targets[train_indices]
+        num_classes = len(loaded.class_names)
+        if noise.kind == "symmetric":
+            noisy, _ = symmetric_noise(labels, num_classes, float(noise.rate), rng)
+        else:
+            dim = loaded.in_channels * loaded.image_size[0] * loaded.image_size[1]
+            pixels = _SplitPixels(loaded.train, train_indices, dim)
+            noisy, _ = instance_dependent_noise(pixels, labels, num_classes, float(noise.rate), rng)
+        return noisy
+
+    def _noise_summary(self, run_seed: int) -> dict[str, Any]:
+        noise, train = self.label_noise, self._datasets["train"]
+        assert noise is not None and train.flipped is not None
+        flipped, n = int(train.flipped.sum()), len(train)
+        return {
+            "kind": noise.kind,
+            "rate": float(noise.rate),
+            "seed": self._noise_seed(run_seed),
+            "flipped": flipped,
+            "train_size": n,
+            "realised_rate": flipped / n,
+        }
+
+    def label_noise_rows(self) -> list[tuple[int, int, int, bool]]:
+        """``(split_index, clean_label, noisy_label, flipped)`` for every ``train`` sample, for
+        analysis tools (e.g. per-sample loss weights against flips); empty without label noise."""
+        train = self.dataset("train")
+        assert isinstance(train, SplitDataset)
+        if train.flipped is None:
+            return []
+        return [
+            (i, int(clean), int(noisy), bool(flip))
+            for i, (clean, noisy, flip) in enumerate(zip(train.clean_targets, train.targets, train.flipped))
+        ]
 
     @staticmethod
     def _finish(mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
@@ -469,6 +720,7 @@ class Digits(ClassificationData):
         eval_batch_size: See :class:`ClassificationData`.
         num_workers: See :class:`ClassificationData`.
         subset: See :class:`ClassificationData`.
+        label_noise: See :class:`ClassificationData`.
     """
 
     def __init__(
@@ -483,8 +735,11 @@ class Digits(ClassificationData):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         subset: int | None = None,
+        label_noise: LabelNoise | None = None,
     ) -> None:
-        super().__init__(meta_fraction, val_fraction, views, augment, batch_size, eval_batch_size, num_workers, subset)
+        super().__init__(
+            meta_fraction, val_fraction, views, augment, batch_size, eval_batch_size, num_workers, subset, label_noise
+        )
         self.test_fraction = test_fraction
         self.test_seed = test_seed
 
@@ -565,8 +820,11 @@ class _CIFARBase(ClassificationData):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         subset: int | None = None,
+        label_noise: LabelNoise | None = None,
     ) -> None:
-        super().__init__(meta_fraction, val_fraction, views, augment, batch_size, eval_batch_size, num_workers, subset)
+        super().__init__(
+            meta_fraction, val_fraction, views, augment, batch_size, eval_batch_size, num_workers, subset, label_noise
+        )
         self.root = root
         self.verify_checksums = verify_checksums
 
@@ -638,6 +896,7 @@ class CIFAR100(_CIFARBase):
         eval_batch_size: See :class:`ClassificationData`.
         num_workers: See :class:`ClassificationData`.
         subset: See :class:`ClassificationData`.
+        label_noise: See :class:`ClassificationData`.
     """
 
     _tv_cls = datasets.CIFAR100
@@ -667,6 +926,7 @@ class CIFAR10(_CIFARBase):
         eval_batch_size: See :class:`ClassificationData`.
         num_workers: See :class:`ClassificationData`.
         subset: See :class:`ClassificationData`.
+        label_noise: See :class:`ClassificationData`.
     """
 
     _tv_cls = datasets.CIFAR10
@@ -714,6 +974,7 @@ class TinyImageNet(ClassificationData):
         eval_batch_size: See :class:`ClassificationData`.
         num_workers: See :class:`ClassificationData`.
         subset: See :class:`ClassificationData`.
+        label_noise: See :class:`ClassificationData`.
     """
 
     _layout = (
@@ -732,8 +993,11 @@ class TinyImageNet(ClassificationData):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         subset: int | None = None,
+        label_noise: LabelNoise | None = None,
     ) -> None:
-        super().__init__(meta_fraction, val_fraction, views, augment, batch_size, eval_batch_size, num_workers, subset)
+        super().__init__(
+            meta_fraction, val_fraction, views, augment, batch_size, eval_batch_size, num_workers, subset, label_noise
+        )
         self.root = root
 
     def _fail(self, what: str) -> ConfigError:
@@ -837,6 +1101,7 @@ class ImageFolderData(ClassificationData):
         eval_batch_size: See :class:`ClassificationData`.
         num_workers: See :class:`ClassificationData`.
         subset: See :class:`ClassificationData`.
+        label_noise: See :class:`ClassificationData`.
     """
 
     def __init__(
@@ -853,8 +1118,11 @@ class ImageFolderData(ClassificationData):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         subset: int | None = None,
+        label_noise: LabelNoise | None = None,
     ) -> None:
-        super().__init__(meta_fraction, val_fraction, views, augment, batch_size, eval_batch_size, num_workers, subset)
+        super().__init__(
+            meta_fraction, val_fraction, views, augment, batch_size, eval_batch_size, num_workers, subset, label_noise
+        )
         self.root = root
         # stored under another name: ``image_size`` is the (H, W) property every data set has
         self.image_size_arg = image_size
