@@ -24,6 +24,16 @@ Usage::
     python benchmarks/digits_collab.py --seeds 0 1 2 --epochs 2 --out benchmarks/out/collab_quick
     python benchmarks/digits_collab.py --reuse                # pick up finished runs in --runs-dir
     python benchmarks/digits_collab.py --render-only          # rewrite the .md from the .json
+    python benchmarks/digits_collab.py --methods dml --merge  # rerun some rows, keep the others
+
+``--merge`` reruns only ``--methods`` (and CE, for the pairing) with the seeds of the existing
+``--out/digits_collab.json``, checks that CE reproduces its stored accuracies exactly (else the
+rerun rows and the stored ones come from different code or a different machine, and it stops),
+replaces those methods' rows (cost against the fresh CE runs) and leaves every other row as it
+was; the Markdown lists the merged reruns with their date and note. ``--allow-ce-drift`` merges
+even when CE does not reproduce: the merged rows' "− CE" and cost are then against the fresh CE
+runs (recorded with the rerun) and the Markdown says that their absolute numbers are not
+comparable with the other rows'.
 """
 
 from __future__ import annotations
@@ -33,9 +43,11 @@ import copy
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -227,15 +239,94 @@ def markdown(res: dict[str, Any]) -> str:
               f"{len(STUDENTS)} students without multiple-comparison correction; every method file is used as written "
               "(hyper-parameters from the papers, nothing tuned on digits' test split). Timings come from one shared "
               "2-core machine, one thread per run, runs sequential." + (f" {s['note']}" if s.get("note") else ""), ""]
+    for rerun in s.get("reruns", []):
+        names = ", ".join(labels[m] for m in rerun["methods"])
+        text = (f"Rows rerun on {rerun['date']} and merged into this table (`--merge`; the other rows unchanged): "
+                f"{names}, seeds {', '.join(map(str, rerun['seeds']))}, each with a fresh CE run of the same seed")
+        if rerun.get("ce_reproduced", True):
+            text += " that reproduced the stored CE accuracies exactly; their cost is relative to those fresh CE runs."
+        else:
+            fresh, stored = rerun["fresh_ce"], res["table"]["ce"]
+            means = lambda row: " / ".join(f"{statistics.fmean(row[st]['last']['per_seed']):.2f}" for st in STUDENTS)  # noqa: E731
+            text += (f". **That CE did not reproduce the stored CE row** (last-epoch test top-1 {' / '.join(STUDENTS)}: "
+                     f"fresh {means(fresh)}, stored {means(stored)}; teacher {rerun['fresh_teacher_test_top1']['mean']:.2f} "
+                     f"vs {res['teacher_test_top1']['mean']:.2f}): the code or the machine differs from the other rows'. "
+                     "These rows' − CE columns, verdicts and cost are against the fresh CE runs; their absolute "
+                     "accuracies are not comparable with the other rows' (compare the − CE columns).")
+        lines += [text + (f" {rerun['note']}" if rerun.get("note") else ""), ""]
     return "\n".join(lines) + "\n"
+
+
+def _ce_drift(stored: dict[str, Any], fresh: dict[str, Any]) -> list[str]:
+    """Where the fresh CE runs do not give exactly the stored CE accuracies (per seed and student)."""
+    drift = []
+    for student in STUDENTS:
+        for which in ("last", "best_on_val"):
+            old, new = stored[student][which]["per_seed"], fresh[student][which]["per_seed"]
+            if old != new:
+                drift.append(f"CE {student} {which} test top-1 per seed is {new} now but {old} in the stored table")
+    return drift
+
+
+def merge(stored: dict[str, Any], fresh: dict[str, Any], note: str, allow_ce_drift: bool = False) -> dict[str, Any]:
+    """``stored`` with the rows of ``fresh``'s methods (except CE) replaced; records the rerun."""
+    if fresh["settings"]["seeds"] != stored["settings"]["seeds"]:
+        raise SystemExit(f"--merge: seeds {fresh['settings']['seeds']} differ from the stored table's {stored['settings']['seeds']}")
+    for key in ("student_epochs", "teacher_epochs", "threads"):
+        if fresh["settings"][key] != stored["settings"][key]:
+            raise SystemExit(f"--merge: {key} {fresh['settings'][key]} differs from the stored table's {stored['settings'][key]}")
+    drift = _ce_drift(stored["table"]["ce"], fresh["table"]["ce"])
+    if drift and not allow_ce_drift:
+        raise SystemExit("--merge: " + "; ".join(drift) + ". The code, data or machine differs from the stored rows': "
+                         "rerun the whole table, or pass --allow-ce-drift to merge against the fresh CE runs.")
+    out = copy.deepcopy(stored)
+    rerun = [m for m in fresh["methods"] if m != "ce"]
+    for m in rerun:
+        if m not in out["methods"]:
+            raise SystemExit(f"--merge: {m} is not a row of the stored table")
+        out["table"][m] = fresh["table"][m]
+        out["settings"]["method_files"][m] = fresh["settings"]["method_files"][m]
+        for seed, runs in fresh["runs"].items():
+            out["runs"][str(seed)][m] = runs[m]
+    out["settings"].setdefault("reruns", []).append({
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+        "methods": rerun,
+        "seeds": fresh["settings"]["seeds"],
+        "note": note,
+        "environment": fresh["environment"],
+        "ce_reproduced": not drift,
+        "ce_drift": drift,
+        "fresh_ce": {st: {w: {"per_seed": fresh["table"]["ce"][st][w]["per_seed"]} for w in ("last", "best_on_val")}
+                     for st in STUDENTS},
+        "fresh_teacher_test_top1": fresh["teacher_test_top1"],
+        "fresh_teacher_sha256": fresh["teacher_sha256"],
+        "ce_train_s": fresh["table"]["ce"]["train_s"],
+        "elapsed_s": fresh["elapsed_s"],
+        "ce_runs": {str(seed): runs["ce"] for seed, runs in fresh["runs"].items()},
+    })
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     p = run_arguments(__doc__.split("\n\n")[0], "digits_collab", [0, 1, 2])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help="a subset (ce is always run)")
     p.add_argument("--note", default="", help="a remark on the measurement, printed under the tables")
+    p.add_argument("--merge", action="store_true",
+                   help="rerun only --methods (and CE, which must reproduce its stored rows) with the stored table's seeds "
+                        "and replace their rows in --out/digits_collab.json; the other rows stay as they are")
+    p.add_argument("--allow-ce-drift", action="store_true",
+                   help="with --merge: merge even if the fresh CE runs do not reproduce the stored CE row (the merged "
+                        "rows are then paired with the fresh CE runs, and the Markdown says so)")
     args = p.parse_args(argv)
     args.runs_dir = args.runs_dir.resolve()
+    stored = None
+    if args.merge and not args.render_only:
+        stored_file = args.out / "digits_collab.json"
+        if not stored_file.is_file():
+            p.error(f"--merge needs an existing {stored_file}")
+        stored = json.loads(stored_file.read_text())
+        if "--seeds" not in (argv if argv is not None else sys.argv[1:]):
+            args.seeds = stored["settings"]["seeds"]
     if prepare_output(p, args, "digits_collab", markdown):
         return 0
     started = time.perf_counter()
@@ -271,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
         "runs": {s: {n: {"wall_s": r["wall_s"], "command": _portable(r["command"])} for n, r in v.items()} for s, v in runs.items()},
         "elapsed_s": time.perf_counter() - started,
     }
+    if stored is not None:
+        res = merge(stored, json.loads(json.dumps(res)), args.note, args.allow_ce_drift)  # (through JSON: the stored seeds are strings)
     write_outputs(args.out, "digits_collab", res, markdown)
     return 0
 

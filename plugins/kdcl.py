@@ -6,9 +6,12 @@ loss is the paper's ``CE + lambda * tau^2 * KL(target || student)`` (eq. 2; the 
 setup is tau = 2, lambda = 1). The four ways of building the target (Section 3.2):
 
 * ``naive`` (eq. 4): per image, the logits of the student with the lowest cross-entropy;
-* ``linear`` (eq. 5): the convex combination ``alpha^T Z`` of the students' logits with the lowest
-  cross-entropy on the batch, solved every step (projected gradient descent on the simplex,
-  started at the best single student, so it is never worse than any student);
+* ``linear`` (eq. 5): per image, the convex combination ``alpha^T Z`` of the students' logits
+  (``Z`` is that image's ``m x K`` logit matrix) with the lowest cross-entropy, solved at every
+  step for all images at once (projected gradient descent on the simplex, started at the image's
+  best single student, so it is never worse than any student on any image). ``linear_scope:
+  batch`` solves one weight vector for the whole batch instead (this project's earlier default,
+  not the paper's);
 * ``minlogit`` (eq. 6-7): subtract each student's target-class logit, take the smallest value of
   every class over the students (the target class ends at exactly 0);
 * ``general`` (eq. 8-11): a weighted average of the students' distributions, with weights
@@ -39,12 +42,14 @@ __all__ = [
     "KDCL",
     "naive_logits",
     "linear_weights",
+    "linear_weights_per_image",
     "minlogit_logits",
     "general_weights",
     "project_to_simplex",
 ]
 
 Variant = Literal["naive", "linear", "minlogit", "general"]
+LinearScope = Literal["image", "batch"]
 
 
 # ---------------------------------------------------------------------------- the four rules
@@ -79,39 +84,95 @@ def project_to_simplex(v: Tensor) -> Tensor:
     return (v - theta).clamp_min(0)
 
 
-#: the line search's trial distances (in weight space) along the projected negative gradient
-_TRIAL_STEPS = 2.0 ** torch.arange(1.0, -15.0, -1.0)
+#: the line search's trial distances (in weight space) along the projected negative gradient:
+#: ``2 ** e`` for these exponents (16 lengths, 2 down to 2^-14; built on the device, no copy)
+_TRIAL_EXPONENTS = (1.0, -15.0, -1.0)
 
 
-def _mean_ce(weights: Tensor, logits: Tensor, onehot: Tensor, mask: Tensor) -> Tensor:
-    """Mean CE over the labelled units of ``sum_s w_s z_s`` for ``[J, S]`` weights at once, ``[J]``."""
-    log_p = F.log_softmax(torch.einsum("js,suk->juk", weights, logits), dim=-1)
-    return -(log_p * onehot).sum(-1).mul(mask).sum(-1) / mask.sum().clamp_min(1)
+def _simplex_line_search(w: Tensor, losses: Any, gradient: Any, iterations: int) -> Tensor:
+    """Projected gradient descent for ``P`` independent problems on the simplex at once.
+
+    ``w`` ``[P, S]`` holds each problem's starting point, ``losses(candidates [J, P, S]) -> [J, P]``
+    each problem's loss at ``J`` points, ``gradient(w [P, S]) -> [P, S]`` its gradient. Every
+    iteration moves each problem along its own negative gradient (its component within the
+    simplex's plane, normalised) by 16 trial distances (``_TRIAL_EXPONENTS``) at once, projects
+    the trial points onto the simplex and keeps, per problem, the best of them and the current
+    point (the current point wins ties): every problem's loss is monotone non-increasing, and
+    everything stays on the device (no host synchronisation).
+    """
+    steps = torch.exp2(torch.arange(*_TRIAL_EXPONENTS, device=w.device, dtype=w.dtype))[:, None, None]
+    for _ in range(iterations):
+        grad = gradient(w)
+        grad = grad - grad.mean(dim=-1, keepdim=True)  # a shift along (1, ..., 1) leaves the projection unchanged
+        direction = grad / grad.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        candidates = torch.cat([w[None], project_to_simplex(w[None] - steps * direction[None])])  # [J, P, S]
+        best = losses(candidates).argmin(dim=0)  # [P]; the first index (the current point) on ties
+        w = candidates.gather(0, best[None, :, None].expand(1, *w.shape)).squeeze(0)
+    return w
+
+
+def _targets(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """One-hot labels ``[U, K]`` and the mask of labelled units ``[U]``, in the logits' dtype."""
+    mask = (labels >= 0).to(logits.dtype)
+    onehot = F.one_hot(labels.clamp_min(0), logits.shape[-1]).to(logits.dtype)
+    return onehot, mask
 
 
 def linear_weights(logits: Tensor, labels: Tensor, iterations: int = 30) -> Tensor:
-    """Eq. 5: ``argmin_{w in simplex} CE(sum_i w_i z_i, y)`` over the batch, ``[S]``.
+    """Eq. 5 with one weight vector for the whole batch: ``argmin_{w in simplex}`` of the mean CE
+    over the labelled units of ``sum_i w_i z_i``, ``[S]`` (``linear_scope: batch``; this project's
+    earlier default, not the paper's, whose combination is per image: :func:`linear_weights_per_image`).
 
     The problem is convex in ``w``. Projected gradient descent started at the best single
-    student (a vertex of the simplex); each iteration tries 16 step lengths along the projected
-    negative gradient at once and keeps the best point, the current one included, so the loss
-    never rises and the result is never worse than any one student. Everything stays on the
-    device: no host synchronisation in the training step.
+    student (a vertex of the simplex) with a batched monotone line search
+    (:func:`_simplex_line_search`), so the result is never worse than any one student on the
+    batch. No host synchronisation.
     """
     logits = logits.detach().float()
+    onehot, mask = _targets(logits, labels)
+    count = mask.sum().clamp_min(1)
+
+    def losses(weights: Tensor) -> Tensor:  # [J, 1, S] -> [J, 1]
+        log_p = F.log_softmax(torch.einsum("jps,suk->juk", weights, logits), dim=-1)
+        return (-(log_p * onehot).sum(-1).mul(mask).sum(-1) / count)[:, None]
+
+    def gradient(w: Tensor) -> Tensor:  # [1, S]
+        probs = F.softmax(torch.einsum("ps,suk->uk", w, logits), dim=-1)
+        return torch.einsum("uk,suk->s", (probs - onehot) * mask[:, None], logits)[None] / count
+
     num_students = logits.shape[0]
-    mask = (labels >= 0).to(logits.dtype)
-    onehot = F.one_hot(labels.clamp_min(0), logits.shape[-1]).to(logits.dtype)
-    vertices = torch.eye(num_students, device=logits.device)
-    w = vertices[_mean_ce(vertices, logits, onehot, mask).argmin()]
-    steps = _TRIAL_STEPS.to(logits.device)[:, None]
-    for _ in range(iterations):
-        probs = F.softmax(torch.einsum("s,suk->uk", w, logits), dim=-1)
-        grad = torch.einsum("uk,suk->s", (probs - onehot) * mask[:, None], logits) / mask.sum().clamp_min(1)
-        direction = grad / grad.norm().clamp_min(1e-12)
-        candidates = torch.cat([w[None], project_to_simplex(w[None] - steps * direction[None])])
-        w = candidates[_mean_ce(candidates, logits, onehot, mask).argmin()]
-    return w
+    vertices = torch.eye(num_students, device=logits.device, dtype=logits.dtype)
+    w = F.one_hot(losses(vertices[:, None]).reshape(1, -1).argmin(dim=1), num_students).to(logits.dtype)  # [1, S]
+    return _simplex_line_search(w, losses, gradient, iterations).squeeze(0)
+
+
+def linear_weights_per_image(logits: Tensor, labels: Tensor, iterations: int = 30) -> Tensor:
+    """Eq. 5 as the paper states it, per image: for every unit ``u``, the weights ``w_u`` on the
+    simplex minimising ``CE(sum_i w_ui z_i[u], y_u)``, ``[U, S]``.
+
+    Each unit's problem is convex; all of them are solved at once on the device: projected
+    gradient descent started at each unit's best single student, with a per-unit monotone line
+    search over 16 step lengths (:func:`_simplex_line_search`), so every unit's combination is
+    never worse than its best single student. No Python loop over units, no host synchronisation.
+    Units without a label (``-1``) have no objective and keep equal weights.
+    """
+    logits = logits.detach().float()
+    num_students, units, _ = logits.shape
+    onehot, mask = _targets(logits, labels)
+    y = labels.clamp_min(0)
+
+    def losses(weights: Tensor) -> Tensor:  # [J, U, S] -> [J, U]
+        log_p = F.log_softmax(torch.einsum("jus,suk->juk", weights, logits), dim=-1)
+        return -log_p.gather(-1, y[None, :, None].expand(weights.shape[0], -1, 1)).squeeze(-1) * mask
+
+    def gradient(w: Tensor) -> Tensor:  # [U, S]
+        probs = F.softmax(torch.einsum("us,suk->uk", w, logits), dim=-1)
+        return torch.einsum("uk,suk->us", (probs - onehot) * mask[:, None], logits)
+
+    ce = -F.log_softmax(logits, dim=-1).gather(-1, y[None, :, None].expand(num_students, -1, 1)).squeeze(-1)  # [S, U]
+    w = F.one_hot(ce.argmin(dim=0), num_students).to(logits.dtype)  # each unit's best student
+    w = torch.where(mask[:, None] > 0, w, torch.full_like(w, 1.0 / num_students))
+    return _simplex_line_search(w, losses, gradient, iterations)
 
 
 def general_weights(errors: Tensor, nonnegative: bool = True) -> Tensor:
@@ -150,6 +211,10 @@ class KDCL(Plugin):
 
     Args:
         variant: ``naive``, ``linear``, ``minlogit`` or ``general`` (see the module docstring).
+        linear_scope: ``linear`` only; ``image`` (default, the paper's eq. 5): one convex
+            combination per image (per distillation unit: a region for detection), solved for all
+            images at once; ``batch``: one weight vector per batch (this project's earlier
+            default, not the paper's).
         linear_iterations: projected-gradient iterations of the ``linear`` solve per step.
         nonnegative: ``general`` only; keep the weights on the simplex when eq. 11 gives a
             negative one (see :func:`general_weights`).
@@ -159,15 +224,19 @@ class KDCL(Plugin):
     def __init__(
         self,
         variant: Variant = "minlogit",
+        linear_scope: LinearScope = "image",
         linear_iterations: int = 30,
         nonnegative: bool = True,
         measure_batch_size: int = 256,
     ) -> None:
         if variant not in ("naive", "linear", "minlogit", "general"):
             raise ConfigError(f"KDCL.variant={variant!r}: choose naive, linear, minlogit or general")
+        if linear_scope not in ("image", "batch"):
+            raise ConfigError(f"KDCL.linear_scope={linear_scope!r}: choose image (the paper's, per image) or batch")
         if linear_iterations < 1:
             raise ConfigError(f"KDCL.linear_iterations={linear_iterations} must be >= 1")
         self.variant = variant
+        self.linear_scope = linear_scope
         self.linear_iterations = linear_iterations
         self.nonnegative = nonnegative
         self.measure_batch_size = measure_batch_size
@@ -175,6 +244,8 @@ class KDCL(Plugin):
         self.weights: dict[str, float] = {}
 
     def __repr__(self) -> str:
+        if self.variant == "linear":
+            return f"KDCL(variant='linear', linear_scope={self.linear_scope!r})"
         return f"KDCL(variant={self.variant!r})"
 
     @hookimpl
@@ -201,13 +272,16 @@ class KDCL(Plugin):
                 fused = naive_logits(logits, labels)
             elif self.variant == "minlogit":
                 fused = minlogit_logits(logits, labels)
-            else:
+            elif self.linear_scope == "batch":
                 w = linear_weights(logits, labels, self.linear_iterations)
                 fused = torch.einsum("s,suk->uk", w, logits)
+            else:
+                w = linear_weights_per_image(logits, labels, self.linear_iterations)
+                fused = torch.einsum("us,suk->uk", w, logits)
             target = SoftTarget.from_logits(fused, temperature)
-            if not records[names[0]].units_are_images and self.variant != "linear":
-                # naive/minlogit need the true class; units without one (detection regions
-                # matching no object) get no consensus term rather than an arbitrary target
+            if not records[names[0]].units_are_images and (self.variant != "linear" or self.linear_scope == "image"):
+                # naive/minlogit/per-image linear need the true class; units without one (detection
+                # regions matching no object) get no consensus term rather than an arbitrary target
                 target.weight = (labels >= 0).to(logits.dtype)
         return {name: target for name in names}
 

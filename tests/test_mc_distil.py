@@ -242,7 +242,7 @@ def test_saved_cnet_is_applied_to_a_split_by_validate_and_test(tmp_path, cli_env
     from test_cli import run_cli
 
     method = str(REPO / "examples" / "methods" / "mc_distil.yaml")
-    run_cli(digits_args(tmp_path, "mc", epochs=1, extra=("--config", method, "--meta.every_n_steps", "3")), cli_env)
+    run_cli(digits_args(tmp_path, "mc", epochs=1, extra=("--config", method, "--meta.every_n_steps", "3", "--trainer.warmup_epochs", "0")), cli_env)
     run = tmp_path / "mc" / "version_0"
     ckpt = str(run / "checkpoints" / "last.ckpt")
     run_cli(["validate", "--config", str(run / "config.yaml"), "--ckpt_path", ckpt], cli_env)
