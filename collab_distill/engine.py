@@ -735,6 +735,9 @@ class Engine:
         }
         if self.has_meta:
             results["meta"] = meta_summary(self.meta_history)
+            if results["meta"]["zero_grad_share"] == 1.0:
+                console.info(self.fabric, f"[warning] the meta modules' gradient was exactly zero at all {len(self.meta_history)} "
+                             "meta steps: the meta objective does not reach them, so they never learned")
         if self.teachers:
             teacher_test = self.evaluate("test", self.teachers)
             for name, values in teacher_test.items():

@@ -267,3 +267,34 @@ def test_saved_cnet_is_applied_to_a_split_by_validate_and_test(tmp_path, cli_env
     proc = run_cli(["test", "--config", str(run / "config.yaml"), "--ckpt_path", ckpt,
                     "--output_dir", str(run / "evaluations" / "test-last")], cli_env, check=False)
     assert proc.returncode == 2 and "--output_dir" in proc.stderr and "not empty" in proc.stderr
+
+
+def test_with_label_noise_the_cnet_reports_clean_vs_flipped_weights(tmp_path, teacher_file):
+    """With noisy training labels the fit applies the C-Net to the training split: a `flipped`
+    column, alpha's AUC for clean vs flipped labels and their histograms. A loss-aware C-Net
+    trained for a few epochs already gives flipped labels less weight than clean ones."""
+    import csv
+
+    from collab_distill.tasks.classification import Digits, ImageClassification, LabelNoise
+
+    # no teacher: the C-Net reweighs each image's label loss (mix 1/0/0), as Meta-Weight-Net does
+    plugin = cnet(gamma=False, use_image=False, use_losses=True, hidden=16, mix=(1.0, 0.0, 0.0), lr=1e-2)
+    engine = make_engine(tmp_path, None, [plugin], meta=BilevelConfig(every_n_steps=1), name="noisy", max_epochs=3, subset=None)
+    engine.task = ImageClassification(Digits(batch_size=32, label_noise=LabelNoise(kind="symmetric", rate=0.4)))
+    engine.fit()
+    folder = engine.run_dir / "plugins" / "cnet"
+    with (folder / "train_weights.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    flipped = engine.task.dataset("train").flipped
+    # every training image the loader serves (it drops the last partial batch), once per student
+    xxs = [int(r["index"]) for r in rows if r["student"] == "xxs"]
+    assert len(set(xxs)) == len(xxs) > 0.95 * len(flipped) and len(rows) == 2 * len(xxs)
+    assert all(int(r["flipped"]) == int(flipped[int(r["index"])]) for r in rows)
+    noise = json.loads((folder / "summary.json").read_text())["train"]["label_noise"]
+    for student in ("xxs", "xs"):
+        assert noise[student]["flipped"] == sum(int(flipped[i]) for i in xxs)
+        assert noise[student]["alpha_auc_clean_vs_flipped"] > 0.7
+        assert noise[student]["alpha_mean_flipped"] < noise[student]["alpha_mean_clean"]
+    assert (folder / "train_alpha_clean_vs_flipped.png").stat().st_size > 1000
+    # the val split is clean: no flipped column there
+    assert "flipped" not in (folder / "val_weights.csv").read_text().splitlines()[0]
