@@ -70,6 +70,25 @@ def _weights_plot(rows: list[dict[str, float]], students: list[str], out: Path) 
     return _save(fig, out / "weights_over_training.png")
 
 
+def _meta_plot(rows: list[dict[str, float]], out: Path) -> Path | None:
+    """The meta objective and the meta-gradient's norm at every meta step: did the meta modules learn?"""
+    series = {key: [(r["step"], r[key]) for r in rows if key in r] for key in ("train/meta/loss", "train/meta/grad_norm")}
+    if not series["train/meta/loss"]:
+        return None
+    plt = _pyplot()
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), sharex=True)
+    for ax, (key, points), title in zip(axes, series.items(), ("meta loss", "meta-gradient norm")):
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker=".", linewidth=0.8)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    if any(p[1] > 0 for p in series["train/meta/grad_norm"]):
+        axes[1].set_yscale("log")
+    fig.suptitle("meta steps over training")
+    return _save(fig, out / "meta_steps.png")
+
+
 def _distribution_plot(run: Path, out: Path) -> Path | None:
     table = run / "plugins" / "cnet" / "val_weights.csv"
     if not table.is_file():
@@ -143,7 +162,8 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     students = list(results["students"])
     metric = results.get("selection_metric", "top1")
     rows = _read_metrics(run / "logs" / "csv" / "metrics.csv")
-    figures = [p for p in (_weights_plot(rows, students, out), _distribution_plot(run, out), _accuracy_vs_macs(results, out)) if p]
+    figures = [p for p in (_weights_plot(rows, students, out), _meta_plot(rows, out), _distribution_plot(run, out),
+                           _accuracy_vs_macs(results, out)) if p]
     figures += _plugin_figures(run, out)
 
     lines = [f"# Run report: {run.parent.name}/{run.name}", "",

@@ -213,7 +213,8 @@ def test_report_renders_results_weights_and_accuracy_vs_macs(tmp_path, teacher_f
     md, page = write_report(engine.run_dir)
     text = md.read_text()
     assert "| xxs |" in text and "| t (teacher) |" in text
-    for figure in ("weights_over_training.png", "weights_distribution.png", "accuracy_vs_macs.png", "cnet_val_extremes.png"):
+    for figure in ("weights_over_training.png", "meta_steps.png", "weights_distribution.png", "accuracy_vs_macs.png",
+                   "cnet_val_extremes.png"):
         assert (md.parent / figure).stat().st_size > 1000 and figure in text and figure in page.read_text()
     stopped = make_engine(tmp_path, teacher_file, [cnet()], max_epochs=2, max_steps=2, name="unfinished")
     stopped.fit()
