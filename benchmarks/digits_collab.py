@@ -34,6 +34,10 @@ was; the Markdown lists the merged reruns with their date and note. ``--allow-ce
 even when CE does not reproduce: the merged rows' "− CE" and cost are then against the fresh CE
 runs (recorded with the rerun) and the Markdown says that their absolute numbers are not
 comparable with the other rows'.
+
+MetaDistiller runs also report their generated targets on the val split (each run's
+``plugins/metadistiller/targets.json``): mean entropy against the uniform ``log K`` and top-1
+agreement with the labels, per student, mean over seeds (and over the early exits, then per exit).
 """
 
 from __future__ import annotations
@@ -160,6 +164,30 @@ def collect(per_seed: dict[int, dict[str, Any]], methods: dict[str, Method]) -> 
     return table
 
 
+def metadistiller_targets(runs: dict[int, dict[str, Any]]) -> dict[str, Any] | None:
+    """Per student, over seeds: the generated targets' val entropy (nats, and / log K) and top-1
+    agreement with the labels, from each MetaDistiller run's ``plugins/metadistiller/targets.json``
+    (mean over the early exits; ``per_exit`` keeps the exits apart)."""
+    files = {s: r["metadistiller"]["run_dir"] / "plugins" / "metadistiller" / "targets.json" for s, r in runs.items() if "metadistiller" in r}
+    if not files or not all(f.is_file() for f in files.values()):
+        return None
+    stats = {s: json.loads(f.read_text()) for s, f in sorted(files.items())}
+    first = next(iter(stats.values()))
+    out: dict[str, Any] = {"log_k": first["log_k"], "split": first["split"], "temperature": first["temperature"], "students": {}}
+    for student in STUDENTS:
+        per = [stats[s]["students"][student] for s in stats]
+        out["students"][student] = {
+            "entropy": _summary([p["entropy"] for p in per]),
+            "entropy_over_log_k": _summary([p["entropy_over_log_k"] for p in per]),
+            "label_agreement": _summary([100 * p["label_agreement"] for p in per]),
+            "per_exit": [{"exit": k + 1,
+                          "entropy_over_log_k": _summary([p["exits"][k]["entropy_over_log_k"] for p in per]),
+                          "label_agreement": _summary([100 * p["exits"][k]["label_agreement"] for p in per])}
+                         for k in range(len(per[0]["exits"]))],
+        }
+    return out
+
+
 def _diff(d: dict[str, Any]) -> str:
     arrow = f"{d['kd_better']}↑ {d['ce_better']}↓"
     return f"{d['mean']:+.2f} ({arrow}, p {_p(d.get('p_two_sided'))})"
@@ -215,6 +243,20 @@ def markdown(res: dict[str, Any]) -> str:
                              + " | ".join(_pm(row[st][which]) for st in STUDENTS) + " | "
                              + " | ".join(_pm(row[st][f"{which}_ensemble"]) for st in STUDENTS) + " | "
                              + " | ".join(_diff(row[st][f"minus_ce_{which}_ensemble"]) for st in STUDENTS) + " |")
+        lines.append("")
+    targets = res.get("metadistiller_targets")
+    if targets:
+        lines += [f"## MetaDistiller: the generated targets on the {targets['split']} split (end of training)", "",
+                  f"Mean entropy of softmax(T_k / tau) (tau = {targets['temperature']:g}) over the {targets['split']} images "
+                  f"against the uniform distribution's log K = {targets['log_k']:.3f} nats, and how often its top class is "
+                  "the label (chance: 1/K); mean ± std over seeds, averaged over the early exits, then per exit.", "",
+                  "| student | entropy (nats) | entropy / log K | agreement with labels (%) | per exit: entropy / log K | per exit: agreement (%) |",
+                  "|---|---|---|---|---|---|"]
+        for st in STUDENTS:
+            t = targets["students"][st]
+            lines.append(f"| {st} | {_pm(t['entropy'])} | {_pm(t['entropy_over_log_k'])} | {_pm(t['label_agreement'])} | "
+                         + " / ".join(f"{e['entropy_over_log_k']['mean']:.2f}" for e in t["per_exit"]) + " | "
+                         + " / ".join(f"{e['label_agreement']['mean']:.1f}" for e in t["per_exit"]) + " |")
         lines.append("")
     lines += ["## Which methods beat CE (last epoch)", ""]
     for name in res["methods"]:
@@ -359,11 +401,14 @@ def main(argv: list[str] | None = None) -> int:
         "teacher_test_top1": _summary([per_seed[s]["ce"]["teachers"]["teacher"]["test"]["top1"] for s in seeds]),
         "teacher_sha256": hashes,
         "table": collect(per_seed, methods),
+        "metadistiller_targets": metadistiller_targets(runs),
         "runs": {s: {n: {"wall_s": r["wall_s"], "command": _portable(r["command"])} for n, r in v.items()} for s, v in runs.items()},
         "elapsed_s": time.perf_counter() - started,
     }
     if stored is not None:
         res = merge(stored, json.loads(json.dumps(res)), args.note, args.allow_ce_drift)  # (through JSON: the stored seeds are strings)
+        if "metadistiller" in methods:  # the rerun MetaDistiller row's targets replace the stored ones
+            res["metadistiller_targets"] = metadistiller_targets(runs)
     write_outputs(args.out, "digits_collab", res, markdown)
     return 0
 

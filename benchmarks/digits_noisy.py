@@ -266,7 +266,7 @@ def markdown(res: dict[str, Any]) -> str:
         f"{res['environment']['platform']}, {res['environment']['cpu_count']} cores, OMP_NUM_THREADS={s['threads']}, "
         f"{s['jobs']} runs at a time.",
         "",
-        "Methods: MC-Distil = `examples/methods/mc_distil.yaml` (C-Net on the image and the cohort's per-image losses, "
+        "Methods: MC-Distil = `examples/methods/mc_distil.yaml` (a C-Net on the cohort's per-image losses, not the image, "
         "normalised weights starting at 0.3/0.5/0.2, PooledStudent); image-only = `mc_distil_image_only.yaml` (the paper's "
         "g_phi(x)); Meta-Distil and NoPS use MC-Distil's C-Net inputs; fixed mix = constant per-student weights equal to "
         "MC-Distil's mean logged weights of the same run, with PooledStudent.",
