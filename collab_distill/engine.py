@@ -935,9 +935,13 @@ class Engine:
                 if which == "best" and name in state.get("best", {}):
                     weights = state["best"][name]["state"]
                 model.load_state_dict(weights)
+            # the run's teachers too: a C-Net that reads their per-image losses needs the trained ones
+            for name, model in self.teachers.items():
+                if name in state.get("teachers", {}):
+                    model.load_state_dict(state["teachers"][name])
         assert self.fabric is not None
         self.students = {n: self.fabric.to_device(m) for n, m in self.students.items()}
-        self.teachers = {n: self.fabric.to_device(m) for n, m in self.teachers.items()}
+        self.teachers = {n: self.fabric.to_device(m.eval().requires_grad_(False)) for n, m in self.teachers.items()}
         saved_meta = (state or {}).get("meta_modules", {})
         for name, spec in self._meta_specs.items():
             if name in saved_meta:  # an untrained meta module is never applied as if it were the run's

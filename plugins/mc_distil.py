@@ -295,12 +295,16 @@ class CNet(Plugin):
 
     def apply(self, engine: Any, split: str) -> list[tuple[int, int, str, float, float, float]]:
         """The C-Net's weights for every image of ``split`` (this rank's shard) as rows
-        ``(index, label, student, alpha, beta, gamma)``; the C-Net is left in its previous mode.
+        ``(index, label, student, alpha, beta, gamma)``; every module is left in its previous mode.
         With ``normalize: batch`` the weights are those of the split's batches."""
         assert self.module is not None
         loader, _ = engine.loaders[split]
-        modes = [m.training for m in self.module.modules()]
-        self.module.eval()
+        # the C-Net and the students whose losses it may read, in eval mode (BatchNorm's running
+        # statistics), so that applying it after a fit and from a checkpoint give the same weights
+        modules = [self.module, *engine.students.values()]
+        modes = [[m.training for m in module.modules()] for module in modules]
+        for module in modules:
+            module.eval()
         rows = []
         with torch.no_grad():
             for batch in loader:
@@ -313,8 +317,9 @@ class CNet(Plugin):
                 for student, w in self.weights(engine, batch, records, teachers).items():
                     for index, label, (a, b, g) in zip(batch["index"].tolist(), labels, w.float().cpu().tolist()):
                         rows.append((int(index), int(label), student, a, b, g))
-        for m, mode in zip(self.module.modules(), modes):
-            m.training = mode
+        for module, module_modes in zip(modules, modes):
+            for m, mode in zip(module.modules(), module_modes):
+                m.training = mode
         return rows
 
     def write_weights(self, engine: Any, split: str, per_side: int = 8) -> Path:
