@@ -235,10 +235,6 @@ def goals(res: dict[str, Any]) -> list[tuple[str, bool, str]]:
         d_fix = {s: r[s]["mc_distil"]["minus_fixed_mix_last"]["mean"] for s in STUDENTS}
         out.append(("0 noise: MC-Distil above the fixed-mix control on every student (mean, last epoch)",
                     all(v > 0 for v in d_fix.values()), ", ".join(f"{s} {v:+.2f}" for s, v in d_fix.items())))
-        t = rates["0"]["epoch_ratio_vs_kd"].get("mc_distil_every20")
-        if t:
-            out.append(("MC-Distil epoch time ≤ 1.3 × KD's at a meta step every 20 steps (aim 1.15)", t["mean"] <= 1.3,
-                        f"{t['mean']:.2f} ± {t['std']:.2f}"))
     return out
 
 
@@ -278,6 +274,11 @@ def markdown(res: dict[str, Any]) -> str:
     ]
     for goal, met, numbers in goals(res):
         lines.append(f"| {goal} | {'met' if met else '**not met**'} | {numbers} |")
+    lines += ["", "The cost goal (MC-Distil's epoch ≤ 1.3 × KD's at a meta step every 20 steps) is measured side by side in "
+              "one process by `benchmarks/meta_step_time.py` (`results/meta_step_time.md`); the epoch times of these runs, "
+              "made while other runs shared the cores, are too noisy for it."]
+    if res.get("note"):
+        lines += ["", res["note"]]
     for rate, r in res["rates"].items():
         realised = r.get("realised_flip_rate")
         lines += [
