@@ -211,7 +211,7 @@ class MetaDistiller(ExitSupervision):
         # what the last meta step saw (logged at its end): per student, per exit (entropy, agreement)
         self._step_stats: dict[str, list[tuple[Tensor, Tensor]]] = {}
         self._objective_parts: dict[str, Tensor] = {}
-        self._grad_norms: dict[str, float] = {}
+        self._grad_norms: dict[str, Tensor] = {}
         #: the numbers the last meta step logged
         self.last_logs: dict[str, float] = {}
         #: what the end of the fit wrote to targets.json
@@ -304,10 +304,10 @@ class MetaDistiller(ExitSupervision):
         generators = engine.meta_modules[META_MODULE]
 
         def record_norms(optimizer: Any, args: Any, kwargs: Any) -> None:
-            self._grad_norms = {
-                n: float(torch.linalg.vector_norm(torch.stack(
+            self._grad_norms = {  # on the device: read with the other statistics in one transfer
+                n: torch.linalg.vector_norm(torch.stack(
                     [torch.linalg.vector_norm(p.grad.float()) for p in g.parameters() if p.grad is not None] or [torch.zeros(())]
-                )))
+                ))
                 for n, g in generators.items()
             }
 
@@ -315,17 +315,20 @@ class MetaDistiller(ExitSupervision):
 
     @hookimpl
     def collab_distill_meta_step_end(self, engine: Any, step: int, meta_loss: float) -> None:
-        logs: dict[str, float] = {}
+        named: dict[str, Tensor] = {}
         for name, stats in self._step_stats.items():
             for k, (h, acc) in enumerate(stats, start=1):
-                logs[f"metadistiller/{name}/exit{k}_entropy"] = float(h)
-                logs[f"metadistiller/{name}/exit{k}_agreement"] = float(acc)
-            logs[f"metadistiller/{name}/entropy"] = float(sum(h for h, _ in stats)) / len(stats)
-            logs[f"metadistiller/{name}/agreement"] = float(sum(a for _, a in stats)) / len(stats)
+                named[f"metadistiller/{name}/exit{k}_entropy"] = h
+                named[f"metadistiller/{name}/exit{k}_agreement"] = acc
+            named[f"metadistiller/{name}/entropy"] = torch.stack([h for h, _ in stats]).mean()
+            named[f"metadistiller/{name}/agreement"] = torch.stack([a for _, a in stats]).mean()
         for name, norm in self._grad_norms.items():
-            logs[f"metadistiller/{name}/grad_norm"] = norm
+            named[f"metadistiller/{name}/grad_norm"] = norm
         for part, value in self._objective_parts.items():
-            logs[f"metadistiller/{part}"] = float(value)
+            named[f"metadistiller/{part}"] = value
+        # one device-to-host transfer for every statistic of this meta step
+        values = torch.stack([v.detach().float().reshape(()) for v in named.values()]).tolist() if named else []
+        logs: dict[str, float] = dict(zip(named, values))
         self.last_logs = logs
         if logs:
             engine.fabric.log_dict(logs, step=engine.global_step + 1)
