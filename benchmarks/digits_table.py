@@ -225,7 +225,7 @@ def markdown(res: dict[str, Any]) -> str:
         f"Seeds {', '.join(map(str, s['seeds']))} (paired: CE and KD of one seed share the teacher, initial weights, splits, "
         f"data order and augmentation). {s['student_epochs']} student epochs, teacher ResNet(m) trained "
         f"{s['teacher_epochs']} epochs with CE once per seed. Test split: {res['test_size']} images "
-        f"(one image = {100 / res['test_size']:.2f} points). KD: alpha 0.3, beta 0.7, tau 4. "
+        f"(one image = {100 / res['test_size']:.2f} points). KD: alpha 0.3, beta 0.7, tau 2. "
         f"{env['platform']}, {env['cpu_count']} CPU cores, OMP_NUM_THREADS={s['threads'] or 'default'}.",
         "",
         "Test top-1 (%), mean ± std over seeds:",
