@@ -39,7 +39,7 @@ from collab_distill.plugin_manager import Plugin
 from collab_distill.records import Knowledge, LossWeights, SoftTarget
 from collab_distill.task import ConfigError, ModelFactory, TaskInfo
 
-__all__ = ["CNet", "CoordinatorNetwork", "PooledStudent", "pooled_student_logits"]
+__all__ = ["CNet", "CoordinatorNetwork", "PooledStudent", "pooled_student_logits", "weight_statistics", "largest_spread", "noise_separation"]
 
 Activation = Literal["sigmoid", "softplus", "softmax"]
 Normalize = Literal["batch", "none"]
@@ -355,9 +355,7 @@ class CNet(Plugin):
     def inert(self, statistics: Mapping[str, Mapping[str, Mapping[str, float]]]) -> bool:
         """No student's weight of any learned term varies over the images by more than
         ``inert_threshold`` of its mean: the C-Net weighs every image alike."""
-        spreads = [t["std"] / t["mean"] for s in statistics.values() for name, t in s.items()
-                   if name in TERMS and t["mean"] > 0]
-        return not spreads or max(spreads) <= self.inert_threshold
+        return largest_spread(statistics) <= self.inert_threshold
 
     @hookimpl
     def collab_distill_fit_end(self, engine: Any) -> None:
@@ -371,7 +369,7 @@ class CNet(Plugin):
         summary = json.loads((engine.run_dir / "plugins" / "cnet" / "summary.json").read_text())
         val = summary["val"]["students"]
         if self.inert(val):
-            spread = max((t["std"] / t["mean"] for s in val.values() for t in s.values() if t["mean"] > 0), default=0.0)
+            spread = largest_spread(val)
             message = (
                 f"CNet: the C-Net's weights stayed inert: over the val images no student's alpha, beta or gamma "
                 f"varies by more than {spread:.2%} of its mean (threshold {self.inert_threshold:.0%}), so it weighed "
@@ -410,6 +408,12 @@ def weight_statistics(rows: list[tuple[int, int, str, float, float, float]], stu
             for k, term in enumerate(TERMS)
         }
     return out
+
+
+def largest_spread(statistics: Mapping[str, Mapping[str, Mapping[str, float]]]) -> float:
+    """The largest std / mean over students and (non-zero) terms of :func:`weight_statistics`."""
+    return max((t["std"] / t["mean"] for s in statistics.values() for name, t in s.items()
+                if name in TERMS and t["mean"] > 0), default=0.0)
 
 
 def noise_separation(rows: list[tuple[int, int, str, float, float, float]], students: list[str], flipped: Any) -> dict[str, dict[str, float]]:
