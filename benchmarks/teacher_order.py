@@ -8,7 +8,7 @@ same KD step on the same batch, interleaved round-robin:
 
 * ``engine``: ``Engine.training_step`` as it is;
 * ``engine, teacher first``: the same engine object type, with its teacher records resolved
-  before the students run (``Engine._teacher_records`` wrapped to read every record at once),
+  before the students run (``Engine.teacher_records`` wrapped to read every record at once),
   which is what a fix would do whenever the teacher is going to be needed;
 * ``hand``: the plain PyTorch loop of ``step_time.py``.
 
@@ -44,15 +44,15 @@ import step_time as st  # noqa: E402
 
 def teacher_first(engine) -> None:
     """Make ``engine`` resolve its (lazy) teacher records before the students' forward passes."""
-    lazy = engine._teacher_records
+    lazy = engine.teacher_records
 
-    def eager(self, batch, context):
+    def eager(self, batch, context=None):
         records = lazy(batch, context)
         for _ in records.values():  # reading the values runs the teachers now
             pass
         return records
 
-    engine._teacher_records = types.MethodType(eager, engine)
+    engine.teacher_records = types.MethodType(eager, engine)
 
 
 def measure(label: str, students: dict[str, str], teacher: str, data_factory, workdir: Path, steps: int, warmup: int) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from typing import Any, Iterator, Mapping, Optional
 
 import torch
 from lightning_fabric import Fabric
+from lightning_fabric.wrappers import is_wrapped
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils.data import DataLoader
@@ -36,6 +37,7 @@ from collab_distill.checkpoint import (
 )
 from collab_distill.config import Cohort, TrainerConfig
 from collab_distill.data import SeededSampler
+from collab_distill.features import FeatureCapture, FeatureRequest
 from collab_distill.meta import BilevelConfig, MetaModule, hypergradient, meta_summary
 from collab_distill.optim import Constant, OptimizerCallable, Schedule, sgd
 from collab_distill.plugin_manager import make_plugin_manager
@@ -43,7 +45,7 @@ from collab_distill.records import Knowledge, LossWeights, SoftTarget
 from collab_distill.stages import Stage, check_stages
 from collab_distill.task import ConfigError, Task, TaskInfo
 
-__all__ = ["Engine", "NonFiniteLossError"]
+__all__ = ["Engine", "NonFiniteLossError", "unwrap"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -72,17 +74,13 @@ class _LazyRecords(MappingABC):
     A step whose rule never looks at a teacher (CE, a warm-up epoch) skips its forward pass.
     """
 
-    def __init__(self, task: Task, teachers: Mapping[str, nn.Module], batch: Any, context: Any) -> None:
-        self._task, self._teachers, self._batch, self._context = task, teachers, batch, context
+    def __init__(self, teachers: Mapping[str, nn.Module], compute: Any) -> None:
+        self._teachers, self._compute = teachers, compute
         self._records: Optional[dict[str, Knowledge]] = None
 
     def _computed(self) -> dict[str, Knowledge]:
         if self._records is None:
-            with torch.no_grad():
-                self._records = {
-                    name: self._task.knowledge(model, self._batch, view=0, context=self._context)
-                    for name, model in self._teachers.items()
-                }
+            self._records = {name: self._compute(name, model) for name, model in self._teachers.items()}
         return self._records
 
     @property
@@ -193,6 +191,14 @@ class Engine:
         self.schedulers: dict[str, Any] = {}
         self.meta_modules: dict[str, nn.Module] = {}
         self.meta_optimizers: dict[str, torch.optim.Optimizer] = {}
+        #: ``{student: {name: module}}`` that plugins attached (see ``collab_distill_student_modules``)
+        self.plugin_modules: dict[str, dict[str, nn.Module]] = {}
+        #: forward hooks of the requested features (``None``: no plugin asked for any)
+        self.features: Optional[FeatureCapture] = None
+        self.feature_shapes: dict[str, dict[str, tuple[int, ...]]] = {}
+        # inside the bilevel lookahead: {student: {module name: looked-ahead parameters}}
+        self._lookahead_modules: Optional[dict[str, dict[str, dict[str, Tensor]]]] = None
+        self._leaves_checked = False  # trainable tensors outside every optimizer are looked for once
         self.run_dir: Optional[Path] = None
         self.fitting = False  # True inside fit(); validate/test of a checkpoint run with it False
         # write into this folder instead of a new root_dir/name/version_N (nested teacher runs)
@@ -251,6 +257,8 @@ class Engine:
                 f"which are not students ({sorted(self.cohort.students)})"
             )
         self.hook.collab_distill_configure(engine=self)
+        self._setup_features()
+        self._collect_plugin_modules()
         self._collect_meta_modules()
         self._is_setup = True
 
@@ -304,6 +312,89 @@ class Engine:
                         f"{self.info.num_classes}; build it for {self.info.num_classes} classes (or fix the checkpoint/data)"
                     )
 
+    def _setup_features(self) -> None:
+        """Hook the requested modules and measure each feature's shape on two real images."""
+        requests: list[FeatureRequest] = [r for group in self.hook.collab_distill_feature_requests(engine=self) if group for r in group]
+        if not requests:
+            return
+        self.features = FeatureCapture({**self.teachers, **self.students}, requests)
+        dataset = self.task.dataset("val")
+        batch = self.task.collate([dataset[i] for i in range(min(2, len(dataset)))])
+        members = {**self.teachers, **self.students}
+        for name in self.features.members():
+            model = members[name]
+            # the mode it trains in (teachers: eval); buffers (BatchNorm statistics) and RNG untouched
+            saved = {k: b.clone() for k, b in model.named_buffers()}
+            modes = {m: m.training for m in model.modules()}
+            model.train(name in self.students)
+            try:
+                with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                    context = self.task.shared_context(batch, self.teachers, self.students)
+                    features = list(dict.fromkeys(r.feature for r in self.features.requests[name]))
+                    with self.features.recording(name, features) as captured:
+                        self.task.knowledge(model, batch, view=0, context=context)
+            finally:
+                for m, training in modes.items():
+                    m.training = training
+                for k, b in model.named_buffers():
+                    b.copy_(saved[k])
+            self.feature_shapes[name] = {f: tuple(t.shape[1:]) for f, t in captured.items()}
+
+    def _collect_plugin_modules(self) -> None:
+        for group in self.hook.collab_distill_student_modules(engine=self):
+            for student, modules in (group or {}).items():
+                if student not in self.students:
+                    raise ConfigError(
+                        f"a plugin attaches modules {sorted(modules)} to {student!r}, which is not a student "
+                        f"(students: {sorted(self.students)})"
+                    )
+                own = self.plugin_modules.setdefault(student, {})
+                for name, module in modules.items():
+                    if name in own:
+                        raise ConfigError(f"two plugins attach a module named {name!r} to student {student!r}; rename one")
+                    if not isinstance(module, nn.Module):
+                        raise ConfigError(f"the module {name!r} attached to {student!r} is a {type(module).__name__}, not a torch.nn.Module")
+                    own[name] = module
+
+    def student_module(self, student: str, name: str) -> Any:
+        """A module a plugin attached to ``student``, callable in the current phase."""
+        try:
+            module = self.plugin_modules[student][name]
+        except KeyError:
+            raise KeyError(
+                f"no module {name!r} is attached to student {student!r}; return it from collab_distill_student_modules "
+                f"(attached: {sorted(self.plugin_modules.get(student, {}))})"
+            ) from None
+        if self._lookahead_modules is None:
+            return module
+        raw = unwrap(module)
+        # cloned buffers: a BatchNorm in the module must not move its statistics in the lookahead
+        state = {**{k: b.clone() for k, b in raw.named_buffers()}, **self._lookahead_modules[student].get(name, {})}
+        return lambda *args, **kwargs: functional_call(raw, state, args, kwargs, strict=False)
+
+    def teacher_records(self, batch: Any, context: Any = None) -> _LazyRecords:
+        """The frozen teachers' records of ``batch``, computed (no grad, under the run's
+        autocast, with requested features) when first read."""
+
+        def compute(name: str, model: nn.Module) -> Knowledge:
+            assert self.fabric is not None
+            with torch.no_grad(), self.fabric.autocast():  # teachers are not wrapped by Fabric
+                return self.member_knowledge(name, model, batch, view=0, context=context, phase="train")
+
+        return _LazyRecords(self.teachers, compute)
+
+    def member_knowledge(self, name: str, model: Any, batch: Any, *, view: int, context: Any, phase: str) -> Knowledge:
+        """``task.knowledge`` of one member with the features that some request wants in this
+        ``phase`` (the caller sets grad mode and autocast)."""
+        wanted = self.features.active(name, self, phase) if self.features is not None else []
+        if not wanted:
+            return self.task.knowledge(model, batch, view=view, context=context)
+        assert self.features is not None
+        with self.features.recording(name, wanted) as captured:
+            record = self.task.knowledge(model, batch, view=view, context=context)
+        record.features.update(captured)
+        return record
+
     def _collect_meta_modules(self) -> None:
         specs: list[MetaModule] = [m for group in self.hook.collab_distill_meta_modules(engine=self) if group for m in group]
         self._meta_specs = {}
@@ -322,7 +413,13 @@ class Engine:
         fabric = self.fabric
         assert fabric is not None
         for name, model in list(self.students.items()):
-            optimizer = self.optimizer_factory(model.parameters())
+            extras = self.plugin_modules.get(name, {})
+            params = list(model.parameters()) + [p for m in extras.values() for p in m.parameters()]
+            for key, module in list(extras.items()):
+                # moved and (under DDP) wrapped like the student; trained by the student's optimizer
+                trainable = any(p.requires_grad for p in module.parameters())
+                extras[key] = fabric.setup_module(module) if trainable else fabric.to_device(module)
+            optimizer = self.optimizer_factory(params)
             model, optimizer = fabric.setup(model, optimizer)
             self.students[name], self.optimizers[name] = model, optimizer
             self.schedulers[name] = self.schedule.build(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer, self.trainer.max_epochs)
@@ -434,14 +531,11 @@ class Engine:
 
     # ------------------------------------------------------------------ steps
 
-    def _teacher_records(self, batch: Any, context: Any) -> _LazyRecords:
-        return _LazyRecords(self.task, self.teachers, batch, context)
-
     def training_step(self, batch: Any) -> dict[str, Tensor]:
         """One optimisation step of every student (and a meta step when one is due)."""
         assert self.fabric is not None
         context = self.task.shared_context(batch, self.teachers, self.students)
-        teacher_records = self._teacher_records(batch, context)
+        teacher_records = self.teacher_records(batch, context)
         if self._teachers_used:
             # run the teachers before the students, as a hand-written loop would: computing them
             # lazily after the students' forward costs up to ~15% per step in allocator page faults
@@ -450,12 +544,14 @@ class Engine:
         if self._meta_step_due():
             meta_log = self.meta_step(batch, teacher_records, context)
         records = {
-            name: self.task.knowledge(model, batch, view=i, context=context)
+            name: self.member_knowledge(name, model, batch, view=i, context=context, phase="train")
             for i, (name, model) in enumerate(self.students.items())
         }
         detailed = (self.global_step + 1) % self.trainer.log_every_n_steps == 0
         loss, logs = self.cohort_loss(batch, records, teacher_records, phase="train", detailed=detailed)
         self._teachers_used = teacher_records.resolved
+        if not self._leaves_checked:
+            self._check_trained_leaves(loss)
         if self.trainer.detect_nonfinite:
             # no host sync here: flags accumulate on the device and are read on logging steps,
             # before every checkpoint and at epoch end (so a bad state is never saved)
@@ -471,6 +567,35 @@ class Engine:
             optimizer.zero_grad(set_to_none=True)
         logs.update(meta_log)
         return logs
+
+    def _check_trained_leaves(self, loss: Tensor) -> None:
+        """Stop when a trainable tensor reaches the loss but no optimizer updates it (a plugin's
+        module kept as an attribute instead of declared): it would silently stay at its init."""
+        self._leaves_checked = True
+        known = {id(p) for opt in self.optimizers.values() for g in unwrap_optimizer(opt).param_groups for p in g["params"]}
+        known |= {id(p) for m in self.meta_modules.values() for p in m.parameters()}
+        seen, stack, strays = set(), [loss.grad_fn], []
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            variable = getattr(node, "variable", None)
+            if variable is not None and id(variable) not in known:
+                strays.append(variable)
+            stack.extend(next_node for next_node, _ in node.next_functions)
+        if not strays:
+            return
+        names = []
+        for tensor in strays:
+            owner = next((f"{self.pm.get_name(plugin)}: {attr}" for plugin in self.pm.get_plugins()
+                          for attr, value in _tensors_of(plugin) if value is tensor), None)
+            names.append(f"{owner or 'an unnamed tensor'} {tuple(tensor.shape)}")
+        raise ConfigError(
+            f"trainable parameter(s) reach the loss but no optimizer updates them: {'; '.join(names)}. "
+            "A plugin's trainable module must be returned from collab_distill_student_modules (trained with a "
+            "student) or collab_distill_meta_modules (meta-learned), and called through engine.student_module(...)"
+        )
 
     def _check_finite(self) -> None:
         """Raise if any loss since the last check was NaN/inf (one host sync)."""
@@ -518,30 +643,56 @@ class Engine:
         meta_batch = self.task.move_batch(next(self.meta_batches), self.fabric)
         with torch.no_grad():
             meta_context = self.task.shared_context(meta_batch, self.teachers, self.students)
-        raw = {name: _unwrap(model) for name, model in self.students.items()}
+        raw = {name: unwrap(model) for name, model in self.students.items()}
         params = {name: {n: p for n, p in m.named_parameters() if p.requires_grad} for name, m in raw.items()}
+        for name, extras in self.plugin_modules.items():  # looked ahead with their student
+            for key, module in extras.items():
+                params[name].update({f"{_PLUGIN_PREFIX}{key}/{n}": p for n, p in unwrap(module).named_parameters() if p.requires_grad})
         names = list(raw)
 
-        def run(name: str, theta: Mapping[str, Tensor], data: Any, view: int, ctx: Any) -> Knowledge:
+        def run(name: str, theta: Mapping[str, Tensor], data: Any, view: int, ctx: Any, phase: str) -> Knowledge:
             # clone buffers: BatchNorm statistics must not move twice for one real step
-            state = {f"model.{k}": v for k, v in theta.items()}
+            state = {f"model.{k}": v for k, v in theta.items() if not k.startswith(_PLUGIN_PREFIX)}
             state.update({f"model.{k}": b.clone() for k, b in raw[name].named_buffers()})
             with self.fabric.autocast():
-                return functional_call(_TaskCall(self.task, raw[name]), state, (data, view, ctx), strict=False)
+                if self.features is None:
+                    return functional_call(_TaskCall(self.task, raw[name]), state, (data, view, ctx), strict=False)
+                wanted = self.features.active(name, self, phase)
+                with self.features.recording(name, wanted) as captured:
+                    record = functional_call(_TaskCall(self.task, raw[name]), state, (data, view, ctx), strict=False)
+            record.features.update(captured)
+            return record
+
+        def bind(theta: Mapping[str, Mapping[str, Tensor]]) -> dict[str, dict[str, dict[str, Tensor]]]:
+            bound: dict[str, dict[str, dict[str, Tensor]]] = {}
+            for student, values in theta.items():
+                for key, value in values.items():
+                    if key.startswith(_PLUGIN_PREFIX):
+                        module, _, pname = key[len(_PLUGIN_PREFIX):].partition("/")
+                        bound.setdefault(student, {}).setdefault(module, {})[pname] = value
+            return bound
 
         def train_loss(theta: Mapping[str, Mapping[str, Tensor]]) -> Tensor:
-            records = {n: run(n, theta[n], batch, i, context) for i, n in enumerate(names)}
-            return self.cohort_loss(batch, records, teacher_records, phase="lookahead")[0]
+            records = {n: run(n, theta[n], batch, i, context, "lookahead") for i, n in enumerate(names)}
+            self._lookahead_modules = bind(theta)
+            try:
+                return self.cohort_loss(batch, records, teacher_records, phase="lookahead")[0]
+            finally:
+                self._lookahead_modules = None
 
         def meta_loss(theta: Mapping[str, Mapping[str, Tensor]]) -> Tensor:
-            records = {n: run(n, theta[n], meta_batch, 0, meta_context) for n in names}
-            value = self.hook.collab_distill_meta_objective(engine=self, batch=meta_batch, records=records)
+            records = {n: run(n, theta[n], meta_batch, 0, meta_context, "meta") for n in names}
+            self._lookahead_modules = bind(theta)
+            try:
+                value = self.hook.collab_distill_meta_objective(engine=self, batch=meta_batch, records=records)
+            finally:
+                self._lookahead_modules = None
             if value is None:
                 raise ConfigError("no plugin provides a meta objective")
             return value
 
         meta_params = [p for m in self.meta_modules.values() for p in m.parameters() if p.requires_grad]
-        optimizers = {n: _unwrap_optimizer(o) for n, o in self.optimizers.items()}
+        optimizers = {n: unwrap_optimizer(o) for n, o in self.optimizers.items()}
         grads, value = hypergradient(
             params=params, meta_params=meta_params, train_loss=train_loss, meta_loss=meta_loss,
             optimizers=optimizers, config=self.meta_config,
@@ -574,10 +725,14 @@ class Engine:
             offset += n
 
     def _sync_meta_buffers(self) -> None:
+        """Average the floating buffers (BatchNorm statistics) of meta and plugin modules across
+        ranks: each rank moves them with its own batches, and, unlike the students, no DDP
+        forward in evaluation broadcasts them again."""
         assert self.fabric is not None
         if self.fabric.world_size == 1:
             return
-        for module in self.meta_modules.values():
+        modules = [*self.meta_modules.values(), *(m for mods in self.plugin_modules.values() for m in mods.values())]
+        for module in modules:
             for b in module.buffers():
                 if b.is_floating_point():
                     b.copy_(self.fabric.all_reduce(b, reduce_op="mean"))
@@ -694,7 +849,7 @@ class Engine:
             return
         current = self.best.get(name)
         if current is None or value > current["value"]:
-            state = {k: v.detach().cpu().clone() for k, v in _unwrap(self.students[name]).state_dict().items()}
+            state = {k: v.detach().cpu().clone() for k, v in unwrap(self.students[name]).state_dict().items()}
             self.best[name] = {"value": value, "epoch": self.epoch + 1, "state": state}
 
     def _finish(self) -> dict[str, Any]:
@@ -709,7 +864,7 @@ class Engine:
         best_members = {}
         for name, model in self.students.items():
             entry = self.best.get(name)
-            clone = copy.deepcopy(_unwrap(model))
+            clone = copy.deepcopy(unwrap(model))
             if entry is not None:
                 clone.load_state_dict(entry["state"])
             best_members[name] = clone
@@ -785,7 +940,7 @@ class Engine:
                 sub.fit()
             finally:
                 self.fabric._loggers = own_loggers
-            weights = sub.best.get(name, {}).get("state") or _unwrap(sub.students[name]).state_dict()
+            weights = sub.best.get(name, {}).get("state") or unwrap(sub.students[name]).state_dict()
             if self.fabric.is_global_zero:
                 atomic_save(weights, target)
             self.fabric.barrier()
@@ -852,11 +1007,12 @@ class Engine:
     def checkpoint_state(self) -> dict[str, Any]:
         state: dict[str, Any] = {
             "format": CHECKPOINT_FORMAT,
-            "students": {n: _unwrap(m).state_dict() for n, m in self.students.items()},
+            "students": {n: unwrap(m).state_dict() for n, m in self.students.items()},
             "teachers": {n: m.state_dict() for n, m in self.teachers.items()},
             "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
             "schedulers": {n: s.state_dict() for n, s in self.schedulers.items()},
             "meta_modules": {n: m.state_dict() for n, m in self.meta_modules.items()},
+            "plugin_modules": {s: {k: unwrap(m).state_dict() for k, m in mods.items()} for s, mods in self.plugin_modules.items()},
             "meta_optimizers": {n: o.state_dict() for n, o in self.meta_optimizers.items()},
             "meta_batches": self.meta_batches.state_dict(),
             "loop": {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "global_step": self.global_step},
@@ -892,12 +1048,21 @@ class Engine:
 
     def _restore(self, state: Mapping[str, Any]) -> None:
         for name, model in self.students.items():
-            _unwrap(model).load_state_dict(state["students"][name])
+            unwrap(model).load_state_dict(state["students"][name])
             self.optimizers[name].load_state_dict(state["optimizers"][name])
             self.schedulers[name].load_state_dict(state["schedulers"][name])
         for name, model in self.teachers.items():
             if name in state["teachers"]:
                 model.load_state_dict(state["teachers"][name])
+        saved_modules = state.get("plugin_modules", {})
+        for student, modules in self.plugin_modules.items():
+            for key, module in modules.items():
+                if key not in saved_modules.get(student, {}):
+                    raise ConfigError(
+                        f"--resume: the checkpoint has no plugin module {key!r} of student {student!r} "
+                        f"(it has {sorted(saved_modules.get(student, {}))}); was it written with the same plugins?"
+                    )
+                unwrap(module).load_state_dict(saved_modules[student][key])
         for name, module in self.meta_modules.items():
             if name not in state["meta_modules"]:
                 raise ConfigError(f"--resume: the checkpoint has no meta module {name!r}; was it written with the same plugins?")
@@ -988,13 +1153,29 @@ class _PlainIndices(torch.utils.data.Sampler):
         return len(self.inner)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The user's module inside Fabric's (and DDP's) wrappers."""
-    return getattr(model, "module", model) if type(model).__name__ == "_FabricModule" else model
+#: lookahead parameters of plugin modules: ``"<prefix><module name>/<parameter name>"``
+_PLUGIN_PREFIX = "@plugin:"
 
 
-def _unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
-    return getattr(optimizer, "optimizer", optimizer)
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module inside Fabric's (and DDP's) wrappers; the module itself if unwrapped."""
+    return model.module if is_wrapped(model) else model
+
+
+def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer inside Fabric's wrapper."""
+    return optimizer.optimizer if is_wrapped(optimizer) else optimizer
+
+
+def _tensors_of(plugin: Any) -> Iterator[tuple[str, Tensor]]:
+    """``(attribute path, tensor)`` of the parameters a plugin object holds (for error messages)."""
+    for attr, value in vars(plugin).items() if hasattr(plugin, "__dict__") else ():
+        if isinstance(value, nn.Module):
+            for name, p in value.named_parameters():
+                yield f"{attr}.{name}", p
+        elif isinstance(value, Tensor):
+            yield attr, value
+
 
 
 def _replace(config: TrainerConfig, **changes: Any) -> TrainerConfig:

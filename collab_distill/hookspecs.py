@@ -12,9 +12,45 @@ Conventions (as in pytest):
 * *collect* hooks return a list of every plugin's answer;
 * *event* hooks return nothing.
 
-``engine`` is the running :class:`~collab_distill.engine.Engine`: plugins reach the cohort
-(``engine.students``, ``engine.teachers``, ``engine.meta_modules``), the task, the Fabric
-object and the loop counters through it.
+``engine`` is the running engine, typed :class:`~collab_distill.engine_view.EngineView`: that
+protocol lists everything a plugin may read or call (the cohort, the task, the Fabric object,
+loop counters, captured feature shapes, plugin-owned student modules).
+
+Which answer wins: a *provider* hook is answered by the most recently registered plugin that
+returns something other than ``None``. Configured plugins (``plugins:`` in the YAML) are
+registered after the always-on ones, and among them the last one listed is asked first; the
+built-in defaults answer last (``trylast``). Two configured plugins that both answer the same
+provider hook therefore do not combine: the later one in the list wins, silently for the
+other, so a plugin that only sometimes answers should return ``None`` otherwise.
+
+Order of hook calls
+-------------------
+
+Set-up (``collab-distill fit`` / ``Engine.fit``), once::
+
+    configure -> feature_requests -> (features probed on two real images) -> student_modules
+      -> meta_modules -> [teachers pre-trained as runs of their own] -> load_state (on --resume)
+      -> fit_start
+
+One training step, in this order::
+
+    shared_context (task) -> teachers' records (only if the previous step used them)
+    if a meta step is due (from the step counter, so every DDP rank agrees):
+        lookahead on the training batch: students' records (with features)
+            -> loss_weights(phase="lookahead") -> soft_targets* -> consensus_targets*
+            -> auxiliary_losses(phase="lookahead")
+        meta batch, looked-ahead students' records -> meta_objective
+        meta modules updated -> meta_step_end
+    students' records (with the features some request wants this step)
+        -> loss_weights(phase="train") -> soft_targets* -> consensus_targets*
+        -> auxiliary_losses(phase="train") -> backward -> optimizer steps -> train_step_end
+
+``*``: skipped when every student's weight of that term is a constant zero. Teachers' records
+are computed when a hook first reads ``teacher_records``.
+
+End of an epoch: ``evaluation_end(split="val")`` -> ``epoch_end`` -> ``save_state`` (when a
+checkpoint is written). End of the fit: ``evaluation_end(split="test")`` (last weights, then
+best-on-val) -> ``fit_end``.
 """
 
 from __future__ import annotations
@@ -26,7 +62,10 @@ import pluggy
 if TYPE_CHECKING:
     from torch import Tensor
 
-    from collab_distill.engine import Engine
+    from torch import nn
+
+    from collab_distill.engine_view import EngineView as Engine
+    from collab_distill.features import FeatureRequest
     from collab_distill.meta import MetaModule
     from collab_distill.records import Knowledge, LossWeights, SoftTarget
 
@@ -120,6 +159,34 @@ def collab_distill_meta_modules(engine: Engine) -> list[MetaModule] | None:
     Called once at fit start, after the students exist. The engine moves each module to the
     device, wraps it for DDP, builds its optimizer, checkpoints it, and updates it only in the
     bilevel step. Afterwards the plugin reads ``engine.meta_modules[name]`` to call it.
+    """
+
+
+@hookspec
+def collab_distill_feature_requests(engine: Engine) -> list[FeatureRequest] | None:
+    """Intermediate outputs this plugin reads, by module path (see :mod:`collab_distill.features`).
+
+    Called once at set-up, after ``configure``. The engine checks every path (an unknown one is
+    an error listing the nearest valid paths), registers forward hooks, and runs two real images
+    through every member to fill ``engine.feature_shapes`` (which ``student_modules`` can use to
+    size adaptors). During training, ``records[member].features[request.feature]`` holds the
+    tensor on every step where the request's ``when`` says so: with graph for students, without
+    for teachers, under the run's autocast, also inside the bilevel lookahead.
+    """
+
+
+@hookspec
+def collab_distill_student_modules(engine: Engine) -> Mapping[str, Mapping[str, nn.Module]] | None:
+    """Trainable modules this plugin attaches to students: ``{student: {name: module}}``
+    (a FitNets regressor, a projection head).
+
+    Called once at set-up, after ``feature_requests``. The engine moves each module to the
+    student's device, wraps it for DDP, optimises it with the student's optimizer and schedule,
+    includes it in the bilevel lookahead, checkpoints and resumes it; export leaves it out. Call
+    it through ``engine.student_module(student, name)`` (never keep your own reference to call:
+    the engine hands out the wrapped module, or its looked-ahead version inside the meta step).
+    A trainable tensor that reaches the loss without being declared here (or as a meta module)
+    stops the fit at its first step with an error naming it.
     """
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["Knowledge", "SoftTarget", "TargetSet", "LossWeights", "per_image_mean"]
+__all__ = ["Knowledge", "SoftTarget", "TargetSet", "LossWeights", "mean_of_teachers", "per_image_mean"]
 
 
 @dataclass

@@ -107,7 +107,7 @@ def _resume_dir(engine: Engine, resume: str) -> Path:
 
 def fit_stages(engine: Engine, resume: Optional[str] = None) -> dict[str, Any]:
     """Run ``engine.stages`` one after the other; returns (and writes) the merged results."""
-    from collab_distill.engine import Engine, _replace, _unwrap
+    from collab_distill.engine import Engine, _replace, unwrap
 
     engine.fitting = True
     engine.setup()
@@ -166,7 +166,7 @@ def fit_stages(engine: Engine, resume: Optional[str] = None) -> dict[str, Any]:
                 fabric._loggers = own_loggers
             if fabric.is_global_zero:
                 for s in stage.students:
-                    state = sub.best.get(s, {}).get("state") or _unwrap(sub.students[s]).state_dict()
+                    state = sub.best.get(s, {}).get("state") or unwrap(sub.students[s]).state_dict()
                     atomic_save(state, weights[s])
             fabric.barrier()
         handed_down.update(weights)

@@ -310,7 +310,7 @@ class CNet(Plugin):
             for batch in loader:
                 batch = engine.task.move_batch(batch, engine.fabric)
                 records = {s: engine.task.knowledge(m, batch) for s, m in engine.students.items()} if self.uses_records else {}
-                teachers = engine._teacher_records(batch, None) if self.uses_records else {}
+                teachers = engine.teacher_records(batch, None) if self.uses_records else {}
                 targets = batch.get("targets") if isinstance(batch, dict) else None
                 # one class per image (classification) is shown in the grid; -1 otherwise
                 labels = targets.tolist() if isinstance(targets, Tensor) and targets.dim() == 1 else [-1] * len(batch["index"])

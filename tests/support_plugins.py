@@ -63,10 +63,11 @@ class WeightChecksums(Plugin):
                 h.update(value.detach().cpu().contiguous().numpy().tobytes())
             return h.hexdigest()
 
-        from collab_distill.engine import _unwrap
+        from collab_distill import unwrap
 
-        sums = {name: digest(_unwrap(m)) for name, m in engine.students.items()}
+        sums = {name: digest(unwrap(m)) for name, m in engine.students.items()}
         sums.update({f"meta:{name}": digest(m) for name, m in engine.meta_modules.items()})
+        sums.update({f"plugin:{s}/{k}": digest(unwrap(m)) for s, mods in engine.plugin_modules.items() for k, m in mods.items()})
         plugin_state: dict[str, Any] = {}  # e.g. KDCL-General's ensemble weights, computed per rank
         engine.hook.collab_distill_save_state(engine=engine, state=plugin_state)
         sums["plugins"] = json.dumps(plugin_state, default=str, sort_keys=True)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from collab_distill import ConfigError, Plugin, SoftTarget, hookimpl
 from collab_distill.config import Cohort, Teacher, TrainerConfig
-from collab_distill.engine import Engine, _unwrap
+from collab_distill.engine import Engine, unwrap
 from collab_distill.meta import BilevelConfig
 from collab_distill.plugins.fixed_weights import FixedLossWeights
 from collab_distill.tasks.classification import Digits, ImageClassification, ResNet
@@ -139,12 +139,12 @@ def test_meta_step_moves_only_meta_modules(tmp_path, teacher_file):
     engine = make_engine(tmp_path, teacher_file, [plugin], meta=BilevelConfig(every_n_steps=1))
     batch = ready(engine)
     _, teachers = records_of(engine, batch)
-    before = {n: {k: v.clone() for k, v in _unwrap(m).state_dict().items()} for n, m in engine.students.items()}
+    before = {n: {k: v.clone() for k, v in unwrap(m).state_dict().items()} for n, m in engine.students.items()}
     meta_before = [p.detach().clone() for p in plugin.net.parameters()]
     log = engine.meta_step(batch, teachers, None)
     assert torch.isfinite(log["meta/loss"])
     for n, m in engine.students.items():  # parameters and BatchNorm statistics untouched
-        for k, v in _unwrap(m).state_dict().items():
+        for k, v in unwrap(m).state_dict().items():
             assert torch.equal(v, before[n][k]), f"{n}.{k} changed in the meta step"
     changed = [not torch.equal(a, b.detach()) for a, b in zip(meta_before, plugin.net.parameters())]
     assert all(changed)

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from collab_distill.engine import _unwrap
+from collab_distill.engine import unwrap
 from collab_distill.meta import BilevelConfig
 from collab_distill.plugins.fixed_weights import FixedLossWeights
 from collab_distill.plugins.mc_distil import CNet, PooledStudent, largest_spread, pooled_student_logits
@@ -108,7 +108,7 @@ def test_normalised_weights_cannot_change_the_loss_scale(tmp_path, teacher_file,
 
 def fit_weights(engine):
     engine.fit()
-    return {n: {k: v.clone() for k, v in _unwrap(m).state_dict().items()} for n, m in engine.students.items()}
+    return {n: {k: v.clone() for k, v in unwrap(m).state_dict().items()} for n, m in engine.students.items()}
 
 
 def test_gamma_off_reproduces_nops_exactly(tmp_path, teacher_file):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from collab_distill.config import Cohort, TrainerConfig
-from collab_distill.engine import Engine, _unwrap
+from collab_distill.engine import Engine, unwrap
 from collab_distill.meta import BilevelConfig
 from collab_distill.plugins.fixed_weights import FixedLossWeights
 from collab_distill.plugins.metadistiller import META_MODULE, MetaDistiller, TopDownLabelGenerator
@@ -240,12 +240,12 @@ def test_generator_learns_only_in_the_meta_step(tmp_path):
 
     engine.epoch = 1  # not a meta epoch: a plain training step
     assert not engine._meta_step_due()
-    before, student = _snapshot(generators), _snapshot(_unwrap(engine.students["xxs"]))
+    before, student = _snapshot(generators), _snapshot(unwrap(engine.students["xxs"]))
     logs = engine.training_step(batch)
     assert float(logs["xxs/exits"]) > 0 and "meta/loss" not in logs
     assert all(torch.equal(v, before[k]) for k, v in generators.named_parameters())
     assert all(p.grad is None for p in generators.parameters())
-    assert any(not torch.equal(v, student[k]) for k, v in _unwrap(engine.students["xxs"]).named_parameters())
+    assert any(not torch.equal(v, student[k]) for k, v in unwrap(engine.students["xxs"]).named_parameters())
 
     engine.epoch = 2  # a meta epoch: the bilevel step runs first and updates the generators
     assert engine._meta_step_due()

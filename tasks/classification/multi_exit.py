@@ -144,6 +144,18 @@ class MultiExitNet(nn.Module):
         return len(self._stages)
 
     @property
+    def final_stage_path(self) -> str:
+        """Module path (as ``named_modules()`` spells it) of the final stage, whose output is the
+        deepest feature map, e.g. ``backbone.layer4``."""
+        return "backbone." + self._stages[-1][-1]
+
+    @property
+    def head_feature_paths(self) -> tuple[str, ...]:
+        """Module paths of the early heads' bottleneck bodies, shallow to deep (``heads.0.body``,
+        ...): each outputs the final stage's channels at (about) its resolution."""
+        return tuple(f"heads.{k}.body" for k in range(len(self.heads)))
+
+    @property
     def deploy_model(self) -> nn.Module:
         """The plain classifier kept for deployment (final exit only; the heads are dropped)."""
         return self.backbone

@@ -1,0 +1,88 @@
+"""What a plugin may read from (and call on) the engine it receives in every hook.
+
+:class:`~collab_distill.engine.Engine` satisfies this protocol; hook specifications are typed
+with it, so a type checker flags a plugin that reaches for anything else. Everything not
+listed here is the engine's own business and may change between releases.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Protocol, runtime_checkable
+
+from torch import nn
+
+if TYPE_CHECKING:
+    from lightning_fabric import Fabric
+
+    from collab_distill.config import Cohort, TrainerConfig
+    from collab_distill.meta import BilevelConfig
+    from collab_distill.records import Knowledge
+    from collab_distill.task import Task, TaskInfo
+
+__all__ = ["EngineView"]
+
+
+@runtime_checkable
+class EngineView(Protocol):
+    """The engine as plugins see it.
+
+    Read-only attributes (plugins must not reassign them):
+
+    * ``task`` (:class:`~collab_distill.task.Task`), ``info`` (its :class:`~collab_distill.task.TaskInfo`),
+      ``cohort`` (the configured students and teachers), ``trainer`` (loop settings: ``temperature``,
+      ``max_epochs``, ``warmup_epochs``, ...), ``meta_config``, ``seed``;
+    * ``fabric``: the Lightning ``Fabric`` (device, ``world_size``, ``is_global_zero``, ``all_reduce``,
+      ``autocast``, ``log_dict``);
+    * ``students`` / ``teachers``: ``{name: module}`` (students wrapped by Fabric once training is
+      set up; :func:`collab_distill.unwrap` gives the user's module); ``meta_modules``;
+    * ``epoch`` (0-based, the epoch being trained), ``global_step``, ``batch_in_epoch``;
+    * ``run_dir``: the run folder (``None`` before the fit opens it); write plugin files under
+      ``run_dir / "plugins" / <your name>`` on rank 0 only;
+    * ``fitting``: True inside ``fit``; False when a checkpoint is only validated or tested;
+    * ``feature_shapes``: ``{member: {feature: shape without the batch dimension}}`` of every
+      requested feature, measured on two real images at setup (see
+      ``collab_distill_feature_requests``); available from ``collab_distill_student_modules`` on.
+    """
+
+    task: "Task"
+    info: Optional["TaskInfo"]
+    cohort: "Cohort"
+    trainer: "TrainerConfig"
+    meta_config: "BilevelConfig"
+    seed: int
+    fabric: Optional["Fabric"]
+    students: dict[str, nn.Module]
+    teachers: dict[str, nn.Module]
+    meta_modules: dict[str, nn.Module]
+    epoch: int
+    global_step: int
+    batch_in_epoch: int
+    run_dir: Optional[Path]
+    fitting: bool
+    feature_shapes: dict[str, dict[str, tuple[int, ...]]]
+
+    def warming_up(self, student: str) -> bool:
+        """Whether ``student`` is still in its supervised-only warm-up."""
+        ...
+
+    @property
+    def in_warmup(self) -> bool:
+        """Some student is still warming up."""
+        ...
+
+    @property
+    def has_meta(self) -> bool:
+        """Some plugin declared meta-learned modules."""
+        ...
+
+    def student_module(self, student: str, name: str) -> Callable[..., Any]:
+        """The trainable module ``name`` a plugin attached to ``student`` (through
+        ``collab_distill_student_modules``), ready to call in the current phase: Fabric/DDP-wrapped
+        in the real step, evaluated at the looked-ahead parameters inside the bilevel step."""
+        ...
+
+    def teacher_records(self, batch: Any, context: Any = None) -> Mapping[str, "Knowledge"]:
+        """The frozen teachers' records of ``batch`` (no grad, under the run's autocast),
+        computed on first access."""
+        ...
