@@ -51,7 +51,9 @@ from torchvision.transforms import v2
 import collab_distill
 from collab_distill.config import Cohort, Teacher, TrainerConfig
 from collab_distill.engine import Engine
+from collab_distill import FeatureRequest, Plugin, hookimpl
 from collab_distill.plugins.fixed_weights import FixedLossWeights
+from collab_distill.plugins.hints import FitNets
 from collab_distill.tasks.classification import Digits, ImageClassification, ResNet
 from collab_distill.tasks.classification.data import ClassificationData, _Loaded, _TensorSource
 
@@ -245,6 +247,45 @@ def bench_ratio(name: str, data_factory, students, teacher, workdir, steps, warm
     return out
 
 
+class IdleFeatureRequests(Plugin):
+    """Requests ``layer3`` of every member but is never active: the forward hooks are registered
+    and fire, nothing is captured (what a feature plugin costs on the steps that do not use it)."""
+
+    @hookimpl
+    def collab_distill_feature_requests(self, engine):
+        return [FeatureRequest(m, "layer3", lambda engine, phase: False) for m in [*engine.cohort.students, *engine.cohort.teachers]]
+
+
+def bench_features(name: str, data_factory, students, teacher, workdir, steps, warmup) -> dict[str, Any]:
+    """KD, KD with idle feature hooks, and FitNets hints on layer3 + KD, timed interleaved on one
+    fixed batch (``Engine.training_step``)."""
+    variants = {
+        "kd": [FixedLossWeights(alpha=ALPHA, beta=BETA)],
+        "kd_idle_hooks": [FixedLossWeights(alpha=ALPHA, beta=BETA), IdleFeatureRequests()],
+        "fitnets": [FixedLossWeights(alpha=ALPHA, beta=BETA), FitNets(student_features=["layer3"], weight=100.0)],
+    }
+    engines, batch = {}, None
+    for key, plugins in variants.items():
+        engine = make_engine(data_factory(), students, teacher, workdir, plugins=plugins)
+        engine._setup_training()
+        if batch is None:
+            loader, sampler = engine.loaders["train"]
+            sampler.select_epoch(0)
+            batch = engine.task.move_batch(next(iter(loader)), engine.fabric)
+        engines[key] = engine
+    times = time_interleaved({k: (lambda e=e: e.training_step(batch)) for k, e in engines.items()}, steps, warmup, rotate=True)
+    out: dict[str, Any] = {"setup": name, "students": students, "teacher": teacher, "input_shape": list(batch["inputs"].shape),
+                           "step_s": {k: _stats(v) for k, v in times.items()}}
+    for key in ("kd_idle_hooks", "fitnets"):
+        paired = [a / b for a, b in zip(times[key], times["kd"])]
+        out[f"{key}_vs_kd"] = {"ratio_of_medians": statistics.median(times[key]) / statistics.median(times["kd"]),
+                               "ratio_of_minima": min(times[key]) / min(times["kd"]), "paired": _stats(paired)}
+    print(f"[{name}] KD {out['step_s']['kd']['median']*1e3:.1f} ms; idle hooks / KD "
+          f"{out['kd_idle_hooks_vs_kd']['ratio_of_medians']:.3f}; FitNets / KD {out['fitnets_vs_kd']['ratio_of_medians']:.3f}",
+          flush=True)
+    return out
+
+
 def bench_scaling(label: str, sizes: list[str], teacher: str, data_factory, workdir, steps, warmup) -> dict[str, Any]:
     """Engine (and hand loop) step time for the first k of ``sizes``, k = 1..len(sizes).
 
@@ -425,6 +466,24 @@ def markdown(res: dict[str, Any]) -> str:
             lines.append(f"| {r['setup']} | {'x'.join(map(str, r['batch_shape']))} | {_ms(a)} | {_ms(b)} "
                          f"| {b['median']/a['median']:.1f}x | {r['identical_pixels']} |")
         lines.append("")
+    if res.get("features"):
+        lines += [
+            "## Feature capture",
+            "",
+            "One cohort step (`Engine.training_step`) with KD; with KD plus idle feature hooks (`layer3` of every member "
+            "requested but never active: the hooks fire, nothing is kept); and with FitNets hints on `layer3` "
+            "(a 1x1 conv + BN + ReLU regressor per student, MSE to the teacher's `layer3`) + KD. The three engines are "
+            "timed round-robin on one fixed batch. Median (IQR) ms per step; ratios to KD.",
+            "",
+            "| setup | input | KD ms | idle hooks ms | FitNets ms | idle hooks / KD (medians, minima) | FitNets / KD (medians, minima) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in res["features"]:
+            t, idle, fit = r["step_s"], r["kd_idle_hooks_vs_kd"], r["fitnets_vs_kd"]
+            lines.append(f"| {r['setup']} ({', '.join(r['students'])}; teacher {r['teacher']}) | {'x'.join(map(str, r['input_shape']))} "
+                         f"| {_ms(t['kd'])} | {_ms(t['kd_idle_hooks'])} | {_ms(t['fitnets'])} "
+                         f"| {idle['ratio_of_medians']:.3f}, {idle['ratio_of_minima']:.3f} | {fit['ratio_of_medians']:.3f}, {fit['ratio_of_minima']:.3f} |")
+        lines.append("")
     return "\n".join(lines) + "\n"
 
 
@@ -493,6 +552,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="few steps, smaller scaling sweep (smoke test)")
     p.add_argument("--out", type=Path, default=HERE / "results")
     p.add_argument("--render-only", action="store_true", help="only rewrite the .md and .png from the .json in --out")
+    p.add_argument("--only-features", action="store_true",
+                   help="rerun only the feature-capture rows and merge them into the stored step_time.json")
     args = p.parse_args(argv)
     if args.render_only:
         res = json.loads((args.out / "step_time.json").read_text())
@@ -508,6 +569,17 @@ def main(argv: list[str] | None = None) -> int:
 
     cifar = lambda: SyntheticCIFAR(batch_size=args.batch_size)  # noqa: E731
     digits = lambda: Digits(batch_size=64, meta_fraction=0.1, val_fraction=0.1)  # noqa: E731
+    if args.only_features:
+        res = json.loads((args.out / "step_time.json").read_text())
+        with tempfile.TemporaryDirectory(prefix="step_time_") as tmp:
+            res["features"] = [bench_features("cifar-shaped", cifar, {"xxs": "xxs", "xs": "xs", "s": "s", "m": "m"}, "l",
+                                              Path(tmp), args.steps, args.warmup)]
+        res["features_measured"] = {"threads": torch.get_num_threads(), "steps": args.steps,
+                                    "loadavg": " ".join(f"{v:.2f}" for v in os.getloadavg()),
+                                    "elapsed_s": time.perf_counter() - started}
+        (args.out / "step_time.json").write_text(json.dumps(res, indent=1) + "\n")
+        (args.out / "step_time.md").write_text(markdown(res))
+        return 0
     res: dict[str, Any] = {
         "environment": {"platform": platform.platform(), "python": sys.version.split()[0], "torch": torch.__version__,
                         "collab_distill": collab_distill.__version__, "cpu_count": os.cpu_count(),
@@ -530,6 +602,8 @@ def main(argv: list[str] | None = None) -> int:
                                         "l", work, args.steps, args.warmup, alpha=1.0, beta=0.0))
         res["ratio"].append(bench_ratio("digits CE, teacher in cohort", digits, {"xxs": "xxs", "xs": "xs", "s": "s"}, "m",
                                         work, max(args.steps, 60), args.warmup, alpha=1.0, beta=0.0))
+        res["features"] = [bench_features("cifar-shaped", cifar, {"xxs": "xxs", "xs": "xs", "s": "s", "m": "m"}, "l",
+                                          work, args.steps, args.warmup)]
         sweeps = [("identical students", ["s"] * 5), ("mixed sizes", ["xxs", "xs", "s", "m", "l"])]
         if args.quick:
             sweeps = [("identical students", ["s"] * 3)]

@@ -81,11 +81,11 @@ def test_imagefolder_example(tmp_path, cli_env):
 
 
 #: self-boosting of multi-exit students (teacherless too)
-SELF_BOOSTING = ["dsn", "sd", "metadistiller"]
+SELF_BOOSTING = ["dsn", "sd", "sd_hint", "metadistiller"]
 TEACHERLESS = ["dml", "kdcl_naive", "kdcl_linear", "kdcl_minlogit", "kdcl_general", *SELF_BOOSTING]
 
 
-@pytest.mark.parametrize("method", ["ce", "kd", "mc_distil", "mc_distil_nops", "meta_distil", "rmc", *TEACHERLESS])
+@pytest.mark.parametrize("method", ["ce", "kd", "mc_distil", "mc_distil_nops", "meta_distil", "rmc", "fitnets", "attention", "dkd", *TEACHERLESS])
 def test_method_files_compose_with_digits(tmp_path, cli_env, method):
     run_cli([*digits_args(tmp_path, method, epochs=1), "--config", str(REPO / "examples" / "methods" / f"{method}.yaml"),
              "--trainer.limit_train_batches", "3"], cli_env)
