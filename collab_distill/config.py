@@ -85,7 +85,7 @@ class TrainerConfig:
         strategy: ``auto``, ``ddp``, ``ddp_spawn``, ...
         precision: Fabric precision (``32-true``, ``bf16-mixed``, ``16-mixed``).
         root_dir: runs are written to ``root_dir/name/version_N``.
-        name: the experiment name (default: the config file's name).
+        name: the experiment name (default: the stem of the last --config file, e.g. ``method`` for method.yaml).
         checkpoint_every_n_epochs: write ``last.ckpt`` at the end of every this many epochs.
         checkpoint_every_n_steps: also write ``last.ckpt`` every this many steps (mid-epoch).
         log_every_n_steps: how often step losses are logged.

@@ -49,9 +49,10 @@ class FeatureRequest:
         member: a student's or a teacher's name.
         feature: module path, optionally with ``[key]`` (see the module docstring). The captured
             tensor appears as ``record.features[feature]``.
-        when: optional ``when(engine, phase) -> bool``; the feature is captured only on the steps
-            (``phase`` ``"train"`` or ``"lookahead"``) where it returns True, e.g. not during a
-            warm-up. Default: every training step and lookahead.
+        when: optional ``when(engine, phase) -> bool``; the feature is captured only where it
+            returns True, e.g. not during a warm-up. ``phase`` is ``"train"`` (the real step; the
+            teachers' records too), ``"lookahead"`` (the students in the bilevel step's lookahead)
+            or ``"meta"`` (the looked-ahead students on the meta batch). Default: always.
     """
 
     member: str

@@ -171,7 +171,8 @@ def collab_distill_feature_requests(engine: Engine) -> list[FeatureRequest] | No
     through every member to fill ``engine.feature_shapes`` (which ``student_modules`` can use to
     size adaptors). During training, ``records[member].features[request.feature]`` holds the
     tensor on every step where the request's ``when`` says so: with graph for students, without
-    for teachers, under the run's autocast, also inside the bilevel lookahead.
+    for teachers, under the run's autocast, also inside the bilevel lookahead. On other steps the
+    key is absent (read it with ``features.get``).
     """
 
 
@@ -205,7 +206,9 @@ def collab_distill_auxiliary_losses(
     :param phase: ``"train"`` for the real step, ``"lookahead"`` inside the bilevel step; a term
         built by a meta module keeps its graph only in the lookahead (the real step must leave
         no gradient on it).
-    :return: ``{term name: scalar tensor}``. Terms are logged under their names and summed.
+    :return: ``{term name: scalar tensor}``. Terms are logged under their names and added to the
+        loss as they are: the engine neither weighs them with ``weights`` nor skips them during a
+        student's warm-up (``engine.warming_up(student)``); the plugin decides both.
     """
 
 

@@ -96,7 +96,8 @@ def tiny_engine(
         plugins: your plugin instances (add a ``FixedLossWeights`` if the rule needs beta > 0).
         root_dir: where the run folder goes (pytest's ``tmp_path``).
         students: sizes of the ResNet10 family (``xxs`` ... ``l``); each student is named by its size.
-        teacher: the teacher's size, or ``None`` for a cohort without teacher.
+        teacher: the size of the teacher (the member named ``teacher``), or ``None`` for a cohort
+            without teacher.
         teacher_epochs: epochs of cross-entropy training of the teacher inside the run.
         multi_exit: wrap every student in ``MultiExit`` (early exits after each stage).
         epochs, steps: ``max_epochs`` and ``max_steps`` of the fit.
