@@ -859,6 +859,8 @@ class Engine:
             results = {"status": "stopped", "global_step": self.global_step, "epoch": self.epoch}
             if self.fabric.is_global_zero:
                 write_json(results, self.run_dir / "results.json")
+            for logger in self.fabric.loggers:  # the CSV logger writes its buffered rows only here
+                logger.finalize("success")
             return results
         last = self.evaluate("test")
         best_members = {}

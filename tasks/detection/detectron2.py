@@ -39,7 +39,7 @@ from collab_distill.records import Knowledge, SoftTarget, per_image_mean
 from collab_distill.task import ConfigError, Evaluator, ModelFactory, Task, TaskInfo
 from collab_distill.tasks.detection.data import CocoDetection
 from collab_distill.tasks.detection.task import (IMAGENET_MEAN, IMAGENET_STD, CocoEvaluator, DetectionContext, PerImageEvaluator,
-                                                 batch_seed,
+                                                 batch_seed, observed,
                                                  region_context, region_knowledge)
 
 __all__ = ["Detectron2RCNN", "Detectron2Detector", "Detectron2Coco", "Detectron2Detection", "Detectron2CocoEvaluator",
@@ -552,7 +552,8 @@ class Detectron2Detection(Task):
     def knowledge(self, model: nn.Module, batch: Any, *, view: int = 0, context: Any = None) -> Knowledge:
         if context is None:
             context = self.shared_context(batch, {}, {"model": model})
-        features = context.source_features if model is context.source else None
+        reuse = model is context.source and not observed(model.model.backbone)
+        features = context.source_features if reuse else None
         return region_knowledge(context, lambda: model(batch["inputs"], regions=context.regions, features=features, mode="train"))
 
     def images(self, batch: Any) -> Tensor:

@@ -27,7 +27,7 @@ from collab_distill.task import ConfigError, Evaluator, ModelFactory, Task, Task
 from collab_distill.tasks.detection.data import CocoDetection
 from collab_distill.tasks.detection.models import RegionDetector, region_labels
 
-__all__ = ["ObjectDetection", "CocoEvaluator", "PerImageEvaluator", "DetectionContext"]
+__all__ = ["ObjectDetection", "CocoEvaluator", "PerImageEvaluator", "DetectionContext", "observed"]
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -71,6 +71,13 @@ def region_context(proposals: list[Tensor], features: dict[str, Tensor], targets
         source=source if frozen else None, source_features={k: v.detach() for k, v in features.items()} if frozen else None,
         seed=seed,
     )
+
+
+def observed(module: nn.Module) -> bool:
+    """Whether a forward hook watches ``module`` or one of its submodules (e.g. a feature the
+    engine captures by module path): its forward must then really run in the member's own
+    knowledge call, so the region source's cached features are not reused."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
 
 
 def region_knowledge(context: DetectionContext, run: Callable[[], dict[str, Any]]) -> Knowledge:
@@ -187,7 +194,8 @@ class ObjectDetection(Task):
     def knowledge(self, model: nn.Module, batch: Any, *, view: int = 0, context: Any = None) -> Knowledge:
         if context is None:
             context = self.shared_context(batch, {}, {"model": model})
-        features = context.source_features if model is context.source else None
+        reuse = model is context.source and not observed(model.detector.backbone)
+        features = context.source_features if reuse else None
         targets = context.targets if model.training else None
         return region_knowledge(context, lambda: model(context.images, context.image_sizes, targets, context.regions,
                                                        features, mode="train"))
