@@ -183,6 +183,7 @@ def test_fitnets_regressors_train_with_their_student_and_resume_bit_identically(
     # stopped mid-epoch 1, then resumed in a new engine: the same bits as the uninterrupted run
     cut = tiny_fit([KD, FitNets(weight=10.0)], root_dir=tmp_path / "cut", steps=5, **options)
     assert cut.results["status"] == "stopped"
+    assert "train/xs/hint" in (cut.run_dir / "logs" / "csv" / "metrics.csv").read_text()  # a stopped run keeps its logs
     resumed = tiny_engine([KD, FitNets(weight=10.0)], root_dir=tmp_path / "cut", **options)
     resumed.fit(resume=str(cut.run_dir / "checkpoints" / "last.ckpt"))
     students_b, modules_b = _state(resumed)
