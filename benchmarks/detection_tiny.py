@@ -49,13 +49,13 @@ def bench_steps(adapter: str, data: Path, workdir: Path, steps: int, warmup: int
     fns = {}
     for name, engine in engines.items():
         engine.setup()
-        engine._setup_training()  # the teacher keeps its initial weights: timing only
+        engine.prepare_training()  # the teacher keeps its initial weights: timing only
         loader, sampler = engine.loaders["train"]
         sampler.select_epoch(0)
         batch = engine.task.move_batch(next(iter(loader)), engine.fabric)
 
         def step(engine=engine, batch=batch, meta=False):
-            engine._meta_step_due = lambda: meta  # type: ignore[method-assign]
+            engine.meta_step_due = lambda: meta  # type: ignore[method-assign]
             return engine.training_step(batch)
 
         if name == "kd":

@@ -55,7 +55,7 @@ def bench(setup: str, hypergradient: str, c_net: str, workdir: Path, steps: int,
     }
     batches = {}
     for name, engine in engines.items():
-        engine._setup_training()
+        engine.prepare_training()
         loader, sampler = engine.loaders["train"]
         sampler.select_epoch(0)
         batches[name] = engine.task.move_batch(next(iter(loader)), engine.fabric)
@@ -64,7 +64,7 @@ def bench(setup: str, hypergradient: str, c_net: str, workdir: Path, steps: int,
         engine = engines[name]
 
         def run():
-            engine._meta_step_due = lambda: meta  # type: ignore[method-assign]
+            engine.meta_step_due = lambda: meta  # type: ignore[method-assign]
             return engine.training_step(batches[name])
         return run
 

@@ -9,12 +9,12 @@ pixels do not depend on the number of loader workers, on the process rank, or on
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
-__all__ = ["SeededSampler", "SeededSample", "augment_seeded"]
+__all__ = ["SeededSampler", "SeededSample", "augment_seeded", "make_loader", "PlainIndices", "Cycle"]
 
 #: what :class:`SeededSampler` yields: ``(dataset index, augmentation seed)``
 SeededSample = tuple[int, int]
@@ -104,3 +104,61 @@ class IndexedDataset(Dataset):
         if isinstance(key, tuple):
             return int(key[0]), int(key[1])
         return int(key), None
+
+
+class PlainIndices(Sampler):
+    """Evaluation order: plain indices (no augmentation seed), sharded like training."""
+
+    def __init__(self, inner: SeededSampler) -> None:
+        self.inner = inner
+
+    def __iter__(self) -> Iterator[int]:
+        return (i for i, _ in self.inner)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+
+def make_loader(task: Any, split: str, seed: int, fabric: Any) -> tuple[DataLoader, SeededSampler]:
+    """The split's loader and its :class:`SeededSampler` (shuffled and seeded for ``train`` and
+    ``meta``; plain indices otherwise), sharded over ``fabric``'s ranks."""
+    dataset = task.dataset(split)
+    options = dict(task.loader_options(split))
+    batch_size = int(options.pop("batch_size"))
+    drop_last = split == "train" and len(dataset) > batch_size * fabric.world_size
+    sampler = SeededSampler(
+        len(dataset), shuffle=split in ("train", "meta"), seed=seed + (0 if split == "train" else 17), rank=fabric.global_rank,
+        world_size=fabric.world_size, batch_size=batch_size, drop_last=drop_last,
+    )
+    order: Sampler = sampler if split == "train" else PlainIndices(sampler)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=order, collate_fn=task.collate, drop_last=drop_last, **options)
+    return loader, sampler
+
+
+class Cycle:
+    """An endless, resumable iterator over a loader with a :class:`SeededSampler` (the meta batches)."""
+
+    def __init__(self, loader: DataLoader, sampler: SeededSampler) -> None:
+        self.loader, self.sampler = loader, sampler
+        self.epoch, self.position = 0, 0
+        self._it: Optional[Iterator] = None
+
+    def __next__(self) -> Any:
+        if self._it is None:
+            self.sampler.select_epoch(self.epoch, self.position)
+            self._it = iter(self.loader)
+        try:
+            batch = next(self._it)
+        except StopIteration:
+            self.epoch, self.position = self.epoch + 1, 0
+            self.sampler.select_epoch(self.epoch, 0)
+            self._it = iter(self.loader)
+            batch = next(self._it)
+        self.position += 1
+        return batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        self.epoch, self.position, self._it = state["epoch"], state["position"], None

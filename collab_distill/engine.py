@@ -11,41 +11,32 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Mapping as MappingABC
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
 
 import torch
 from lightning_fabric import Fabric
-from lightning_fabric.wrappers import is_wrapped
 from torch import Tensor, nn
 from torch.func import functional_call
-from torch.utils.data import DataLoader
 
 from collab_distill import console
-from collab_distill.checkpoint import (
-    CHECKPOINT_FORMAT,
-    atomic_save,
-    latest_run_dir,
-    load_checkpoint,
-    load_weights,
-    new_run_dir,
-    rng_state,
-    set_rng_state,
-    versions,
-    write_json,
-)
+from collab_distill.checkpoint import atomic_save, load_weights, write_json
 from collab_distill.config import Cohort, TrainerConfig
-from collab_distill.data import SeededSampler
+from collab_distill.data import Cycle, make_loader
+from collab_distill.evaluation import evaluate, evaluate_checkpoint
 from collab_distill.features import FeatureCapture, FeatureRequest
+from collab_distill.loss import cohort_loss, untrained_leaves
 from collab_distill.meta import BilevelConfig, MetaModule, hypergradient, meta_summary
+from collab_distill.nested import train_teachers
 from collab_distill.optim import Constant, OptimizerCallable, Schedule, sgd
 from collab_distill.plugin_manager import make_plugin_manager
-from collab_distill.records import Knowledge, LossWeights, SoftTarget
+from collab_distill.records import Knowledge
+from collab_distill.run_folder import checkpoint_state, make_loggers, open_run_dir, resolve_resume, restore
 from collab_distill.stages import Stage, check_stages
 from collab_distill.task import ConfigError, Task, TaskInfo
+from collab_distill.wrapping import unwrap, unwrap_optimizer
 
-__all__ = ["Engine", "NonFiniteLossError", "unwrap"]
+__all__ = ["Engine", "NonFiniteLossError"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -101,35 +92,6 @@ class _LazyRecords(MappingABC):
 
     def __bool__(self) -> bool:
         return bool(self._teachers)
-
-
-class _Cycle:
-    """An endless, resumable iterator over a loader with a :class:`SeededSampler`."""
-
-    def __init__(self, loader: DataLoader, sampler: SeededSampler) -> None:
-        self.loader, self.sampler = loader, sampler
-        self.epoch, self.position = 0, 0
-        self._it: Optional[Iterator] = None
-
-    def __next__(self) -> Any:
-        if self._it is None:
-            self.sampler.select_epoch(self.epoch, self.position)
-            self._it = iter(self.loader)
-        try:
-            batch = next(self._it)
-        except StopIteration:
-            self.epoch, self.position = self.epoch + 1, 0
-            self.sampler.select_epoch(self.epoch, 0)
-            self._it = iter(self.loader)
-            batch = next(self._it)
-        self.position += 1
-        return batch
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: Mapping[str, int]) -> None:
-        self.epoch, self.position, self._it = state["epoch"], state["position"], None
 
 
 class Engine:
@@ -200,6 +162,8 @@ class Engine:
         self._lookahead_modules: Optional[dict[str, dict[str, dict[str, Tensor]]]] = None
         self._leaves_checked = False  # trainable tensors outside every optimizer are looked for once
         self.run_dir: Optional[Path] = None
+        #: the run's loggers (``trainer.loggers``), created with the run folder
+        self.loggers: list[Any] = []
         self.fitting = False  # True inside fit(); validate/test of a checkpoint run with it False
         # write into this folder instead of a new root_dir/name/version_N (nested teacher runs)
         self._run_dir_override: Optional[Path] = Path(run_dir) if run_dir is not None else None
@@ -241,10 +205,9 @@ class Engine:
             check_stages(self.stages, self.cohort)
         t = self.trainer
         if self.fabric is None:
-            loggers = []  # attached once the run folder exists
+            # no Fabric loggers: the engine owns its run's loggers (created with the run folder)
             self.fabric = Fabric(
-                accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
-                strategy=t.strategy, precision=t.precision, loggers=loggers,
+                accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy, precision=t.precision,
             )
             self.fabric.launch()
         self.fabric.seed_everything(self.seed, verbose=False)
@@ -397,19 +360,21 @@ class Engine:
 
     def _collect_meta_modules(self) -> None:
         specs: list[MetaModule] = [m for group in self.hook.collab_distill_meta_modules(engine=self) if group for m in group]
-        self._meta_specs = {}
+        self.meta_specs = {}
         for spec in specs:
-            if spec.name in self._meta_specs:
+            if spec.name in self.meta_specs:
                 raise ConfigError(f"two plugins declare a meta module named {spec.name!r}")
-            self._meta_specs[spec.name] = spec
-        if self._meta_specs and self.meta_config.hypergradient == "second_order" and not self.task.double_backward:
+            self.meta_specs[spec.name] = spec
+        if self.meta_specs and self.meta_config.hypergradient == "second_order" and not self.task.double_backward:
             raise ConfigError(
                 f"meta.hypergradient=second_order needs a double backward through the students, which "
                 f"{self.task.describe()} does not have (roi_align has none); use meta.hypergradient=finite_difference"
             )
 
-    def _setup_training(self) -> None:
-        """Wrap students for the strategy, build optimizers, schedulers and loaders."""
+    def prepare_training(self) -> None:
+        """Set up (if not yet), wrap students for the strategy, and build optimizers, schedulers
+        and loaders: everything a training step needs, without a run folder."""
+        self.setup()
         fabric = self.fabric
         assert fabric is not None
         for name, model in list(self.students.items()):
@@ -426,32 +391,13 @@ class Engine:
         for name, model in list(self.teachers.items()):
             # a frozen teacher must not be wrapped in DDP
             self.teachers[name] = fabric.to_device(model.eval().requires_grad_(False))
-        for name, spec in self._meta_specs.items():
+        for name, spec in self.meta_specs.items():
             module = fabric.to_device(spec.module)
             self.meta_modules[name] = module
             self.meta_optimizers[name] = spec.optimizer(module.parameters())
         self._meta_trainable = any(p.requires_grad for m in self.meta_modules.values() for p in m.parameters())
-        self.loaders = {split: self._loader(split) for split in ("train", "meta", "val", "test")}
-        self.meta_batches = _Cycle(*self.loaders["meta"])
-
-    def _loader(self, split: str) -> tuple[DataLoader, SeededSampler]:
-        assert self.fabric is not None
-        dataset = self.task.dataset(split)
-        options = dict(self.task.loader_options(split))
-        batch_size = int(options.pop("batch_size"))
-        train = split in ("train", "meta")
-        drop_last = split == "train" and len(dataset) > batch_size * self.fabric.world_size
-        sampler = SeededSampler(
-            len(dataset), shuffle=train, seed=self.seed + (0 if split == "train" else 17), rank=self.fabric.global_rank,
-            world_size=self.fabric.world_size, batch_size=batch_size, drop_last=drop_last,
-        )
-        if split != "train":
-            sampler = _PlainIndices(sampler)  # type: ignore[assignment]
-        loader = DataLoader(
-            dataset, batch_size=batch_size, sampler=sampler, collate_fn=self.task.collate,
-            drop_last=drop_last, **options,
-        )
-        return loader, sampler if isinstance(sampler, SeededSampler) else sampler.inner
+        self.loaders = {split: make_loader(self.task, split, self.seed, fabric) for split in ("train", "meta", "val", "test")}
+        self.meta_batches = Cycle(*self.loaders["meta"])
 
     # ------------------------------------------------------------------ the loss
 
@@ -463,71 +409,9 @@ class Engine:
         phase: str = "train",
         detailed: bool = True,
     ) -> tuple[Tensor, dict[str, Tensor | float]]:
-        """``sum_s mean_i [alpha*sup + beta*tau^2*KL(target||s) + gamma*tau^2*KL(consensus||s)]``.
+        """The cohort's loss on one batch (see :func:`collab_distill.loss.cohort_loss`)."""
+        return cohort_loss(self, batch, records, teacher_records, phase, detailed)
 
-        Returns the total loss and, for logging, ``loss`` plus (when ``detailed``) every
-        student's terms and mean weights, detached.
-        """
-        tau = self.trainer.temperature
-        warming = {s for s in records if self.warming_up(s)}
-        if warming:
-            first = next(iter(records.values()))
-            supervised_only = LossWeights.constant_weights(first.num_images, 1.0, 0.0, 0.0, first.logits.device)
-            weights: Mapping[str, LossWeights] = {s: supervised_only for s in records}
-        targets: Mapping[str, SoftTarget] = {}
-        consensus: Mapping[str, SoftTarget] = {}
-        if len(warming) < len(records):
-            with torch.set_grad_enabled(phase != "train" and torch.is_grad_enabled()):
-                provided = self.hook.collab_distill_loss_weights(
-                    engine=self, batch=batch, records=records, teacher_records=teacher_records, phase=phase
-                )
-            if provided is None:
-                raise ConfigError("no plugin provides loss weights (the built-in `defaults` plugin is disabled?)")
-            missing = set(records) - set(provided)
-            if missing:
-                raise ConfigError(f"the loss-weight provider returned no weights for student(s) {sorted(missing)}")
-            weights = {s: supervised_only if s in warming else provided[s] for s in records}
-            kwargs = dict(engine=self, batch=batch, records=records, teacher_records=teacher_records, temperature=tau)
-            # a term whose weight is exactly zero for every student is not computed at all
-            # (with lazy teacher records this also skips the teachers' forward pass)
-            if any(w.uses(1) for w in weights.values()):
-                targets = self.hook.collab_distill_soft_targets(**kwargs) or {}
-            if any(w.uses(2) for w in weights.values()):
-                consensus = self.hook.collab_distill_consensus_targets(**kwargs) or {}
-        total: Tensor | float = 0.0
-        logs: dict[str, Tensor | float] = {}
-        for name, rec in records.items():
-            w = weights[name]
-            alpha, beta, gamma = w.constant if w.constant is not None else (w.alpha, w.beta, w.gamma)
-            per_image = alpha * rec.supervised_loss
-            if detailed:
-                logs[f"{name}/supervised"] = rec.supervised_loss.detach().mean()
-            for term, target, mix, used in (
-                ("distill", targets.get(name), beta, w.uses(1)), ("consensus", consensus.get(name), gamma, w.uses(2)),
-            ):
-                if target is None or not used:
-                    continue
-                kl = rec.per_image(target.kl_per_unit(rec.logits, tau))
-                per_image = per_image + mix * (tau * tau) * kl
-                if detailed:
-                    logs[f"{name}/{term}"] = kl.detach().mean()
-            student_loss = per_image.mean()
-            logs[f"{name}/loss"] = student_loss.detach()
-            if detailed:
-                for key, value in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
-                    logs[f"{name}/{key}"] = value if isinstance(value, float) else value.detach().float().mean()
-            total = total + student_loss
-        extra = self.hook.collab_distill_auxiliary_losses(
-            engine=self, batch=batch, records=records, teacher_records=teacher_records, weights=weights,
-            phase=phase,
-        )
-        for group in extra:
-            for key, value in (group or {}).items():
-                total = total + value
-                logs[key] = value.detach()
-        assert isinstance(total, Tensor)
-        logs["loss"] = total.detach()
-        return total, logs
 
     # ------------------------------------------------------------------ steps
 
@@ -541,7 +425,7 @@ class Engine:
             # lazily after the students' forward costs up to ~15% per step in allocator page faults
             teacher_records.resolve()
         meta_log: dict[str, Tensor] = {}
-        if self._meta_step_due():
+        if self.meta_step_due():
             meta_log = self.meta_step(batch, teacher_records, context)
         records = {
             name: self.member_knowledge(name, model, batch, view=i, context=context, phase="train")
@@ -572,30 +456,15 @@ class Engine:
         """Stop when a trainable tensor reaches the loss but no optimizer updates it (a plugin's
         module kept as an attribute instead of declared): it would silently stay at its init."""
         self._leaves_checked = True
-        known = {id(p) for opt in self.optimizers.values() for g in unwrap_optimizer(opt).param_groups for p in g["params"]}
-        known |= {id(p) for m in self.meta_modules.values() for p in m.parameters()}
-        seen, stack, strays = set(), [loss.grad_fn], []
-        while stack:
-            node = stack.pop()
-            if node is None or node in seen:
-                continue
-            seen.add(node)
-            variable = getattr(node, "variable", None)
-            if variable is not None and id(variable) not in known:
-                strays.append(variable)
-            stack.extend(next_node for next_node, _ in node.next_functions)
-        if not strays:
-            return
-        names = []
-        for tensor in strays:
-            owner = next((f"{self.pm.get_name(plugin)}: {attr}" for plugin in self.pm.get_plugins()
-                          for attr, value in _tensors_of(plugin) if value is tensor), None)
-            names.append(f"{owner or 'an unnamed tensor'} {tuple(tensor.shape)}")
-        raise ConfigError(
-            f"trainable parameter(s) reach the loss but no optimizer updates them: {'; '.join(names)}. "
-            "A plugin's trainable module must be returned from collab_distill_student_modules (trained with a "
-            "student) or collab_distill_meta_modules (meta-learned), and called through engine.student_module(...)"
-        )
+        trained = {id(p) for opt in self.optimizers.values() for g in unwrap_optimizer(opt).param_groups for p in g["params"]}
+        trained |= {id(p) for m in self.meta_modules.values() for p in m.parameters()}
+        strays = untrained_leaves(loss, trained, {self.pm.get_name(p): p for p in self.pm.get_plugins()})
+        if strays:
+            raise ConfigError(
+                f"trainable parameter(s) reach the loss but no optimizer updates them: {'; '.join(strays)}. "
+                "A plugin's trainable module must be returned from collab_distill_student_modules (trained with a "
+                "student) or collab_distill_meta_modules (meta-learned), and called through engine.student_module(...)"
+            )
 
     def _check_finite(self) -> None:
         """Raise if any loss since the last check was NaN/inf (one host sync)."""
@@ -621,7 +490,8 @@ class Engine:
             f"the teacher. {kept}"
         )
 
-    def _meta_step_due(self) -> bool:
+    def meta_step_due(self) -> bool:
+        """Whether this step runs the bilevel meta step."""
         # decided from counters and config only, so every DDP rank takes the same branch
         if not self.has_meta or self.in_warmup:
             return False
@@ -709,7 +579,7 @@ class Engine:
         self.meta_history.append({"step": self.global_step, "loss": value, "grad_norm": grad_norm})
         self.hook.collab_distill_meta_step_end(engine=self, step=self.global_step, meta_loss=value, grad_norm=grad_norm)
         # meta steps are rare: log each one at the step it belongs to, whatever log_every_n_steps is
-        self.fabric.log_dict({"train/meta/loss": value, "train/meta/grad_norm": grad_norm}, step=self.global_step + 1)
+        self.log_dict({"train/meta/loss": value, "train/meta/grad_norm": grad_norm}, step=self.global_step + 1)
         return {"meta/loss": torch.tensor(value), "meta/grad_norm": torch.tensor(grad_norm)}
 
     def _reduce_meta_grads(self, params: list[nn.Parameter]) -> None:
@@ -739,31 +609,36 @@ class Engine:
 
     # ------------------------------------------------------------------ evaluation
 
-    @torch.no_grad()
     def evaluate(self, split: str, members: Optional[Mapping[str, nn.Module]] = None) -> dict[str, dict[str, float]]:
         """Metrics of every student (or of ``members``) on ``split``."""
-        assert self.fabric is not None
-        members = dict(members) if members is not None else dict(self.students)
-        loader, _ = self.loaders[split]
-        evaluators = {name: self.task.evaluator(self.fabric) for name in members}
-        modes = {name: m.training for name, m in members.items()}
-        for m in members.values():
-            m.eval()
-        for i, batch in enumerate(loader):
-            if self.trainer.limit_eval_batches is not None and i >= self.trainer.limit_eval_batches:
-                break
-            batch = self.task.move_batch(batch, self.fabric)
-            for name, model in members.items():
-                with self.fabric.autocast():
-                    outputs = self.task.predict(model, batch)
-                evaluators[name].update(outputs, batch)
-        for name, m in members.items():
-            m.train(modes[name])
-        metrics = {name: ev.compute() for name, ev in evaluators.items()}
-        self.hook.collab_distill_evaluation_end(engine=self, split=split, metrics=metrics)
-        return metrics
+        return evaluate(self, split, members)
+
 
     # ------------------------------------------------------------------ fit
+
+    def prepare(self, resume: Optional[str] = None) -> None:
+        """Everything ``fit`` does before its first step: set up, open (or, with ``resume``, reuse)
+        the run folder, pre-train teachers, prepare training, restore the checkpoint."""
+        self.fitting = True
+        self.setup()
+        state = resolve_resume(self, resume)
+        self.run_dir = open_run_dir(self, state, self._run_dir_override)
+        self.loggers = make_loggers(list(self.trainer.loggers), self.run_dir)
+        train_teachers(self)
+        self.prepare_training()
+        if state is not None:
+            restore(self, state)
+
+    def log_dict(self, metrics: Mapping[str, float], step: int) -> None:
+        """Log to the run's loggers (rank 0 writes)."""
+        assert self.fabric is not None
+        if self.fabric.is_global_zero:
+            for logger in self.loggers:
+                logger.log_metrics(dict(metrics), step)
+
+    def finalize_loggers(self) -> None:
+        for logger in self.loggers:
+            logger.finalize("success")
 
     def fit(self, resume: Optional[str] = None) -> dict[str, Any]:
         """Train the cohort; returns (and writes) the run's results."""
@@ -771,14 +646,7 @@ class Engine:
             from collab_distill.stages import fit_stages
 
             return fit_stages(self, resume)
-        self.fitting = True
-        self.setup()
-        state = self._resolve_resume(resume)
-        self._open_run_dir(state)
-        self._train_teachers()
-        self._setup_training()
-        if state is not None:
-            self._restore(state)
+        self.prepare(resume)
         self.hook.collab_distill_fit_start(engine=self)
         fabric = self.fabric
         assert fabric is not None
@@ -800,7 +668,7 @@ class Engine:
                     self.batch_in_epoch += 1
                     self.hook.collab_distill_train_step_end(engine=self, step=self.global_step, losses=logs)
                     if self.global_step % self.trainer.log_every_n_steps == 0:
-                        fabric.log_dict({f"train/{k}": float(v) for k, v in logs.items()}, step=self.global_step)
+                        self.log_dict({f"train/{k}": float(v) for k, v in logs.items()}, step=self.global_step)
                     logged = self.global_step % self.trainer.log_every_n_steps == 0
                     bar.advance(float(logs["loss"]) if bar.enabled and logged else None)
                     if self.trainer.checkpoint_every_n_steps and self.global_step % self.trainer.checkpoint_every_n_steps == 0:
@@ -829,7 +697,7 @@ class Engine:
                 for key, value in values.items():
                     row[f"{name}/val_{key}"] = value
                 self._track_best(name, values)
-            self.fabric.log_dict({f"val/{k}": v for k, v in row.items() if "/" in k}, step=self.global_step)
+            self.log_dict({f"val/{k}": v for k, v in row.items() if "/" in k}, step=self.global_step)
             console.epoch_table(self.fabric, row, list(self.students), self.task_selection_metric)
         self.history.append(row)
         self.epoch += 1
@@ -859,8 +727,7 @@ class Engine:
             results = {"status": "stopped", "global_step": self.global_step, "epoch": self.epoch}
             if self.fabric.is_global_zero:
                 write_json(results, self.run_dir / "results.json")
-            for logger in self.fabric.loggers:  # the CSV logger writes its buffered rows only here
-                logger.finalize("success")
+            self.finalize_loggers()
             return results
         last = self.evaluate("test")
         best_members = {}
@@ -903,136 +770,15 @@ class Engine:
             write_json(results, self.run_dir / "results.json")
             console.results_table(self.fabric, results)
             console.info(self.fabric, f"run folder: {self.run_dir}")
-        for logger in self.fabric.loggers:
-            logger.finalize("success")
+        self.finalize_loggers()
         self.hook.collab_distill_fit_end(engine=self, results=results)
         return results
 
-    # ------------------------------------------------------------------ teachers
-
-    def _train_teachers(self) -> None:
-        """Teachers with ``train_epochs`` and no checkpoint are first trained with plain CE,
-        as their own run inside this run's folder; the result is stored as their checkpoint.
-        (A teacher whose factory loads trained weights and has no ``train_epochs`` is used as built.)"""
-        assert self.run_dir is not None and self.fabric is not None
-        for name, teacher in self.cohort.teachers.items():
-            if teacher.checkpoint is not None or teacher.train_epochs <= 0:
-                continue
-            target = self.run_dir / "teachers" / name / "teacher.pt"
-            if target.is_file():  # already trained by the run we resume
-                load_weights(self.teachers[name], target, member=name, field=f"cohort.teachers.{name}")
-                continue
-            console.info(self.fabric, f"training teacher {name!r} with cross-entropy for {teacher.train_epochs} epochs")
-            sub = Engine(
-                task=self.task,
-                cohort=Cohort(students={name: teacher.model}),
-                trainer=_replace(self.trainer, max_epochs=teacher.train_epochs, warmup_epochs=0, max_steps=None,
-                                 root_dir=str(self.run_dir / "teachers"), name=name, loggers=["csv"]),
-                optimizer=self.optimizer_factory,
-                schedule=self.schedule,
-                seed=self.seed,
-                fabric=self.fabric,
-                disable_plugins=[],
-                run_dir=str(self.run_dir / "teachers" / name),
-            )
-            sub.setup()
-            sub.students[name].load_state_dict(self.teachers[name].state_dict())
-            own_loggers = self.fabric._loggers
-            try:
-                sub.fit()
-            finally:
-                self.fabric._loggers = own_loggers
-            weights = sub.best.get(name, {}).get("state") or unwrap(sub.students[name]).state_dict()
-            if self.fabric.is_global_zero:
-                atomic_save(weights, target)
-            self.fabric.barrier()
-            self.teachers[name].load_state_dict(weights)
-
-    # ------------------------------------------------------------------ run folder & checkpoints
-
-    def _resolve_resume(self, resume: Optional[str]) -> Optional[dict[str, Any]]:
-        if resume is None:
-            return None
-        if resume == "last":
-            found = latest_run_dir(self.trainer.root_dir, self._name())
-            if found is None:
-                raise ConfigError(
-                    f"--resume last: no run with checkpoints/last.ckpt under {self.trainer.root_dir}/{self._name()}; "
-                    "give the checkpoint path instead"
-                )
-            path = found / "checkpoints" / "last.ckpt"
-        else:
-            path = Path(resume)
-        state = load_checkpoint(path, field="--resume")
-        missing = set(self.students) - set(state["students"])
-        if missing:
-            raise ConfigError(f"--resume {path}: the checkpoint has no student(s) {sorted(missing)}; it has {sorted(state['students'])}")
-        state["_path"] = path
-        return state
-
-    def _name(self) -> str:
-        return self.trainer.name or "run"
-
-    def _open_run_dir(self, state: Optional[Mapping[str, Any]]) -> None:
-        assert self.fabric is not None
-        override = self._run_dir_override
-        if override is not None:
-            run_dir = Path(override)
-            run_dir.mkdir(parents=True, exist_ok=True)
-        elif state is not None:
-            run_dir = Path(state["_path"]).resolve().parent.parent
-        else:
-            run_dir = new_run_dir(self.trainer.root_dir, self._name()) if self.fabric.is_global_zero else None
-            run_dir = self.fabric.broadcast(run_dir, src=0)
-        self.run_dir = Path(run_dir)
-        if self.fabric.is_global_zero:
-            (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-            if self.config_text is not None and not (self.run_dir / "config.yaml").exists():
-                (self.run_dir / "config.yaml").write_text(self.config_text)
-            write_json(versions(), self.run_dir / "versions.json")
-            write_json(self.model_summary, self.run_dir / "models.json")
-        self.fabric.barrier()
-        console.model_table(self.fabric, self.model_summary)
-        self._attach_loggers()
-
-    def _attach_loggers(self) -> None:
-        assert self.fabric is not None and self.run_dir is not None
-        from lightning_fabric.loggers import CSVLogger, TensorBoardLogger
-
-        loggers = []
-        if "csv" in self.trainer.loggers:
-            loggers.append(CSVLogger(root_dir=str(self.run_dir), name="logs", version="csv", flush_logs_every_n_steps=50))
-        if "tensorboard" in self.trainer.loggers:
-            loggers.append(TensorBoardLogger(root_dir=str(self.run_dir), name="logs", version="tensorboard"))
-        self.fabric._loggers = loggers
+    # ------------------------------------------------------------------ checkpoints
 
     def checkpoint_state(self) -> dict[str, Any]:
-        state: dict[str, Any] = {
-            "format": CHECKPOINT_FORMAT,
-            "students": {n: unwrap(m).state_dict() for n, m in self.students.items()},
-            "teachers": {n: m.state_dict() for n, m in self.teachers.items()},
-            "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
-            "schedulers": {n: s.state_dict() for n, s in self.schedulers.items()},
-            "meta_modules": {n: m.state_dict() for n, m in self.meta_modules.items()},
-            "plugin_modules": {s: {k: unwrap(m).state_dict() for k, m in mods.items()} for s, mods in self.plugin_modules.items()},
-            "meta_optimizers": {n: o.state_dict() for n, o in self.meta_optimizers.items()},
-            "meta_batches": self.meta_batches.state_dict(),
-            "loop": {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "global_step": self.global_step},
-            "best": self.best,
-            "history": self.history,
-            "meta_history": self.meta_history,
-            "rng": rng_state(),
-            "model_summary": self.model_summary,
-            "task_info": None if self.info is None else {
-                "num_classes": self.info.num_classes, "in_channels": self.info.in_channels,
-                "image_size": list(self.info.image_size),
-            },
-            "config": self.config_text,
-            "versions": versions(),
-            "plugins": {},
-        }
-        self.hook.collab_distill_save_state(engine=self, state=state["plugins"])
-        return state
+        """What ``last.ckpt`` holds (see :func:`collab_distill.run_folder.checkpoint_state`)."""
+        return checkpoint_state(self)
 
     def save_checkpoint(self) -> Path:
         """Write ``checkpoints/last.ckpt`` atomically (once, from rank 0)."""
@@ -1048,137 +794,16 @@ class Engine:
         self.fabric.barrier()
         return path
 
-    def _restore(self, state: Mapping[str, Any]) -> None:
-        for name, model in self.students.items():
-            unwrap(model).load_state_dict(state["students"][name])
-            self.optimizers[name].load_state_dict(state["optimizers"][name])
-            self.schedulers[name].load_state_dict(state["schedulers"][name])
-        for name, model in self.teachers.items():
-            if name in state["teachers"]:
-                model.load_state_dict(state["teachers"][name])
-        saved_modules = state.get("plugin_modules", {})
-        for student, modules in self.plugin_modules.items():
-            for key, module in modules.items():
-                if key not in saved_modules.get(student, {}):
-                    raise ConfigError(
-                        f"--resume: the checkpoint has no plugin module {key!r} of student {student!r} "
-                        f"(it has {sorted(saved_modules.get(student, {}))}); was it written with the same plugins?"
-                    )
-                unwrap(module).load_state_dict(saved_modules[student][key])
-        for name, module in self.meta_modules.items():
-            if name not in state["meta_modules"]:
-                raise ConfigError(f"--resume: the checkpoint has no meta module {name!r}; was it written with the same plugins?")
-            module.load_state_dict(state["meta_modules"][name])
-            self.meta_optimizers[name].load_state_dict(state["meta_optimizers"][name])
-        self.meta_batches.load_state_dict(state["meta_batches"])
-        loop = state["loop"]
-        self.epoch, self.batch_in_epoch, self.global_step = loop["epoch"], loop["batch_in_epoch"], loop["global_step"]
-        self.best = dict(state["best"])
-        self.history = list(state["history"])
-        self.meta_history = list(state.get("meta_history", []))
-        set_rng_state(state["rng"])
-        self.hook.collab_distill_load_state(engine=self, state=state.get("plugins", {}))
-        console.info(self.fabric, f"resumed from {state['_path']} at epoch {self.epoch}, step {self.global_step}")
 
     # ------------------------------------------------------------------ validate / test
 
     def evaluate_checkpoint(
         self, split: str, checkpoint: Optional[str], which: str = "last", output_dir: Optional[str] = None
     ) -> dict[str, Any]:
-        """``collab-distill validate|test``: metrics of every student from a checkpoint.
+        """``collab-distill validate|test`` (see :func:`collab_distill.evaluation.evaluate_checkpoint`)."""
+        return evaluate_checkpoint(self, split, checkpoint, which, output_dir)
 
-        The checkpoint's meta modules (a C-Net) are restored too, so plugins can apply them to
-        ``split`` in ``evaluation_end``. ``metrics.json`` (and whatever plugins write) goes to
-        ``output_dir``, by default a new ``evaluations/<split>-<weights>[-N]`` folder beside the
-        checkpoint's run; nothing there is overwritten."""
-        self.setup()
-        state: Optional[Mapping[str, Any]] = None
-        if checkpoint is not None:
-            state = load_checkpoint(checkpoint, field="--ckpt_path")
-            for name, model in self.students.items():
-                if name not in state["students"]:
-                    raise ConfigError(f"--ckpt_path {checkpoint}: no student {name!r} in it (has {sorted(state['students'])})")
-                weights = state["students"][name]
-                if which == "best" and name in state.get("best", {}):
-                    weights = state["best"][name]["state"]
-                model.load_state_dict(weights)
-            # the run's teachers too: a C-Net that reads their per-image losses needs the trained ones
-            for name, model in self.teachers.items():
-                if name in state.get("teachers", {}):
-                    model.load_state_dict(state["teachers"][name])
-        assert self.fabric is not None
-        self.students = {n: self.fabric.to_device(m) for n, m in self.students.items()}
-        self.teachers = {n: self.fabric.to_device(m.eval().requires_grad_(False)) for n, m in self.teachers.items()}
-        saved_meta = (state or {}).get("meta_modules", {})
-        for name, spec in self._meta_specs.items():
-            if name in saved_meta:  # an untrained meta module is never applied as if it were the run's
-                spec.module.load_state_dict(saved_meta[name])
-                self.meta_modules[name] = self.fabric.to_device(spec.module)
-        self.run_dir = self._evaluation_dir(split, checkpoint, which, output_dir)
-        self.loaders = {split: self._loader(split)}
-        metrics = self.evaluate(split)
-        console.metrics_table(self.fabric, split, metrics)
-        if self.run_dir is not None and self.fabric.is_global_zero:
-            write_json({"split": split, "checkpoint": checkpoint, "weights": which, "metrics": metrics},
-                       self.run_dir / "metrics.json")
-            console.info(self.fabric, f"evaluation folder: {self.run_dir}")
-        return metrics
-
-    def _evaluation_dir(self, split: str, checkpoint: Optional[str], which: str, output_dir: Optional[str]) -> Optional[Path]:
-        if output_dir is not None:
-            folder = Path(output_dir)
-            if folder.exists() and any(folder.iterdir()):
-                raise ConfigError(f"--output_dir {output_dir}: the folder exists and is not empty; give a new or empty folder")
-        elif checkpoint is not None:
-            base = Path(checkpoint).resolve().parent.parent / "evaluations"
-            folder, n = base / f"{split}-{which}", 1
-            while folder.exists():
-                folder, n = base / f"{split}-{which}-{n}", n + 1
-        else:
-            return None
-        self.fabric.barrier()
-        if self.fabric.is_global_zero:
-            folder.mkdir(parents=True, exist_ok=True)
-        return folder
-
-
-class _PlainIndices(torch.utils.data.Sampler):
-    """Evaluation order: plain indices (no augmentation seed), sharded like training."""
-
-    def __init__(self, inner: SeededSampler) -> None:
-        self.inner = inner
-
-    def __iter__(self):
-        return (i for i, _ in self.inner)
-
-    def __len__(self) -> int:
-        return len(self.inner)
 
 
 #: lookahead parameters of plugin modules: ``"<prefix><module name>/<parameter name>"``
 _PLUGIN_PREFIX = "@plugin:"
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The user's module inside Fabric's (and DDP's) wrappers; the module itself if unwrapped."""
-    return model.module if is_wrapped(model) else model
-
-
-def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
-    """The torch optimizer inside Fabric's wrapper."""
-    return optimizer.optimizer if is_wrapped(optimizer) else optimizer
-
-
-def _tensors_of(plugin: Any) -> Iterator[tuple[str, Tensor]]:
-    """``(attribute path, tensor)`` of the parameters a plugin object holds (for error messages)."""
-    for attr, value in vars(plugin).items() if hasattr(plugin, "__dict__") else ():
-        if isinstance(value, nn.Module):
-            for name, p in value.named_parameters():
-                yield f"{attr}.{name}", p
-        elif isinstance(value, Tensor):
-            yield attr, value
-
-
-
-def _replace(config: TrainerConfig, **changes: Any) -> TrainerConfig:
-    return TrainerConfig(**{**asdict(config), **changes})

@@ -33,7 +33,7 @@ class EngineView(Protocol):
       ``cohort`` (the configured students and teachers), ``trainer`` (loop settings: ``temperature``,
       ``max_epochs``, ``warmup_epochs``, ...), ``meta_config``, ``seed``;
     * ``fabric``: the Lightning ``Fabric`` (device, ``world_size``, ``is_global_zero``, ``all_reduce``,
-      ``autocast``, ``log_dict``);
+      ``autocast``); log through ``engine.log_dict``, which writes to the run's own loggers;
     * ``students`` / ``teachers``: ``{name: module}`` (students wrapped by Fabric once training is
       set up; :func:`collab_distill.unwrap` gives the user's module); ``meta_modules``;
     * ``epoch`` (0-based, the epoch being trained), ``global_step``, ``batch_in_epoch``;
@@ -80,6 +80,10 @@ class EngineView(Protocol):
         """The trainable module ``name`` a plugin attached to ``student`` (through
         ``collab_distill_student_modules``), ready to call in the current phase: Fabric/DDP-wrapped
         in the real step, evaluated at the looked-ahead parameters inside the bilevel step."""
+        ...
+
+    def log_dict(self, metrics: Mapping[str, float], step: int) -> None:
+        """Log numbers to the run's loggers (CSV, TensorBoard, any configured Logger); rank 0 writes."""
         ...
 
     def teacher_records(self, batch: Any, context: Any = None) -> Mapping[str, "Knowledge"]:

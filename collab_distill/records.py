@@ -162,9 +162,14 @@ class LossWeights:
         full = lambda v: torch.full((num_images,), float(v), device=device)  # noqa: E731
         return cls(full(alpha), full(beta), full(gamma), constant=(float(alpha), float(beta), float(gamma)))
 
-    def uses(self, term: int) -> bool:
-        """Whether term 0 (supervised), 1 (distill) or 2 (consensus) can be non-zero."""
-        return self.constant is None or self.constant[term] != 0.0
+    #: the terms, in the order of ``alpha, beta, gamma``
+    TERMS = ("supervised", "distill", "consensus")
+
+    def uses(self, term: str) -> bool:
+        """Whether ``term`` (``supervised``, ``distill`` or ``consensus``) can be non-zero."""
+        if term not in self.TERMS:
+            raise ValueError(f"LossWeights.uses({term!r}): the terms are {self.TERMS}")
+        return self.constant is None or self.constant[self.TERMS.index(term)] != 0.0
 
     @classmethod
     def from_tensor(cls, weights: Tensor) -> LossWeights:

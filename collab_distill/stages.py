@@ -25,7 +25,10 @@ from typing import TYPE_CHECKING, Any, Optional
 from collab_distill import console
 from collab_distill.checkpoint import atomic_save, write_json
 from collab_distill.config import Cohort, Teacher
+from collab_distill.nested import nested_fit, train_teachers
+from collab_distill.run_folder import open_run_dir
 from collab_distill.task import ConfigError
+from collab_distill.wrapping import unwrap
 
 if TYPE_CHECKING:
     from collab_distill.engine import Engine
@@ -107,17 +110,13 @@ def _resume_dir(engine: Engine, resume: str) -> Path:
 
 def fit_stages(engine: Engine, resume: Optional[str] = None) -> dict[str, Any]:
     """Run ``engine.stages`` one after the other; returns (and writes) the merged results."""
-    from collab_distill.engine import Engine, _replace, unwrap
-
     engine.fitting = True
     engine.setup()
     stages = engine.stages
     assert stages and engine.fabric is not None
     check_stages(stages, engine.cohort)
-    if resume is not None:
-        engine._run_dir_override = _resume_dir(engine, resume)
-    engine._open_run_dir(None)
-    engine._train_teachers()
+    engine.run_dir = open_run_dir(engine, None, _resume_dir(engine, resume) if resume is not None else None)
+    train_teachers(engine)
     run_dir, fabric, cohort = engine.run_dir, engine.fabric, engine.cohort
     assert run_dir is not None
     handed_down: dict[str, Path] = {}
@@ -146,24 +145,17 @@ def fit_stages(engine: Engine, resume: Optional[str] = None) -> dict[str, Any]:
                                                  train_epochs=0 if checkpoint else own.train_epochs)
                 else:
                     sub_teachers[name] = Teacher(model=cohort.students[name], checkpoint=str(handed_down[name]))
-            sub = Engine(
-                task=engine.task,
-                cohort=Cohort(
+            last = folder / "checkpoints" / "last.ckpt"
+            sub, results = nested_fit(
+                engine,
+                Cohort(
                     students={s: cohort.students[s] for s in stage.students},
                     teachers=sub_teachers,
                     student_checkpoints={s: p for s, p in cohort.student_checkpoints.items() if s in stage.students},
                 ),
-                trainer=_replace(engine.trainer, root_dir=str(folder.parent), name=folder.name),
-                optimizer=engine.optimizer_factory, schedule=engine.schedule, meta=engine.meta_config,
-                plugins=engine.plugin_objects, disable_plugins=engine.disabled_plugins, seed=engine.seed,
-                config_text=engine.config_text, fabric=fabric, run_dir=str(folder),
+                folder, plugins=engine.plugin_objects, disable_plugins=engine.disabled_plugins,
+                resume=str(last) if last.is_file() else None, config_text=engine.config_text,
             )
-            last = folder / "checkpoints" / "last.ckpt"
-            own_loggers = fabric._loggers
-            try:
-                results = sub.fit(resume=str(last) if last.is_file() else None)
-            finally:
-                fabric._loggers = own_loggers
             if fabric.is_global_zero:
                 for s in stage.students:
                     state = sub.best.get(s, {}).get("state") or unwrap(sub.students[s]).state_dict()

@@ -301,7 +301,7 @@ class KDCL(Plugin):
             errors = errors / count.clamp_min(1)
         w = general_weights(errors, self.nonnegative)
         self.weights = dict(zip(names, w.tolist()))
-        engine.fabric.log_dict({f"kdcl/weight/{n}": v for n, v in self.weights.items()}, step=engine.global_step)
+        engine.log_dict({f"kdcl/weight/{n}": v for n, v in self.weights.items()}, step=engine.global_step)
 
     @torch.no_grad()
     def _true_class_probs(self, engine: Any, names: list[str]) -> Tensor:

@@ -19,7 +19,7 @@ step's lookahead (targets keep the generator's graph).
 The hypergradient must be ``second_order`` (exact; checked against a numerical derivative in
 the tests): the finite-difference one would also move the generator's detached input maps.
 
-What the generator learns is reported: every meta step logs (``engine.fabric.log_dict``)
+What the generator learns is reported: every meta step logs (``engine.log_dict``)
 ``metadistiller/<student>/entropy`` (mean entropy of the generated targets on the lookahead
 batch, nats; uniform = log K), ``/agreement`` (their top-1 == label), the same per exit
 (``/exit<k>_entropy``, ``/exit<k>_agreement``), ``/grad_norm`` (the generator's meta-gradient
@@ -90,6 +90,7 @@ from collab_distill.hookspecs import hookimpl
 from collab_distill.meta import MetaModule
 from collab_distill.plugins.self_distillation import EXIT_LOGITS, ExitSupervision
 from collab_distill.records import Knowledge, SoftTarget
+from collab_distill.report import ReportSection
 from collab_distill.task import ConfigError
 from collab_distill.tasks.classification.multi_exit import BottleneckHead, default_width
 
@@ -331,7 +332,7 @@ class MetaDistiller(ExitSupervision):
         logs: dict[str, float] = dict(zip(named, values))
         self.last_logs = logs
         if logs:
-            engine.fabric.log_dict(logs, step=engine.global_step + 1)
+            engine.log_dict(logs, step=engine.global_step + 1)
 
     @torch.no_grad()
     def target_statistics(self, engine: Any, split: str = "val") -> dict[str, Any]:
@@ -405,6 +406,23 @@ class MetaDistiller(ExitSupervision):
             folder = engine.run_dir / "plugins" / "metadistiller"
             folder.mkdir(parents=True, exist_ok=True)
             (folder / "targets.json").write_text(json.dumps(stats, indent=1) + "\n")
+
+    @hookimpl
+    def collab_distill_report_sections(self, engine: Any) -> Optional[list[ReportSection]]:
+        """The report's section: ``plugins/metadistiller/targets.json`` as a table (per student and
+        exit, the generated targets' entropy and their agreement with the label and the final exit)."""
+        stats = self.last_statistics
+        if not stats or engine.run_dir is None or not engine.fabric.is_global_zero:
+            return None
+        lines = [f"The label generator's targets on the {stats['split']} split ({stats['images']} images, temperature "
+                 f"{stats['temperature']:g}; entropy in units of log K = {stats['log_k']:.3f}, uniform = 1), "
+                 "from `plugins/metadistiller/targets.json`.", "",
+                 "| student | exit | entropy / log K | agreement with label | agreement with final exit |", "|---|---|---|---|---|"]
+        for student, s in stats["students"].items():
+            for x in s["exits"]:
+                lines.append(f"| {student} | {x['exit']} | {x['entropy_over_log_k']:.3f} | {x['label_agreement']:.3f} | "
+                             f"{x['final_exit_agreement']:.3f} |")
+        return [ReportSection("MetaDistiller: generated targets", "\n".join(lines))]
 
     def __repr__(self) -> str:
         return (f"MetaDistiller(alpha={self.alpha}, temperature={self.temperature}, lr={self.lr}, "

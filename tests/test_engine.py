@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from collab_distill import ConfigError, Plugin, SoftTarget, hookimpl
 from collab_distill.config import Cohort, Teacher, TrainerConfig
-from collab_distill.engine import Engine, unwrap
+from collab_distill import unwrap
+from collab_distill.engine import Engine
 from collab_distill.meta import BilevelConfig
 from collab_distill.plugins.fixed_weights import FixedLossWeights
 from collab_distill.tasks.classification import Digits, ImageClassification, ResNet
@@ -31,7 +32,7 @@ def make_engine(tmp_path, teacher_file=None, plugins=(), students=("xxs", "xs"),
 
 def ready(engine):
     engine.setup()
-    engine._setup_training()
+    engine.prepare_training()
     loader, sampler = engine.loaders["train"]
     sampler.select_epoch(0)
     return next(iter(loader))
@@ -71,11 +72,11 @@ def test_gamma_zero_removes_the_consensus_term_exactly(tmp_path, teacher_file):
     assert "xxs/consensus" in logs
     no_gamma = make_engine(tmp_path, teacher_file, [FixedLossWeights(0.3, 0.5, 0.0), ConstantConsensus()])
     no_gamma.setup()
-    no_gamma._setup_training()
+    no_gamma.prepare_training()
     off, _ = no_gamma.cohort_loss(batch, students, teachers)
     without = make_engine(tmp_path, teacher_file, [FixedLossWeights(0.3, 0.5, 0.0)])
     without.setup()
-    without._setup_training()
+    without.prepare_training()
     base, logs_base = without.cohort_loss(batch, students, teachers)
     assert "xxs/consensus" not in logs_base
     assert torch.equal(off, base)
@@ -168,7 +169,7 @@ def test_fit_on_digits_learns(tmp_path, teacher_file):
     # the teacher here is untrained, so the students learn from labels (CE)
     engine = make_engine(tmp_path, teacher_file, [FixedLossWeights(1.0, 0.0)], max_epochs=3, subset=None)
     engine.setup()
-    engine._setup_training()
+    engine.prepare_training()
     untrained = engine.evaluate("test")
     engine = make_engine(tmp_path, teacher_file, [FixedLossWeights(1.0, 0.0)], max_epochs=3, subset=None)
     results = engine.fit()
@@ -194,11 +195,7 @@ def test_checkpoint_restores_meta_modules_optimizers_and_plugin_state(tmp_path, 
 
     weights, counting2 = LearnedImageWeights(64), CountingPlugin()
     second = build([weights, counting2])
-    second.setup()
-    state = second._resolve_resume(str(first.run_dir / "checkpoints" / "last.ckpt"))
-    second._open_run_dir(state)
-    second._setup_training()
-    second._restore(state)
+    second.prepare(resume=str(first.run_dir / "checkpoints" / "last.ckpt"))
     for a, b in zip(weights.net.state_dict().values(), saved["meta_modules"]["image_weights"].values()):
         assert torch.equal(a, b)
     opt_state = second.meta_optimizers["image_weights"].state_dict()

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from collab_distill.engine import unwrap
+from collab_distill import unwrap
 from collab_distill.meta import BilevelConfig
 from collab_distill.plugins.fixed_weights import FixedLossWeights
 from collab_distill.plugins.mc_distil import CNet, PooledStudent, largest_spread, pooled_student_logits
@@ -158,7 +158,7 @@ def test_short_mc_distil_fit_on_digits_learns(tmp_path, teacher_file):
     engine = make_engine(tmp_path, teacher_file, [cnet(), PooledStudent()], meta=BilevelConfig(every_n_steps=5),
                          max_epochs=3, subset=None)
     engine.setup()
-    engine._setup_training()
+    engine.prepare_training()
     untrained = engine.evaluate("test")
     engine = make_engine(tmp_path, teacher_file, [cnet(), PooledStudent()], meta=BilevelConfig(every_n_steps=5),
                          max_epochs=3, subset=None)
@@ -183,12 +183,7 @@ def test_resume_restores_cnet_and_its_optimizer(tmp_path, teacher_file):
     # restoring the step-7 file puts back exactly the saved C-Net and its Adam state
     third_plugin = cnet()
     third = make_engine(tmp_path, teacher_file, [third_plugin, PooledStudent()], meta=meta, max_epochs=2, name="r2")
-    third.setup()
-    state = third._resolve_resume(str(step7))
-    third._run_dir_override = tmp_path / "third"
-    third._open_run_dir(state)
-    third._setup_training()
-    third._restore(state)
+    third.prepare(resume=str(step7))
     for key, value in saved["meta_modules"]["cnet"].items():
         assert torch.equal(third_plugin.module.state_dict()[key], value)
     assert third.meta_optimizers["cnet"].state_dict()["state"].keys() == saved["meta_optimizers"]["cnet"]["state"].keys()

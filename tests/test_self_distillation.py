@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from collab_distill.config import Cohort, TrainerConfig
-from collab_distill.engine import Engine, unwrap
+from collab_distill import unwrap
+from collab_distill.engine import Engine
 from collab_distill.meta import BilevelConfig
 from collab_distill.plugins.fixed_weights import FixedLossWeights
 from collab_distill.plugins.metadistiller import META_MODULE, MetaDistiller, TopDownLabelGenerator
@@ -239,7 +240,7 @@ def test_generator_learns_only_in_the_meta_step(tmp_path):
     assert set(generators) == {"xxs", "xs"}
 
     engine.epoch = 1  # not a meta epoch: a plain training step
-    assert not engine._meta_step_due()
+    assert not engine.meta_step_due()
     before, student = _snapshot(generators), _snapshot(unwrap(engine.students["xxs"]))
     logs = engine.training_step(batch)
     assert float(logs["xxs/exits"]) > 0 and "meta/loss" not in logs
@@ -248,7 +249,7 @@ def test_generator_learns_only_in_the_meta_step(tmp_path):
     assert any(not torch.equal(v, student[k]) for k, v in unwrap(engine.students["xxs"]).named_parameters())
 
     engine.epoch = 2  # a meta epoch: the bilevel step runs first and updates the generators
-    assert engine._meta_step_due()
+    assert engine.meta_step_due()
     before = _snapshot(generators)
     logs = engine.training_step(batch)
     assert torch.isfinite(logs["meta/loss"])
@@ -373,7 +374,7 @@ def test_meta_epochs_can_step_at_every_n_steps():
         out = set()
         for fake.epoch in range(epochs):
             for fake.batch_in_epoch in range(batches):
-                if Engine._meta_step_due(fake):  # type: ignore[arg-type]
+                if Engine.meta_step_due(fake):  # type: ignore[arg-type]
                     out.add((fake.epoch, fake.batch_in_epoch))
                 fake.global_step += 1
         return out

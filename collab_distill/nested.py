@@ -1,0 +1,84 @@
+"""Runs inside a run: a teacher's own cross-entropy training and the stages of a staged fit.
+
+Both build an ordinary :class:`~collab_distill.engine.Engine` that shares the parent's Fabric
+(and so its processes and devices), writes into a sub-folder of the parent's run and keeps
+loggers of its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+from collab_distill import console
+from collab_distill.checkpoint import atomic_save, load_weights
+from collab_distill.config import Cohort
+from collab_distill.wrapping import unwrap
+
+if TYPE_CHECKING:
+    from collab_distill.engine import Engine
+
+__all__ = ["nested_fit", "train_teachers"]
+
+
+def nested_fit(
+    parent: "Engine",
+    cohort: Cohort,
+    folder: Path,
+    *,
+    plugins: Optional[list[Any]] = None,
+    disable_plugins: Optional[list[str]] = None,
+    resume: Optional[str] = None,
+    config_text: Optional[str] = None,
+    before_fit: Optional[Callable[["Engine"], None]] = None,
+    **trainer_changes: Any,
+) -> tuple["Engine", dict[str, Any]]:
+    """Fit ``cohort`` as a run of its own in ``folder`` with the parent's task, optimizer,
+    schedule, meta settings, seed and Fabric; ``trainer_changes`` override the parent's trainer
+    fields. ``before_fit(engine)`` runs after set-up (e.g. to load initial weights)."""
+    sub = type(parent)(
+        task=parent.task,
+        cohort=cohort,
+        trainer=replace(parent.trainer, root_dir=str(folder.parent), name=folder.name, **trainer_changes),
+        optimizer=parent.optimizer_factory,
+        schedule=parent.schedule,
+        meta=parent.meta_config,
+        plugins=plugins,
+        disable_plugins=disable_plugins,
+        seed=parent.seed,
+        config_text=config_text,
+        fabric=parent.fabric,
+        run_dir=str(folder),
+    )
+    if before_fit is not None:
+        sub.setup()
+        before_fit(sub)
+    return sub, sub.fit(resume=resume)
+
+
+def train_teachers(engine: "Engine") -> None:
+    """Teachers with ``train_epochs`` and no checkpoint are first trained with plain CE, as their
+    own run inside this run's folder; the result is stored as their checkpoint. (A teacher whose
+    factory loads trained weights and has no ``train_epochs`` is used as built.)"""
+    fabric = engine.fabric
+    assert engine.run_dir is not None and fabric is not None
+    for name, teacher in engine.cohort.teachers.items():
+        if teacher.checkpoint is not None or teacher.train_epochs <= 0:
+            continue
+        target = engine.run_dir / "teachers" / name / "teacher.pt"
+        if target.is_file():  # already trained by the run we resume
+            load_weights(engine.teachers[name], target, member=name, field=f"cohort.teachers.{name}")
+            continue
+        console.info(fabric, f"training teacher {name!r} with cross-entropy for {teacher.train_epochs} epochs")
+        initial = engine.teachers[name].state_dict()
+        sub, _ = nested_fit(
+            engine, Cohort(students={name: teacher.model}), engine.run_dir / "teachers" / name,
+            plugins=[], disable_plugins=[], before_fit=lambda sub: sub.students[name].load_state_dict(initial),
+            max_epochs=teacher.train_epochs, warmup_epochs=0, max_steps=None, loggers=["csv"],
+        )
+        weights = sub.best.get(name, {}).get("state") or unwrap(sub.students[name]).state_dict()
+        if fabric.is_global_zero:
+            atomic_save(weights, target)
+        fabric.barrier()
+        engine.teachers[name].load_state_dict(weights)
