@@ -9,13 +9,14 @@ and their helpers (:func:`mean_of_teachers`, :func:`per_image_mean`), :class:`Fe
 
 __version__ = "0.1.0"
 
-from collab_distill.engine import unwrap
+from collab_distill.wrapping import unwrap
 from collab_distill.engine_view import EngineView
 from collab_distill.features import FeatureRequest
 from collab_distill.hookspecs import hookimpl
 from collab_distill.meta import BilevelConfig, MetaModule
 from collab_distill.plugin_manager import Plugin
 from collab_distill.records import Knowledge, LossWeights, SoftTarget, TargetSet, mean_of_teachers, per_image_mean
+from collab_distill.report import ReportSection
 from collab_distill.task import ConfigError, ModelFactory, Task, TaskInfo
 
 __all__ = [
@@ -37,4 +38,5 @@ __all__ = [
     "ModelFactory",
     "Task",
     "TaskInfo",
+    "ReportSection",
 ]

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
+from lightning_fabric.loggers import Logger
+
 from collab_distill.task import ConfigError, ModelFactory
 
 __all__ = ["Teacher", "Cohort", "TrainerConfig"]
@@ -95,7 +97,14 @@ class TrainerConfig:
         gradient_clip: clip each student's gradient norm (``None``: off).
         detect_nonfinite: stop with a clear error when a loss becomes NaN/inf.
         progress_bar: show a progress bar (rank 0 only).
-        loggers: which Fabric loggers to write (``csv``, ``tensorboard``).
+        loggers: where step and epoch metrics go: ``csv`` and ``tensorboard`` (under the run
+            folder's ``logs/``) and/or any ``lightning_fabric.loggers.Logger`` by ``class_path``
+            (W&B, MLflow, ...).
+        compile: ``torch.compile`` the students', teachers' and meta modules' forward passes with
+            this backend (``inductor`` on GPUs; ``aot_eager`` to check a model compiles); ``None``:
+            eager. The bilevel lookahead runs the students uncompiled (double backward).
+        channels_last: store students' and teachers' weights in channels-last
+            memory format, faster for convolutions under mixed precision on GPUs.
     """
 
     max_epochs: int = 10
@@ -118,7 +127,9 @@ class TrainerConfig:
     gradient_clip: Optional[float] = None
     detect_nonfinite: bool = True
     progress_bar: bool = True
-    loggers: list[Literal["csv", "tensorboard"]] = field(default_factory=lambda: ["csv", "tensorboard"])
+    loggers: list[Union[Literal["csv", "tensorboard"], Logger]] = field(default_factory=lambda: ["csv", "tensorboard"])
+    compile: Optional[str] = None
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
         checks = {

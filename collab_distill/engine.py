@@ -31,6 +31,7 @@ from collab_distill.nested import train_teachers
 from collab_distill.optim import Constant, OptimizerCallable, Schedule, sgd
 from collab_distill.plugin_manager import make_plugin_manager
 from collab_distill.records import Knowledge
+from collab_distill.report import write_sections
 from collab_distill.run_folder import checkpoint_state, make_loggers, open_run_dir, resolve_resume, restore
 from collab_distill.stages import Stage, check_stages
 from collab_distill.task import ConfigError, Task, TaskInfo
@@ -377,7 +378,12 @@ class Engine:
         self.setup()
         fabric = self.fabric
         assert fabric is not None
+        backend = self.trainer.compile
+        # forward hooks (requested features) do not fire inside a compiled graph: such members stay eager
+        hooked = set(self.features.members()) if self.features is not None else set()
+        layout = torch.channels_last if self.trainer.channels_last else torch.contiguous_format
         for name, model in list(self.students.items()):
+            model.to(memory_format=layout)
             extras = self.plugin_modules.get(name, {})
             params = list(model.parameters()) + [p for m in extras.values() for p in m.parameters()]
             for key, module in list(extras.items()):
@@ -385,14 +391,20 @@ class Engine:
                 trainable = any(p.requires_grad for p in module.parameters())
                 extras[key] = fabric.setup_module(module) if trainable else fabric.to_device(module)
             optimizer = self.optimizer_factory(params)
-            model, optimizer = fabric.setup(model, optimizer)
+            # Fabric re-applies torch.compile around its wrapper; unwrap() (the lookahead) stays eager
+            compiled = backend and name not in hooked
+            model, optimizer = fabric.setup(torch.compile(model, backend=backend) if compiled else model, optimizer)
             self.students[name], self.optimizers[name] = model, optimizer
             self.schedulers[name] = self.schedule.build(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer, self.trainer.max_epochs)
         for name, model in list(self.teachers.items()):
             # a frozen teacher must not be wrapped in DDP
-            self.teachers[name] = fabric.to_device(model.eval().requires_grad_(False))
+            self.teachers[name] = fabric.to_device(model.eval().requires_grad_(False).to(memory_format=layout))
+            if backend and name not in hooked:
+                model.compile(backend=backend)  # in place: the state dict keeps its keys
         for name, spec in self.meta_specs.items():
             module = fabric.to_device(spec.module)
+            if backend:
+                module.compile(backend=backend)
             self.meta_modules[name] = module
             self.meta_optimizers[name] = spec.optimizer(module.parameters())
         self._meta_trainable = any(p.requires_grad for m in self.meta_modules.values() for p in m.parameters())
@@ -525,9 +537,10 @@ class Engine:
             state = {f"model.{k}": v for k, v in theta.items() if not k.startswith(_PLUGIN_PREFIX)}
             state.update({f"model.{k}": b.clone() for k, b in raw[name].named_buffers()})
             with self.fabric.autocast():
-                if self.features is None:
+                wanted = self.features.active(name, self, phase) if self.features is not None else []
+                if not wanted:
                     return functional_call(_TaskCall(self.task, raw[name]), state, (data, view, ctx), strict=False)
-                wanted = self.features.active(name, self, phase)
+                assert self.features is not None
                 with self.features.recording(name, wanted) as captured:
                     record = functional_call(_TaskCall(self.task, raw[name]), state, (data, view, ctx), strict=False)
             record.features.update(captured)
@@ -772,6 +785,9 @@ class Engine:
             console.info(self.fabric, f"run folder: {self.run_dir}")
         self.finalize_loggers()
         self.hook.collab_distill_fit_end(engine=self, results=results)
+        if self.fabric.is_global_zero:
+            sections = self.hook.collab_distill_report_sections(engine=self, results=results)
+            write_sections(self.run_dir, [section for group in sections if group for section in group])
         return results
 
     # ------------------------------------------------------------------ checkpoints

@@ -68,6 +68,7 @@ if TYPE_CHECKING:
     from collab_distill.features import FeatureRequest
     from collab_distill.meta import MetaModule
     from collab_distill.records import Knowledge, LossWeights, SoftTarget
+    from collab_distill.report import ReportSection
 
 PROJECT = "collab_distill"
 
@@ -209,6 +210,25 @@ def collab_distill_auxiliary_losses(
     :return: ``{term name: scalar tensor}``. Terms are logged under their names and added to the
         loss as they are: the engine neither weighs them with ``weights`` nor skips them during a
         student's warm-up (``engine.warming_up(student)``); the plugin decides both.
+    """
+
+
+@hookspec
+def collab_distill_report_sections(engine: Engine, results: Mapping[str, Any]) -> list[ReportSection] | None:
+    """What this plugin adds to ``collab-distill report``: sections with a title, Markdown text
+    and figures (:class:`~collab_distill.report.ReportSection`).
+
+    Called once at the end of a fit, on rank 0 only, after ``fit_end`` (whatever ``fit_end``
+    wrote is there to draw from); not called for a run that ``max_steps`` stopped early. Write the
+    figures under ``engine.run_dir / "plugins" / <your name>`` and return sections whose
+    ``figures`` are their paths relative to ``engine.run_dir`` (e.g. ``plugins/<name>/x.png``).
+    The engine stores every plugin's sections with :func:`~collab_distill.report.write_sections`
+    (``RUN_DIR/report_sections.json``; a figure that is missing or outside the run folder is an
+    error), and the report renders them after its generic parts (results, loss weights over
+    training, meta steps, accuracy vs MACs), each figure copied next to the report.
+
+    :param results: what went into ``results.json``.
+    :return: a list of sections (in the order to show them), or ``None`` for none.
     """
 
 

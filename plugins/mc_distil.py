@@ -37,6 +37,7 @@ from collab_distill.hookspecs import hookimpl
 from collab_distill.meta import MetaModule
 from collab_distill.plugin_manager import Plugin
 from collab_distill.records import Knowledge, LossWeights, SoftTarget
+from collab_distill.report import ReportSection
 from collab_distill.task import ConfigError, ModelFactory, TaskInfo
 
 __all__ = ["CNet", "CoordinatorNetwork", "PooledStudent", "pooled_student_logits", "weight_statistics", "largest_spread", "noise_separation"]
@@ -379,6 +380,51 @@ class CNet(Plugin):
             console.info(engine.fabric, f"[warning] {message}")
 
     @hookimpl
+    def collab_distill_report_sections(self, engine: Any) -> Optional[list[ReportSection]]:
+        """The report's C-Net section: how the learned weights spread over the val images (and,
+        with label noise, how alpha separates clean from flipped training labels), the weights'
+        distribution per student and term (``plugins/cnet/val_weights_distribution.png``, drawn
+        here from ``val_weights.csv``) and the figures ``fit_end`` wrote."""
+        if self.module is None or engine.run_dir is None or not engine.fabric.is_global_zero:
+            return None
+        folder = engine.run_dir / "plugins" / "cnet"
+        table, summary_path = folder / "val_weights.csv", folder / "summary.json"
+        if not table.is_file() or not summary_path.is_file():
+            return None
+        try:
+            _distribution_figure(table, folder / "val_weights_distribution.png")
+        except ImportError:  # matplotlib is a dependency, but a figure is never worth failing a run for
+            pass
+        names = ("val_weights_distribution.png", "val_extremes.png", "train_extremes.png", "train_alpha_clean_vs_flipped.png")
+        figures = [f"plugins/cnet/{name}" for name in names if (folder / name).is_file()]
+        summary = json.loads(summary_path.read_text())
+        return [ReportSection("MC-Distil: the C-Net's loss weights", self._report_text(summary, len(engine.meta_history)), figures)]
+
+    def _report_text(self, summary: Mapping[str, Any], meta_steps: int) -> str:
+        """Markdown: the inert/spread verdict, each student's weights over the val images and,
+        with label noise, alpha's separation of clean and flipped training labels."""
+        val = summary["val"]["students"]
+        spread = largest_spread(val)
+        verdict = ("**inert**, the C-Net weighs every image alike" if self.inert(val)
+                   else "the C-Net weighs images differently")
+        lines = [f"`{self!r}`, {meta_steps} meta steps. Over the val images the largest spread of a weight is "
+                 f"{spread:.2%} of its mean (std / mean; inert at or below {self.inert_threshold:.0%}), so {verdict}.", "",
+                 "| student | alpha mean (std) | beta mean (std) | gamma mean (std) | alpha 5-95% |", "|---|---|---|---|---|"]
+        for student, terms in val.items():
+            cells = [f"{terms[t]['mean']:.3f} ({terms[t]['std']:.3f})" for t in TERMS]
+            lines.append(f"| {student} | " + " | ".join(cells) + f" | {terms['alpha']['q5']:.3f}-{terms['alpha']['q95']:.3f} |")
+        noise = summary.get("train", {}).get("label_noise")
+        if noise:
+            lines += ["", "With label noise, on the training split: how well alpha (the label's weight) ranks clean labels "
+                      "above flipped ones (AUC 0.5: blind, 1: perfect).", "",
+                      "| student | alpha AUC clean vs flipped | mean alpha clean | mean alpha flipped | flipped / images |",
+                      "|---|---|---|---|---|"]
+            for student, n in noise.items():
+                lines.append(f"| {student} | {n['alpha_auc_clean_vs_flipped']:.3f} | {n['alpha_mean_clean']:.3f} | "
+                             f"{n['alpha_mean_flipped']:.3f} | {n['flipped']} / {n['images']} |")
+        return "\n".join(lines)
+
+    @hookimpl
     def collab_distill_evaluation_end(self, engine: Any, split: str) -> None:
         """``collab-distill validate|test`` of a finished run: apply its C-Net to that split too."""
         if (not engine.fitting and engine.run_dir is not None and engine.fabric.is_global_zero
@@ -507,6 +553,38 @@ def _extremes_grid(engine: Any, split: str, rows: list[tuple[int, int, str, floa
                     ax.set_ylabel(f"{student}\nmost {side}", fontsize=8)
     fig.suptitle(f"C-Net on {split}: per student, the images weighted most towards the teacher (β/(α+β) largest) "
                  f"and towards the label (smallest)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _distribution_figure(table: Path, path: Path) -> None:
+    """Per term, histograms of the weights in ``<split>_weights.csv`` over the images, one per
+    student (terms that are 0 for every image are left out)."""
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with table.open() as f:
+        rows = list(csv.DictReader(f))
+    students = list(dict.fromkeys(r["student"] for r in rows))
+    terms = [t for t in TERMS if any(float(r[t]) != 0 for r in rows)] or ["alpha"]
+    fig, axes = plt.subplots(1, len(terms), figsize=(4.3 * len(terms), 3.6), squeeze=False)
+    for ax, term in zip(axes[0], terms):
+        values = [float(r[term]) for r in rows]
+        low, high = min(values), max(values)
+        bins = [low + (high - low) * k / 30 for k in range(31)] if high > low else 30  # the same bins for every student
+        for student in students:
+            ax.hist([float(r[term]) for r in rows if r["student"] == student], bins=bins, alpha=0.5, label=student)
+        ax.set_title(term)
+        ax.set_xlabel("weight")
+    axes[0][0].set_ylabel("images")
+    axes[0][0].legend(fontsize=8)
+    split = table.name.removesuffix("_weights.csv")
+    fig.suptitle(f"C-Net weights over the {split} images at the end of training", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

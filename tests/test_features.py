@@ -256,3 +256,20 @@ def test_two_process_ddp_fitnets_keeps_students_and_regressors_identical(tmp_pat
     assert sums[0]["world_size"] == 2
     assert {"plugin:xs/fitnets_regressor_0", "plugin:s/fitnets_regressor_0"} <= set(sums[0])
     assert sums[0] == sums[1]
+
+
+@pytest.mark.slow
+def test_compile_and_channels_last_keep_the_losses_and_the_lookahead(tmp_path):
+    """``trainer.compile`` (aot_eager: the dynamo/AOTAutograd path without a C++ build) with
+    channels-last weights: same losses as eager up to float error, the C-Net's second-order meta
+    step still runs (the lookahead uses the uncompiled students), and hooked members stay eager."""
+    # FitNets on xxs only: xxs and the teacher are hooked (eager), xs and the C-Net are compiled
+    plugins = lambda: [CNet(use_image=False, use_losses=True, hidden=8), FitNets(weight=10.0, students=["xxs"], per_image_weight="beta")]  # noqa: E731
+    eager = tiny_fit(plugins(), root_dir=tmp_path / "eager", steps=4)
+    compiled = tiny_fit(plugins(), root_dir=tmp_path / "compiled", steps=4, compile="aot_eager", channels_last=True)
+    for a, b in zip(eager.losses, compiled.losses):
+        assert b["loss"] == pytest.approx(a["loss"], rel=2e-3)
+    assert len(compiled.meta_steps) == 2 and all(norm > 0 for _, _, norm in compiled.meta_steps)
+    state = torch.load(compiled.run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert set(state["students"]["xs"]) == set(unwrap(eager.engine.students["xs"]).state_dict())  # no _orig_mod. keys
+    assert set(state["teachers"]["teacher"]) == set(eager.engine.teachers["teacher"].state_dict())

@@ -15,6 +15,7 @@ from collab_distill.plugins.mc_distil import CNet, PooledStudent, largest_spread
 from collab_distill.records import Knowledge
 from collab_distill.tasks.classification import ResNet
 from test_engine import make_engine, ready, records_of
+from test_report import store_sections
 
 
 def test_pooled_student_is_eq4_on_hand_made_logits():
@@ -195,15 +196,16 @@ def test_report_renders_results_weights_and_accuracy_vs_macs(tmp_path, teacher_f
 
     engine = make_engine(tmp_path, teacher_file, [cnet(), PooledStudent()], meta=BilevelConfig(every_n_steps=2),
                          max_epochs=1, name="rep", loggers=["csv"], log_every_n_steps=2)
-    engine.fit()
+    results = engine.fit()
     weights = (engine.run_dir / "plugins" / "cnet" / "val_weights.csv").read_text().splitlines()
     assert weights[0] == "index,label,student,alpha,beta,gamma"
     val_size = len(engine.task.dataset("val"))
     assert len(weights) - 1 == 2 * val_size  # every val image, for both students
+    store_sections(engine, results)
     md, page = write_report(engine.run_dir)
     text = md.read_text()
-    assert "| xxs |" in text and "| t (teacher) |" in text
-    for figure in ("weights_over_training.png", "meta_steps.png", "weights_distribution.png", "accuracy_vs_macs.png",
+    assert "| xxs |" in text and "| t (teacher) |" in text and "## MC-Distil: the C-Net's loss weights" in text
+    for figure in ("weights_over_training.png", "meta_steps.png", "cnet_val_weights_distribution.png", "accuracy_vs_macs.png",
                    "cnet_val_extremes.png"):
         assert (md.parent / figure).stat().st_size > 1000 and figure in text and figure in page.read_text()
     stopped = make_engine(tmp_path, teacher_file, [cnet()], max_epochs=2, max_steps=2, name="unfinished")
@@ -290,5 +292,8 @@ def test_with_label_noise_the_cnet_reports_clean_vs_flipped_weights(tmp_path, te
         assert noise[student]["alpha_auc_clean_vs_flipped"] > 0.7
         assert noise[student]["alpha_mean_flipped"] < noise[student]["alpha_mean_clean"]
     assert (folder / "train_alpha_clean_vs_flipped.png").stat().st_size > 1000
+    # the report's C-Net section shows the separation and the histograms
+    [section] = plugin.collab_distill_report_sections(engine=engine)
+    assert "plugins/cnet/train_alpha_clean_vs_flipped.png" in section.figures and "alpha AUC clean vs flipped" in section.text
     # the val split is clean: no flipped column there
     assert "flipped" not in (folder / "val_weights.csv").read_text().splitlines()[0]
