@@ -132,7 +132,8 @@ def markdown(res: dict[str, Any]) -> str:
     kd = res["kd"]
     lines += [
         f"| KD (reference) | – | – | – | {kd['val_loss']['mean']:.4f} ± {kd['val_loss']['std']:.4f} | "
-        f"{kd['val_top1']['mean']:.2f} ± {kd['val_top1']['std']:.2f} | {kd['best_val_top1']['mean']:.2f} | 0.30 / 0.70 / 0 | 0 / 0 / 0 |",
+        f"{kd['val_top1']['mean']:.2f} ± {kd['val_top1']['std']:.2f} | {kd['best_val_top1']['mean']:.2f} | "
+        "0.30 / 0.70 / 0 | 0 / 0 / 0 |",
         "",
         f"Chosen: **{res['chosen']}**. Per-student validation CE of the chosen setting: "
         + ", ".join(f"{st} {res['grid'][res['chosen']]['per_student'][st]:.4f}" for st in STUDENTS)
@@ -195,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
 
     res = {
         "environment": {"platform": platform.platform(), "python": sys.version.split()[0], "cpu_count": os.cpu_count()},
-        "settings": {"seeds": args.seeds, "student_epochs": json.loads((ce[args.seeds[0]]["run_dir"] / "results.json").read_text())["epochs"],
+        "settings": {"seeds": args.seeds,
+                     "student_epochs": json.loads((ce[args.seeds[0]]["run_dir"] / "results.json").read_text())["epochs"],
                      "activations": args.activations, "lrs": args.lrs, "every": args.every, "jobs": args.jobs,
                      "config": str(CONFIG.relative_to(REPO))},
         "val_size": Digits().setup(args.seeds[0]).extra["split_sizes"]["val"],

@@ -70,8 +70,8 @@ from digits_table import (  # noqa: E402
     _summary,
     prepare_output,
     run_arguments,
-    write_outputs,
     run_one,
+    write_outputs,
 )
 
 METHOD_DIR = REPO / "examples" / "methods"
@@ -128,7 +128,8 @@ def _run_seed(seed: int, methods: dict[str, Method], args: argparse.Namespace) -
     results = {n: json.loads((r["run_dir"] / "results.json").read_text()) for n, r in done.items()}
     t_ce = results["ce"]["teachers"]["teacher"]["test"]["top1"]
     for n, r in results.items():
-        if methods[n].teacher and "teacher" in r["teachers"] and r["teachers"]["teacher"].get("test", {}).get("top1", t_ce) != t_ce:
+        teacher = r["teachers"].get("teacher") if methods[n].teacher else None
+        if teacher is not None and teacher.get("test", {}).get("top1", t_ce) != t_ce:
             raise SystemExit(f"seed {seed}: the teacher's test top-1 differs between CE ({t_ce}) and {n}")
         if not methods[n].teacher and r["teachers"]:
             raise SystemExit(f"seed {seed}: {n} is an online method but its run has teachers {sorted(r['teachers'])}")
@@ -168,7 +169,8 @@ def metadistiller_targets(runs: dict[int, dict[str, Any]]) -> dict[str, Any] | N
     """Per student, over seeds: the generated targets' val entropy (nats, and / log K) and top-1
     agreement with the labels, from each MetaDistiller run's ``plugins/metadistiller/targets.json``
     (mean over the early exits; ``per_exit`` keeps the exits apart)."""
-    files = {s: r["metadistiller"]["run_dir"] / "plugins" / "metadistiller" / "targets.json" for s, r in runs.items() if "metadistiller" in r}
+    files = {s: r["metadistiller"]["run_dir"] / "plugins" / "metadistiller" / "targets.json"
+             for s, r in runs.items() if "metadistiller" in r}
     if not files or not all(f.is_file() for f in files.values()):
         return None
     stats = {s: json.loads(f.read_text()) for s, f in sorted(files.items())}
@@ -234,7 +236,8 @@ def markdown(res: dict[str, Any]) -> str:
     if exits:
         lines += ["## Multi-exit students: final exit vs the ensemble of exits (test top-1)", "",
                   "| method | weights | " + " | ".join(f"{st} final" for st in STUDENTS) + " | "
-                  + " | ".join(f"{st} ensemble" for st in STUDENTS) + " | " + " | ".join(f"{st} ensemble − CE" for st in STUDENTS) + " |",
+                  + " | ".join(f"{st} ensemble" for st in STUDENTS) + " | "
+                  + " | ".join(f"{st} ensemble − CE" for st in STUDENTS) + " |",
                   "|---|---|" + "---|" * (3 * len(STUDENTS))]
         for name in exits:
             row = res["table"][name]
@@ -250,7 +253,8 @@ def markdown(res: dict[str, Any]) -> str:
                   f"Mean entropy of softmax(T_k / tau) (tau = {targets['temperature']:g}) over the {targets['split']} images "
                   f"against the uniform distribution's log K = {targets['log_k']:.3f} nats, and how often its top class is "
                   "the label (chance: 1/K); mean ± std over seeds, averaged over the early exits, then per exit.", "",
-                  "| student | entropy (nats) | entropy / log K | agreement with labels (%) | per exit: entropy / log K | per exit: agreement (%) |",
+                  "| student | entropy (nats) | entropy / log K | agreement with labels (%) "
+                  "| per exit: entropy / log K | per exit: agreement (%) |",
                   "|---|---|---|---|---|---|"]
         for st in STUDENTS:
             t = targets["students"][st]
@@ -313,7 +317,8 @@ def _ce_drift(stored: dict[str, Any], fresh: dict[str, Any]) -> list[str]:
 def merge(stored: dict[str, Any], fresh: dict[str, Any], note: str, allow_ce_drift: bool = False) -> dict[str, Any]:
     """``stored`` with the rows of ``fresh``'s methods (except CE) replaced; records the rerun."""
     if fresh["settings"]["seeds"] != stored["settings"]["seeds"]:
-        raise SystemExit(f"--merge: seeds {fresh['settings']['seeds']} differ from the stored table's {stored['settings']['seeds']}")
+        raise SystemExit(f"--merge: seeds {fresh['settings']['seeds']} differ from the stored table's "
+                         f"{stored['settings']['seeds']}")
     for key in ("student_epochs", "teacher_epochs", "threads"):
         if fresh["settings"][key] != stored["settings"][key]:
             raise SystemExit(f"--merge: {key} {fresh['settings'][key]} differs from the stored table's {stored['settings'][key]}")
@@ -391,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
         "environment": {"platform": platform.platform(), "python": sys.version.split()[0], "cpu_count": os.cpu_count()},
         "settings": {"seeds": seeds, "student_epochs": first["epochs"], "threads": args.threads,
                      "teacher_epochs": args.teacher_epochs or 15, "config": str(CONFIG.relative_to(REPO)), "note": args.note,
-                     "method_files": {n: [f"examples/methods/{m.file}.yaml"] + (["examples/methods/kdcl_views.yaml"] if m.views else [])
+                     "method_files": {n: [f"examples/methods/{m.file}.yaml"]
+                                      + (["examples/methods/kdcl_views.yaml"] if m.views else [])
                                       for n, m in methods.items()}},
         "methods": list(methods),
         "labels": {n: m.label for n, m in methods.items()},
@@ -402,11 +408,13 @@ def main(argv: list[str] | None = None) -> int:
         "teacher_sha256": hashes,
         "table": collect(per_seed, methods),
         "metadistiller_targets": metadistiller_targets(runs),
-        "runs": {s: {n: {"wall_s": r["wall_s"], "command": _portable(r["command"])} for n, r in v.items()} for s, v in runs.items()},
+        "runs": {s: {n: {"wall_s": r["wall_s"], "command": _portable(r["command"])} for n, r in v.items()}
+                 for s, v in runs.items()},
         "elapsed_s": time.perf_counter() - started,
     }
     if stored is not None:
-        res = merge(stored, json.loads(json.dumps(res)), args.note, args.allow_ce_drift)  # (through JSON: the stored seeds are strings)
+        # (through JSON: the stored seeds are strings)
+        res = merge(stored, json.loads(json.dumps(res)), args.note, args.allow_ce_drift)
         if "metadistiller" in methods:  # the rerun MetaDistiller row's targets replace the stored ones
             res["metadistiller_targets"] = metadistiller_targets(runs)
     write_outputs(args.out, "digits_collab", res, markdown)

@@ -73,7 +73,8 @@ def run_seed(seed: int, args: Any) -> tuple[dict[str, Any], dict[str, Any], str]
     online.teacher_epochs = None
     for name, (_, _, needs_teacher) in METHODS.items():
         file = METHOD_DIR / f"{name}.yaml"
-        done[name] = run_one(name, file, seed, args, teacher=teacher) if needs_teacher else run_one(name, file, seed, online, teacher=None)
+        done[name] = (run_one(name, file, seed, args, teacher=teacher) if needs_teacher
+                      else run_one(name, file, seed, online, teacher=None))
     results = {n: json.loads((r["run_dir"] / "results.json").read_text()) for n, r in done.items()}
     return results, done, _sha256(teacher)
 
@@ -93,7 +94,8 @@ def collect(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
                     cell[f"minus_baseline_{which}"] = _paired([a - b for a, b in zip(acc, base)])
             row[student] = cell
         if baseline is not None:
-            row["cost_vs_baseline"] = _summary([train_seconds(per_seed[s][name]) / train_seconds(per_seed[s][baseline]) for s in seeds])
+            row["cost_vs_baseline"] = _summary([train_seconds(per_seed[s][name]) / train_seconds(per_seed[s][baseline])
+                                                for s in seeds])
         row["train_s"] = _summary([train_seconds(per_seed[s][name]) for s in seeds])
         table[name] = row
     return table
@@ -150,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"seed {seed}", flush=True)
         per_seed[seed], runs[seed], hashes[seed] = run_seed(seed, args)
         for n in ["ce", *METHODS]:
-            print(f"  {n}: " + ", ".join(f"{st} {per_seed[seed][n]['students'][st]['last']['test_top1']:.2f}" for st in STUDENTS), flush=True)
+            print(f"  {n}: " + ", ".join(f"{st} {per_seed[seed][n]['students'][st]['last']['test_top1']:.2f}"
+                                         for st in STUDENTS), flush=True)
     seeds = sorted(per_seed)
     from collab_distill.tasks.classification import Digits
 
@@ -164,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         "teacher_test_top1": _summary([per_seed[s]["ce"]["teachers"]["teacher"]["test"]["top1"] for s in seeds]),
         "teacher_sha256": hashes,
         "table": collect(per_seed),
-        "runs": {s: {n: {"wall_s": r["wall_s"], "command": _portable(r["command"])} for n, r in v.items()} for s, v in runs.items()},
+        "runs": {s: {n: {"wall_s": r["wall_s"], "command": _portable(r["command"])} for n, r in v.items()}
+                 for s, v in runs.items()},
         "elapsed_s": time.perf_counter() - started,
     }
     write_outputs(args.out, "digits_features", res, markdown)

@@ -53,8 +53,8 @@ from digits_table import (  # noqa: E402
     _summary,
     prepare_output,
     run_arguments,
-    write_outputs,
     run_paired_seeds,
+    write_outputs,
 )
 
 METHOD_DIR = REPO / "examples" / "methods"
@@ -194,15 +194,18 @@ def markdown(res: dict[str, Any]) -> str:
           if "mc_distil_image_only" in res["methods"] else []),
         "## Cost",
         "",
-        "| method | wall s per run | student epoch s (median over epochs, mean ± std over seeds) | median epoch / KD | fastest epoch / KD |",
+        "| method | wall s per run | student epoch s (median over epochs, mean ± std over seeds) "
+        "| median epoch / KD | fastest epoch / KD |",
         "|---|---|---|---|---|",
     ]
     t = res["timing"]
     for m in res["methods"]:
         extra = " (incl. training the teacher)" if m == "ce" else ""
-        lines.append(f"| {labels[m]}{extra} | {_pm(t['wall_s'][m])} | {t['epoch_s'][m]['mean']:.3f} ± {t['epoch_s'][m]['std']:.3f} "
+        lines.append(f"| {labels[m]}{extra} | {_pm(t['wall_s'][m])} "
+                     f"| {t['epoch_s'][m]['mean']:.3f} ± {t['epoch_s'][m]['std']:.3f} "
                      f"| {t['ratio_vs_kd'][m]['mean']:.2f} ± {t['ratio_vs_kd'][m]['std']:.2f} "
-                     + (f"| {t['ratio_min_vs_kd'][m]['mean']:.2f} ± {t['ratio_min_vs_kd'][m]['std']:.2f} |" if "ratio_min_vs_kd" in t else "| |"))
+                     + (f"| {t['ratio_min_vs_kd'][m]['mean']:.2f} ± {t['ratio_min_vs_kd'][m]['std']:.2f} |"
+                        if "ratio_min_vs_kd" in t else "| |"))
     r_mc, r_meta = t["ratio_vs_kd"]["mc_distil"], t["ratio_vs_kd"]["meta_distil"]
     every = s.get("meta_every")
     lines += [
@@ -245,7 +248,8 @@ def markdown(res: dict[str, Any]) -> str:
         "",
         f"Caveats: {len(s['seeds'])} seeds (a paired t-test with {len(s['seeds']) - 1} degrees of freedom detects only large, "
         f"consistent effects); one fixed {res['test_size']}-image test split for every seed, so the spread is training "
-        f"noise; {len(res['methods'])} methods and three students without multiple-comparison correction; nothing was tuned on the test "
+        f"noise; {len(res['methods'])} methods and three students without multiple-comparison correction; "
+        "nothing was tuned on the test "
         "split (all methods use the method files' settings as they are).",
         "",
     ]
@@ -333,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
         },
         "cnet": cnet,
         "meta_loss": meta_loss,
-        "runs": {s: {m: {"wall_s": r["wall_s"], "command": _portable(r["command"])} for m, r in v.items()} for s, v in runs.items()},
+        "runs": {s: {m: {"wall_s": r["wall_s"], "command": _portable(r["command"])} for m, r in v.items()}
+                 for s, v in runs.items()},
         "elapsed_s": time.perf_counter() - started,
     }
     write_outputs(args.out, "digits_methods", res, markdown)

@@ -146,7 +146,8 @@ def run_group(rate: float, seed: int, args: argparse.Namespace) -> dict[str, Any
         cnet = done[m]["run_dir"] / "plugins" / "cnet" / "summary.json"
         r["cnet_summary"] = json.loads(cnet.read_text()) if cnet.is_file() else {}
     print(f"noise {rate:g} seed {seed}: " + "; ".join(
-        f"{m} " + "/".join(f"{r['students'][s]['last']['test_top1']:.1f}" for s in STUDENTS) for m, r in results.items()), flush=True)
+        f"{m} " + "/".join(f"{r['students'][s]['last']['test_top1']:.1f}" for s in STUDENTS)
+        for m, r in results.items()), flush=True)
     return {"results": results, "runs": {m: {"wall_s": r["wall_s"], "command": _portable(r["command"])} for m, r in done.items()},
             "fixed_mix_weights": weights}
 
@@ -185,8 +186,8 @@ def collect_rate(groups: dict[int, dict[str, Any]], lambdas: list[float]) -> dic
                         d = _paired(diffs)
                         d["above"], d["below"] = d.pop("kd_better"), d.pop("ce_better")
                         cell[f"minus_{ref}_{which}"] = {"per_seed": diffs, **d}
-            aucs = [res[s][m]["cnet_summary"].get("train", {}).get("label_noise", {}).get(student, {}).get("alpha_auc_clean_vs_flipped")
-                    for s in seeds]
+            aucs = [res[s][m]["cnet_summary"].get("train", {}).get("label_noise", {}).get(student, {})
+                    .get("alpha_auc_clean_vs_flipped") for s in seeds]
             if all(a is not None for a in aucs):
                 cell["alpha_auc"] = {"per_seed": aucs, **_summary(aucs)}
             spreads = []
@@ -291,32 +292,39 @@ def markdown(res: dict[str, Any]) -> str:
         ]
         for which, title in (("last", "last epoch"), ("best_on_val", "best-on-val weights")):
             lines += [f"**Test top-1 (%), {title}**, mean ± std; paired difference (↑/↓ seeds above/below, paired t-test p):", "",
-                      "| student | " + " | ".join(LABELS[m] for m in TABLE_METHODS) + " | MC-Distil − KD | MC-Distil − fixed mix | image-only − KD |",
+                      "| student | " + " | ".join(LABELS[m] for m in TABLE_METHODS)
+                      + " | MC-Distil − KD | MC-Distil − fixed mix | image-only − KD |",
                       "|---|" + "---|" * (len(TABLE_METHODS) + 3)]
             for student, row in r["table"].items():
                 lines.append(f"| {student} | " + " | ".join(_cell(row[m], which) for m in TABLE_METHODS) + " | "
-                             + f"{_diff(row['mc_distil'].get(f'minus_kd_{which}'))} | {_diff(row['mc_distil'].get(f'minus_fixed_mix_{which}'))} | "
+                             + f"{_diff(row['mc_distil'].get(f'minus_kd_{which}'))} | "
+                             + f"{_diff(row['mc_distil'].get(f'minus_fixed_mix_{which}'))} | "
                              + f"{_diff(row['mc_distil_image_only'].get(f'minus_kd_{which}'))} |")
             lines.append("")
-        auc_rows = [(st, m, row[m]["alpha_auc"]) for st, row in r["table"].items() for m in TABLE_METHODS if "alpha_auc" in row[m]]
+        auc_rows = [(st, m, row[m]["alpha_auc"]) for st, row in r["table"].items() for m in TABLE_METHODS
+                    if "alpha_auc" in row[m]]
         if auc_rows:
             lines += ["**alpha's AUC separating clean from flipped training labels** (C-Net applied to the noisy training "
                       "split at the end of training; 0.5 = blind):", "",
                       "| student | " + " | ".join(LABELS[m] for m in C_NET_METHODS) + " |", "|---|" + "---|" * len(C_NET_METHODS)]
             for st in STUDENTS:
-                lines.append(f"| {st} | " + " | ".join(_pm(r["table"][st][m]["alpha_auc"]) if "alpha_auc" in r["table"][st][m] else "-"
+                lines.append(f"| {st} | " + " | ".join(_pm(r["table"][st][m]["alpha_auc"])
+                                                       if "alpha_auc" in r["table"][st][m] else "-"
                                                        for m in C_NET_METHODS) + " |")
             lines.append("")
         lines += ["**Do the C-Nets move?** std over the val images of each weight (mean over seeds), and the meta steps:", "",
-                  "| method | " + " | ".join(f"{st} α/β/γ std" for st in STUDENTS) + " | meta steps | meta-grad norm (median) | meta loss first → last tenth |",
+                  "| method | " + " | ".join(f"{st} α/β/γ std" for st in STUDENTS)
+                  + " | meta steps | meta-grad norm (median) | meta loss first → last tenth |",
                   "|---|" + "---|" * (len(STUDENTS) + 3)]
         for m in C_NET_METHODS:
             spreads = [r["table"][st][m].get("val_weight_std") for st in STUDENTS]
             meta = r["meta"][m]
             lines.append(f"| {LABELS[m]} | " + " | ".join("/".join(f"{x[t]:.3f}" for t in TERMS) if x else "-" for x in spreads)
-                         + f" | {meta['steps']:.0f} | {meta['grad_norm_median']:.3g} | {meta['loss_first_tenth']:.3f} → {meta['loss_last_tenth']:.3f} |")
+                         + f" | {meta['steps']:.0f} | {meta['grad_norm_median']:.3g} "
+                         + f"| {meta['loss_first_tenth']:.3f} → {meta['loss_last_tenth']:.3f} |")
         lines += ["", "Median epoch time / KD's (per seed, then mean): " + ", ".join(
-            f"{LABELS.get(m, 'MC-Distil, meta step every 20 steps')} {v['mean']:.2f}" for m, v in r["epoch_ratio_vs_kd"].items()), ""]
+            f"{LABELS.get(m, 'MC-Distil, meta step every 20 steps')} {v['mean']:.2f}"
+            for m, v in r["epoch_ratio_vs_kd"].items()), ""]
     lines += [
         "Caveats: a paired t-test over few seeds detects only large, consistent effects; three students and several "
         "methods are compared without multiple-comparison correction; the test split is fixed, so the spread is "
@@ -350,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
                      "threads": args.threads, "jobs": args.jobs,
                      "methods": {m: str(f.relative_to(REPO)) for m, (f, _) in C_NET_METHODS.items()}},
         "test_size": sizes["test"],
-        "rates": {f"{rate:g}": collect_rate({seed: done[(rate, seed)] for seed in args.seeds}, args.kd_lambdas) for rate in args.noise},
+        "rates": {f"{rate:g}": collect_rate({seed: done[(rate, seed)] for seed in args.seeds}, args.kd_lambdas)
+                  for rate in args.noise},
         "runs": {f"{rate:g}/{seed}": done[(rate, seed)]["runs"] for rate, seed in keys},
         "elapsed_s": time.perf_counter() - started,
     }

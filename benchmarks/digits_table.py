@@ -37,8 +37,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -70,7 +71,8 @@ def _sha256(path: Path) -> str:
 
 def _finished_run(root: Path, name: str) -> Optional[Path]:
     """The newest ``root/name/version_N`` whose results.json says finished (for --reuse)."""
-    folders = sorted((root / name).glob("version_*"), key=lambda p: int(p.name.split("_")[-1]) if p.name.split("_")[-1].isdigit() else -1)
+    folders = sorted((root / name).glob("version_*"),
+                     key=lambda p: int(p.name.split("_")[-1]) if p.name.split("_")[-1].isdigit() else -1)
     for folder in reversed(folders):
         f = folder / "results.json"
         if f.is_file() and json.loads(f.read_text()).get("status") == "finished" and (folder / "wall.json").is_file():
@@ -186,7 +188,8 @@ def collect(per_seed: dict[int, dict[str, dict[str, Any]]]) -> dict[str, Any]:
             for which in ("last", "best_on_val"):
                 row[f"{method}_{which}"] = _summary([per_seed[s][method]["students"][student][which]["test_top1"] for s in seeds])
         for which in ("last", "best_on_val"):
-            diffs = [per_seed[s]["kd"]["students"][student][which]["test_top1"] - per_seed[s]["ce"]["students"][student][which]["test_top1"]
+            diffs = [per_seed[s]["kd"]["students"][student][which]["test_top1"]
+                     - per_seed[s]["ce"]["students"][student][which]["test_top1"]
                      for s in seeds]
             row[f"kd_minus_ce_{which}"] = {"per_seed": diffs, **_paired(diffs)}
         row["params"] = per_seed[seeds[0]]["ce"]["students"][student]["params"]
@@ -270,7 +273,8 @@ def markdown(res: dict[str, Any]) -> str:
         "|---|---|---|",
     ]
     w = res["timing"]
-    lines.append(f"| CE (incl. training the teacher, {s['teacher_epochs']} epochs) | {_pm(w['ce_wall_s'])} | {_pm(w['ce_epoch_s'])} |")
+    lines.append(f"| CE (incl. training the teacher, {s['teacher_epochs']} epochs) "
+                 f"| {_pm(w['ce_wall_s'])} | {_pm(w['ce_epoch_s'])} |")
     lines.append(f"| KD (teacher loaded) | {_pm(w['kd_wall_s'])} | {_pm(w['kd_epoch_s'])} |")
     lines += [
         "",
@@ -350,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
         "environment": {"platform": platform.platform(), "python": sys.version.split()[0], "cpu_count": os.cpu_count()},
         "settings": {"seeds": seeds, "student_epochs": first["epochs"],
                      "teacher_epochs": teacher_results.get("epochs", args.teacher_epochs), "threads": args.threads,
-                     "config": str(CONFIG.relative_to(REPO)), "methods": {m: str(f.relative_to(REPO)) for m, f in METHODS.items()}},
+                     "config": str(CONFIG.relative_to(REPO)),
+                     "methods": {m: str(f.relative_to(REPO)) for m, f in METHODS.items()}},
         "test_size": test_size,
         "val_size": sizes["val"],
         "table": collect(per_seed),
@@ -367,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
             "kd_epoch_s": _summary([epoch_s["kd"][s] for s in seeds]),
             "epoch_ratio_kd_over_ce": _summary([epoch_s["kd"][s] / epoch_s["ce"][s] for s in seeds]),
         },
-        "runs": {s: {m: {"wall_s": r["wall_s"], "command": _portable(r["command"])} for m, r in v.items()} for s, v in runs.items()},
+        "runs": {s: {m: {"wall_s": r["wall_s"], "command": _portable(r["command"])} for m, r in v.items()}
+                 for s, v in runs.items()},
         "elapsed_s": time.perf_counter() - started,
     }
     write_outputs(args.out, "digits_ce_vs_kd", res, markdown)

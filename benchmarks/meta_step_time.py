@@ -28,11 +28,10 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from step_time import SyntheticCIFAR, make_engine, time_interleaved  # noqa: E402
-
 from collab_distill.meta import BilevelConfig  # noqa: E402
 from collab_distill.plugins.mc_distil import CNet, PooledStudent  # noqa: E402
 from collab_distill.tasks.classification import Digits  # noqa: E402
+from step_time import SyntheticCIFAR, make_engine, time_interleaved  # noqa: E402
 
 SETUPS = {
     "digits": (lambda: Digits(batch_size=64), {"xxs": "xxs", "xs": "xs", "s": "s"}, "m"),

@@ -41,7 +41,8 @@ try:
     import resource
 except ImportError:  # not on Windows
     resource = None  # type: ignore[assignment]
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,9 +50,9 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 
 import collab_distill
+from collab_distill import FeatureRequest, Plugin, hookimpl
 from collab_distill.config import Cohort, Teacher, TrainerConfig
 from collab_distill.engine import Engine
-from collab_distill import FeatureRequest, Plugin, hookimpl
 from collab_distill.plugins.fixed_weights import FixedLossWeights
 from collab_distill.plugins.hints import FitNets
 from collab_distill.tasks.classification import Digits, ImageClassification, ResNet
@@ -122,7 +123,8 @@ class HandLoop:
     With ``beta == 0`` (CE) it does what a hand-written CE loop does: it never runs the teacher.
     """
 
-    def __init__(self, students: list[torch.nn.Module], teacher: torch.nn.Module, alpha: float = ALPHA, beta: float = BETA) -> None:
+    def __init__(self, students: list[torch.nn.Module], teacher: torch.nn.Module, alpha: float = ALPHA,
+                 beta: float = BETA) -> None:
         self.students = students
         self.teacher = teacher
         self.alpha, self.beta = alpha, beta
@@ -253,7 +255,8 @@ class IdleFeatureRequests(Plugin):
 
     @hookimpl
     def collab_distill_feature_requests(self, engine):
-        return [FeatureRequest(m, "layer3", lambda engine, phase: False) for m in [*engine.cohort.students, *engine.cohort.teachers]]
+        return [FeatureRequest(m, "layer3", lambda engine, phase: False)
+                for m in [*engine.cohort.students, *engine.cohort.teachers]]
 
 
 def bench_features(name: str, data_factory, students, teacher, workdir, steps, warmup) -> dict[str, Any]:
@@ -302,7 +305,7 @@ def bench_scaling(label: str, sizes: list[str], teacher: str, data_factory, work
     faults: dict[str, list[int]] = {}
     times = time_interleaved(fns, steps, warmup, rotate=True, faults=faults)
     rows = []
-    for k, (engine, hand, batch, students) in pairs.items():
+    for k, (engine, _hand, _batch, students) in pairs.items():
         te, th = times[f"engine_{k}"], times[f"hand_{k}"]
         macs = sum(engine.model_summary[n]["macs"] for n in students)
         e, h = _stats(te), _stats(th)
@@ -363,7 +366,8 @@ def bench_loader(name: str, data_factory, workdir: Path, epochs: int) -> dict[st
            "current_s_per_batch": _stats(per_batch["current"]),
            "torch_manual_seed_s_per_batch": _stats(per_batch["torch_manual_seed"]), "identical_pixels": same}
     print(f"[loader {name}] {out['current_s_per_batch']['median']*1e3:.2f} ms/batch now, "
-          f"{out['torch_manual_seed_s_per_batch']['median']*1e3:.2f} ms/batch with torch.manual_seed (same pixels: {same})", flush=True)
+          f"{out['torch_manual_seed_s_per_batch']['median']*1e3:.2f} ms/batch with torch.manual_seed (same pixels: {same})",
+          flush=True)
     return out
 
 
@@ -407,13 +411,15 @@ def markdown(res: dict[str, Any]) -> str:
         f"load average {res['environment']['loadavg_start']} at the start and {res['environment'].get('loadavg_end')} "
         "at the end; the ratio of minima estimates the uncontended ratio.",
         "",
-        "| setup | input | students | teacher (alpha, beta) | engine ms | hand ms | engine/hand (ratio of medians) | paired ratio median (IQR) | ratio of minima | page faults/step engine / hand | loss check abs diff |",
+        "| setup | input | students | teacher (alpha, beta) | engine ms | hand ms | engine/hand (ratio of medians) "
+        "| paired ratio median (IQR) | ratio of minima | page faults/step engine / hand | loss check abs diff |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res["ratio"]:
         pr = r["paired_ratio"]
         lines.append(
-            f"| {r['setup']} | {'x'.join(map(str, r['input_shape']))} | {', '.join(r['students'].values())} | {r['teacher']} ({r['alpha']:g}, {r['beta']:g}) "
+            f"| {r['setup']} | {'x'.join(map(str, r['input_shape']))} | {', '.join(r['students'].values())} "
+            f"| {r['teacher']} ({r['alpha']:g}, {r['beta']:g}) "
             f"| {_ms(r['engine_s'])} | {_ms(r['hand_s'])} | **{r['ratio_of_medians']:.3f}** "
             f"| {pr['median']:.3f} ({pr['q1']:.3f}–{pr['q3']:.3f}) | {r['ratio_of_minima']:.3f} | {_faults(r)} "
             f"| {r['loss_check']['max_abs_loss_diff']:.1e} |"
@@ -475,14 +481,17 @@ def markdown(res: dict[str, Any]) -> str:
             "(a 1x1 conv + BN + ReLU regressor per student, MSE to the teacher's `layer3`) + KD. The three engines are "
             "timed round-robin on one fixed batch. Median (IQR) ms per step; ratios to KD.",
             "",
-            "| setup | input | KD ms | idle hooks ms | FitNets ms | idle hooks / KD (medians, minima) | FitNets / KD (medians, minima) |",
+            "| setup | input | KD ms | idle hooks ms | FitNets ms | idle hooks / KD (medians, minima) "
+            "| FitNets / KD (medians, minima) |",
             "|---|---|---|---|---|---|---|",
         ]
         for r in res["features"]:
             t, idle, fit = r["step_s"], r["kd_idle_hooks_vs_kd"], r["fitnets_vs_kd"]
-            lines.append(f"| {r['setup']} ({', '.join(r['students'])}; teacher {r['teacher']}) | {'x'.join(map(str, r['input_shape']))} "
+            lines.append(f"| {r['setup']} ({', '.join(r['students'])}; teacher {r['teacher']}) "
+                         f"| {'x'.join(map(str, r['input_shape']))} "
                          f"| {_ms(t['kd'])} | {_ms(t['kd_idle_hooks'])} | {_ms(t['fitnets'])} "
-                         f"| {idle['ratio_of_medians']:.3f}, {idle['ratio_of_minima']:.3f} | {fit['ratio_of_medians']:.3f}, {fit['ratio_of_minima']:.3f} |")
+                         f"| {idle['ratio_of_medians']:.3f}, {idle['ratio_of_minima']:.3f} "
+                         f"| {fit['ratio_of_medians']:.3f}, {fit['ratio_of_minima']:.3f} |")
         lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -598,7 +607,8 @@ def main(argv: list[str] | None = None) -> int:
                                         work, max(args.steps, 60), args.warmup))
         # CE (beta=0) with the teacher still in the cohort, as examples/methods/ce.yaml on digits.yaml runs:
         # the hand loop skips the unused teacher; so must the engine.
-        res["ratio"].append(bench_ratio("cifar-shaped CE, teacher in cohort", cifar, {"xxs": "xxs", "xs": "xs", "s": "s", "m": "m"},
+        res["ratio"].append(bench_ratio("cifar-shaped CE, teacher in cohort", cifar,
+                                        {"xxs": "xxs", "xs": "xs", "s": "s", "m": "m"},
                                         "l", work, args.steps, args.warmup, alpha=1.0, beta=0.0))
         res["ratio"].append(bench_ratio("digits CE, teacher in cohort", digits, {"xxs": "xxs", "xs": "xs", "s": "s"}, "m",
                                         work, max(args.steps, 60), args.warmup, alpha=1.0, beta=0.0))

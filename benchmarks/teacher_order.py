@@ -55,7 +55,8 @@ def teacher_first(engine) -> None:
     engine.teacher_records = types.MethodType(eager, engine)
 
 
-def measure(label: str, students: dict[str, str], teacher: str, data_factory, workdir: Path, steps: int, warmup: int) -> dict[str, Any]:
+def measure(label: str, students: dict[str, str], teacher: str, data_factory, workdir: Path, steps: int,
+            warmup: int) -> dict[str, Any]:
     engine, hand, batch = st.build_pair(data_factory, students, teacher, workdir)
     first, _, _ = st.build_pair(data_factory, students, teacher, workdir)
     teacher_first(first)
@@ -68,28 +69,33 @@ def measure(label: str, students: dict[str, str], teacher: str, data_factory, wo
     row = {"setup": label, "students": list(students.values()), "teacher": teacher, "input_shape": list(x.shape),
            "variants": {n: {**st._stats(t), "vs_hand": statistics.median(t) / hand_median,
                             "minor_page_faults_per_step": statistics.median(faults[n])} for n, t in times.items()}}
-    print(f"[{label}] " + ", ".join(f"{n} {v['median']*1e3:.1f} ms ({v['vs_hand']:.3f}x hand, {v['minor_page_faults_per_step']:.0f} faults)"
+    print(f"[{label}] " + ", ".join(f"{n} {v['median']*1e3:.1f} ms "
+                                    f"({v['vs_hand']:.3f}x hand, {v['minor_page_faults_per_step']:.0f} faults)"
                                     for n, v in row["variants"].items()), flush=True)
     return row
 
 
 def markdown(res: dict[str, Any]) -> str:
+    malloc = ", ".join(f"{k}={v}" for k, v in res["environment"].get("malloc_env", {}).items())
     lines = [
         "# When does the teacher run? (diagnostic)",
         "",
-        f"torch {res['environment']['torch']}, {res['environment']['cpu_count']} CPU cores, threads={res['environment']['threads']}, "
-        f"glibc malloc tuning: {', '.join(f'{k}={v}' for k, v in res['environment'].get('malloc_env', {}).items()) or 'none (defaults)'}; "
+        f"torch {res['environment']['torch']}, {res['environment']['cpu_count']} CPU cores, "
+        f"threads={res['environment']['threads']}, "
+        f"glibc malloc tuning: {malloc or 'none (defaults)'}; "
         f"{res['settings']['steps']} timed steps per variant, interleaved round-robin; median (IQR) ms per KD step "
         "(alpha 0.3, beta 0.7, tau 4), input 128x3x32x32 (CIFAR-100-shaped), teacher ResNet(l).",
         "",
-        "| students | engine ms | engine, teacher first ms | hand ms | engine / hand | teacher first / hand | page faults/step engine / teacher first / hand |",
+        "| students | engine ms | engine, teacher first ms | hand ms | engine / hand | teacher first / hand "
+        "| page faults/step engine / teacher first / hand |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in res["rows"]:
         v = r["variants"]
         e, f, h = v["engine"], v["engine, teacher first"], v["hand"]
         lines.append(f"| {', '.join(r['students'])} | {st._ms(e)} | {st._ms(f)} | {st._ms(h)} | **{e['vs_hand']:.3f}** "
-                     f"| {f['vs_hand']:.3f} | {e['minor_page_faults_per_step']/1e3:.1f}k / {f['minor_page_faults_per_step']/1e3:.1f}k "
+                     f"| {f['vs_hand']:.3f} | {e['minor_page_faults_per_step']/1e3:.1f}k "
+                     f"/ {f['minor_page_faults_per_step']/1e3:.1f}k "
                      f"/ {h['minor_page_faults_per_step']/1e3:.1f}k |")
     lines += ["", "If `engine / hand` is above `teacher first / hand`, running the teacher after the students costs time; "
               "once the engine resolves the teacher first the two columns should agree.", ""]
@@ -116,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="teacher_order_") as tmp:
         work = Path(tmp)
-        rows.append(measure("xxs,xs,s,m", {"xxs": "xxs", "xs": "xs", "s": "s", "m": "m"}, "l", cifar, work, args.steps, args.warmup))
+        rows.append(measure("xxs,xs,s,m", {"xxs": "xxs", "xs": "xs", "s": "s", "m": "m"}, "l", cifar, work,
+                            args.steps, args.warmup))
         for k in (1, 3, 5):
             rows.append(measure(f"{k} x s", {f"s_{i}": "s" for i in range(k)}, "l", cifar, work, args.steps, args.warmup))
     res = {"environment": {"torch": torch.__version__, "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),

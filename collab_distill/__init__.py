@@ -9,7 +9,6 @@ and their helpers (:func:`mean_of_teachers`, :func:`per_image_mean`), :class:`Fe
 
 __version__ = "0.1.0"
 
-from collab_distill.wrapping import unwrap
 from collab_distill.engine_view import EngineView
 from collab_distill.features import FeatureRequest
 from collab_distill.hookspecs import hookimpl
@@ -18,6 +17,7 @@ from collab_distill.plugin_manager import Plugin
 from collab_distill.records import Knowledge, LossWeights, SoftTarget, TargetSet, mean_of_teachers, per_image_mean
 from collab_distill.report import ReportSection
 from collab_distill.task import ConfigError, ModelFactory, Task, TaskInfo
+from collab_distill.wrapping import unwrap
 
 __all__ = [
     "__version__",

@@ -10,8 +10,9 @@ import random
 import re
 import subprocess
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -93,7 +94,9 @@ def load_weights(model: torch.nn.Module, path: str | Path, *, member: str, field
     """
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{field}: file {str(path)!r} does not exist. Fix the path (relative paths start at the working directory).")
+        raise ConfigError(
+            f"{field}: file {str(path)!r} does not exist. Fix the path (relative paths start at the working directory)."
+        )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:

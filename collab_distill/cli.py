@@ -14,157 +14,27 @@ from __future__ import annotations
 import argparse
 import difflib
 import importlib
-import re
+import inspect
 import sys
+import typing
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional, cast
 
-from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, get_loader, set_loader
+from jsonargparse import ArgumentParser, Namespace
 
-from collab_distill import __version__
-from collab_distill.config import Cohort, TrainerConfig
-from collab_distill.meta import BilevelConfig
-from collab_distill.optim import OptimizerCallable, Schedule
+from collab_distill.optim import Schedule
+from collab_distill.parsers import (  # build_parser: re-exported
+    Parsers,
+    build_parser,
+    build_parsers,
+    check_config_files,
+    known_keys,
+)
 from collab_distill.plugin_manager import Plugin, discover, hooks_implemented_by
-from collab_distill.stages import Stage
 from collab_distill.task import ConfigError, ModelFactory, Task
 
 __all__ = ["main", "build_parser", "engine_from_args"]
-
-_DEFAULT_OPTIMIZER = {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4}}
-
-
-def _import_known_classes() -> None:
-    """Import built-in and installed plugin/task classes so YAML may use their short names."""
-    import collab_distill.tasks.classification  # noqa: F401
-
-    for info in discover():
-        pass  # loading the entry point imports its module
-
-
-def _duplicate_keys(node: Any, path: str = "") -> Iterator[tuple[str, int, int]]:
-    """``(dotted key, first line, second line)`` of every key given twice in one YAML mapping."""
-    import yaml
-
-    if isinstance(node, yaml.MappingNode):
-        seen: dict[Any, int] = {}
-        for key, value in node.value:
-            name = key.value if isinstance(key, yaml.ScalarNode) else None
-            where = f"{path}.{name}" if path else str(name)
-            if name is not None:
-                if name in seen:
-                    yield where, seen[name] + 1, key.start_mark.line + 1
-                seen.setdefault(name, key.start_mark.line)
-            yield from _duplicate_keys(value, where)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            yield from _duplicate_keys(item, f"{path}[{i}]")
-
-
-def _duplicate_message(key: str, first: int, second: int) -> str:
-    return (
-        f"key {key!r} is given twice (lines {first} and {second}); YAML would silently keep only the "
-        "last one. Give every key (and every cohort member) a distinct name."
-    )
-
-
-def _check_config_files(argv: list[str]) -> None:
-    """Refuse a ``--config`` file with a key given twice, naming the file (the loader check
-    below also catches inline YAML values, but does not know which file it reads)."""
-    import yaml
-
-    for i, arg in enumerate(argv):
-        if arg == "--config" and i + 1 < len(argv):
-            path = argv[i + 1]
-        elif arg.startswith("--config="):
-            path = arg.split("=", 1)[1]
-        else:
-            continue
-        try:
-            node = yaml.compose(Path(path).read_text(), Loader=yaml.SafeLoader)
-        except (OSError, UnicodeDecodeError, yaml.YAMLError):
-            continue  # jsonargparse reports a missing or malformed file
-        for key, first, second in _duplicate_keys(node):
-            raise ConfigError(f"{path}: {_duplicate_message(key, first, second)}")
-
-
-def _install_strict_yaml() -> None:
-    """YAML silently keeps the last of two equal keys (two students named ``s``: one is lost).
-    Refuse such configs instead; everything else is left to jsonargparse's own loader."""
-    import yaml
-
-    base = get_loader("yaml")
-    if getattr(base, "_collab_distill_strict", False):
-        return
-
-    def load(stream: str) -> Any:
-        try:
-            node = yaml.compose(stream, Loader=yaml.SafeLoader)
-        except yaml.YAMLError:
-            node = None  # the real loader reports it
-        for key, first, second in _duplicate_keys(node):
-            raise yaml.YAMLError(_duplicate_message(key, first, second))
-        return base(stream)
-
-    load._collab_distill_strict = True  # type: ignore[attr-defined]
-    set_loader("yaml", load, (yaml.YAMLError,))
-
-
-def _run_arguments(parser: ArgumentParser, *, training: bool) -> None:
-    parser.add_argument("--config", action=ActionConfigFile, help="a YAML config; later flags override it")
-    parser.add_argument("--seed", type=int, default=0, help="seeds initialisation, splits, data order and augmentation")
-    parser.add_subclass_arguments(Task, "task", required=True, help="the task adapter and its data")
-    parser.add_class_arguments(Cohort, "cohort")
-    parser.add_class_arguments(TrainerConfig, "trainer")
-    parser.add_argument("--optimizer", type=OptimizerCallable, default=_DEFAULT_OPTIMIZER, help="student optimizer")
-    parser.add_subclass_arguments(Schedule, "schedule", default=Namespace(class_path="collab_distill.optim.Cosine"), help="student LR schedule")
-    parser.add_class_arguments(BilevelConfig, "meta")
-    parser.add_argument("--plugins", type=list[Plugin], default=[], help="configured plugins (methods)")
-    parser.add_argument("--stages", type=Optional[list[Stage]], default=None,
-                        help="train the students in a sequence of runs; earlier students teach later ones")
-    parser.add_argument("--disable_plugins", type=list[str], default=[], help="always-on plugins to leave out")
-    parser.add_argument("--trace_plugins", type=bool, default=False, help="print every hook call")
-    if training:
-        parser.add_argument("--resume", type=Optional[str], default=None, help="a checkpoint path, or `last`")
-    else:
-        parser.add_argument("--ckpt_path", type=Optional[str], default=None, help="checkpoint to evaluate")
-        parser.add_argument("--weights", type=str, default="last", choices=["last", "best"], help="last or best-on-val weights")
-        parser.add_argument("--output_dir", type=Optional[str], default=None,
-                            help="where metrics.json and plugin outputs go (default: a new evaluations/<split>-<weights> "
-                                 "folder in the checkpoint's run)")
-
-
-def build_parser() -> ArgumentParser:
-    _import_known_classes()
-    _install_strict_yaml()
-    # errors are raised (not printed with a page of usage) and reported by main() in one message;
-    # no abbreviations: a misspelt `--trainer.max_epoch` must not silently mean `max_epochs`
-    strict: dict[str, Any] = {"exit_on_error": False, "allow_abbrev": False}
-    root = ArgumentParser(prog="collab-distill", description="Collaborative knowledge distillation.", env_prefix="COLLAB_DISTILL", default_env=False, **strict)
-    root.add_argument("--version", action="version", version=f"collab-distill {__version__}")
-    sub = root.add_subcommands(required=True, dest="subcommand")
-    for name, training, help_text in (
-        ("fit", True, "train a cohort"),
-        ("validate", False, "evaluate the students of a checkpoint on the val split"),
-        ("test", False, "evaluate the students of a checkpoint on the test split"),
-    ):
-        p = ArgumentParser(description=help_text, **strict)
-        _run_arguments(p, training=training)
-        sub.add_subcommand(name, p, help=help_text)
-    export = ArgumentParser(description="write one student as a state dict, TorchScript and a torch.export program", **strict)
-    export.add_argument("--ckpt_path", type=str, required=True, help="a run checkpoint (last.ckpt)")
-    export.add_argument("--student", type=str, required=True, help="the student to export")
-    export.add_argument("--output", type=Optional[str], default=None, help="folder (default: the run's exports/)")
-    export.add_argument("--weights", type=str, default="last", choices=["last", "best"])
-    export.add_argument("--torchscript", type=bool, default=True, help="also write a TorchScript file")
-    export.add_argument("--exported_program", type=bool, default=True, help="also write a torch.export program (.pt2)")
-    sub.add_subcommand("export", export, help="export one student")
-    report = ArgumentParser(description="render a finished run's results and plots as Markdown and HTML", **strict)
-    report.add_argument("run_dir", type=str, help="the run folder (runs/NAME/version_N)")
-    sub.add_subcommand("report", report, help="render a run's report")
-    plugins = ArgumentParser(description="list installed plugins and the hooks they implement", **strict)
-    sub.add_subcommand("plugins", plugins, help="list installed plugins")
-    return root
 
 
 def _experiment_name(cfg: Namespace) -> str:
@@ -178,10 +48,10 @@ def _experiment_name(cfg: Namespace) -> str:
     return "run"
 
 
-def _engine_from(parser: ArgumentParser, cfg: Namespace, command: str):
+def _engine_from(sub_parser: ArgumentParser, cfg: Namespace):
+    """The engine that ``cfg`` (parsed by ``sub_parser``: fit, validate or test) describes."""
     from collab_distill.engine import Engine
 
-    sub_parser = parser._subcommands_action._name_parser_map[command]
     cfg.trainer.name = _experiment_name(cfg)
     saved = cfg.clone()
     for action in ("resume", "ckpt_path", "weights", "output_dir"):  # how to run, not what to run
@@ -203,10 +73,10 @@ def _engine_from(parser: ArgumentParser, cfg: Namespace, command: str):
 def engine_from_args(argv: list[str]) -> Any:
     """The :class:`~collab_distill.engine.Engine` that ``collab-distill fit ARGS`` would run,
     built but not started (for benchmarks and notebooks): ``engine_from_args(["--config", "x.yaml"])``."""
-    _check_config_files(["fit", *argv])
-    parser = build_parser()
-    cfg = parser.parse_args(["fit", *argv])
-    return _engine_from(parser, cfg.fit, "fit")
+    check_config_files(["fit", *argv])
+    parsers = build_parsers()
+    cfg = parsers.root.parse_args(["fit", *argv])
+    return _engine_from(parsers.subcommands["fit"], cfg.fit)
 
 
 def _class_nodes(value: Any, path: str) -> Iterator[tuple[str, Namespace]]:
@@ -260,7 +130,7 @@ def _public_subclasses(base: type) -> Iterator[str]:
     """Import paths of the concrete, public subclasses of ``base`` imported so far."""
     import inspect
 
-    stack = list(base.__subclasses__())
+    stack: list[type] = list(base.__subclasses__())
     while stack:
         cls = stack.pop()
         stack.extend(cls.__subclasses__())
@@ -277,55 +147,229 @@ def _importable(path: str) -> Optional[type]:
     return found if isinstance(found, type) else None
 
 
-def _argument_hint(message: str, argv: list[str], parser: ArgumentParser) -> str:
+def _given_options(args: list[str]) -> list[tuple[str, Optional[str]]]:
+    """``(key, value)`` of every ``--key value`` and ``--key=value`` in a subcommand's arguments
+    (``value`` is ``None`` for a flag given last or before another option)."""
+    options: list[tuple[str, Optional[str]]] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        i += 1
+        if not arg.startswith("--") or arg == "--":
+            continue  # a positional argument
+        key, eq, text = arg[2:].partition("=")
+        value: Optional[str] = text
+        if not eq:
+            value = None
+            if i < len(args) and not args[i].startswith("--"):
+                value, i = args[i], i + 1
+        options.append((key, value))
+    return options
+
+
+def _yaml_value(text: str) -> Any:
+    """A command-line value as jsonargparse reads it: YAML, else the plain string."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _read_config(value: str) -> dict:
+    """The mapping a ``--config`` value gives: a YAML file, or YAML text (as jsonargparse accepts)."""
+    try:
+        text = Path(value).read_text() if Path(value).is_file() else value
+    except (OSError, UnicodeDecodeError, ValueError):
+        return {}
+    loaded = _yaml_value(text)
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def _merge(old: Any, new: Any) -> Any:
+    """``new`` over ``old``: mappings key by key, except that a node naming another ``class_path``
+    replaces the old node (the old init_args belong to the old class)."""
+    if isinstance(old, dict) and isinstance(new, dict) and new.get("class_path", old.get("class_path")) == old.get("class_path"):
+        merged = dict(old)
+        for key, value in new.items():
+            merged[key] = _merge(old[key], value) if key in old else value
+        return merged
+    return new
+
+
+def _given_input(options: list[tuple[str, Optional[str]]]) -> dict:
+    """What the user gave a subcommand, as one nested mapping: the ``--config`` files in order,
+    with every ``--a.b.c value`` set at ``a`` / ``b`` / ``c`` (``--key+`` appends to a list)."""
+    given: dict = {}
+    for key, value in options:
+        if value is None:
+            continue
+        if key == "config":
+            given = _merge(given, _read_config(value))
+            continue
+        append = key.endswith("+")
+        *parents, last = key.rstrip("+").split(".")
+        node = given
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        new = _yaml_value(value)
+        if append:
+            old = node.get(last)
+            node[last] = (old if isinstance(old, list) else []) + (new if isinstance(new, list) else [new])
+        else:
+            node[last] = _merge(node[last], new) if last in node else new
+    return given
+
+
+def _unknown_keys(given: Any, known: frozenset[str], prefix: str = "") -> Iterator[str]:
+    """The dotted keys of ``given`` that are no option of the parser whose options are ``known``.
+    Below an option nothing is checked here (a dict's entries, a class's init_args), nor below a
+    class option with a default class (its init_args depend on the class given)."""
+    if not isinstance(given, dict):
+        return
+    for key, value in given.items():
+        full = f"{prefix}{key}"
+        if full in known or f"{full}.class_path" in known or str(key) in ("help", "print_config"):
+            continue
+        if any(k.startswith(full + ".") for k in known):  # a group such as `trainer`
+            yield from _unknown_keys(value, known, full + ".")
+        elif isinstance(value, dict) and value:  # `trainr: {max_epochs: 2}`: the dotted keys, as jsonargparse names them
+            yield from _unknown_keys(value, frozenset(), full + ".")
+        else:
+            yield full
+
+
+def _expected_classes(annotation: Any) -> tuple[type, ...]:
+    """The classes a parameter annotated ``X``, ``Optional[X]`` or ``Union[X, Y]`` takes as a
+    ``class_path`` node; none (no check) for any other annotation."""
+    import types
+
+    if isinstance(annotation, type) and typing.get_origin(annotation) is None:
+        return (annotation,)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = tuple(a for a in typing.get_args(annotation) if a is not type(None))
+        if all(isinstance(a, type) and typing.get_origin(a) is None for a in args):
+            return args
+    return ()
+
+
+def _resolve(class_path: str, expected: tuple[type, ...]) -> Any:
+    """The object a ``class_path`` names: an import path, or (as jsonargparse allows) the bare
+    name of an imported subclass of the expected classes; ``None`` when there is none."""
+    if "." in class_path:
+        module, _, name = class_path.rpartition(".")
+        try:
+            return getattr(importlib.import_module(module), name)
+        except Exception:  # noqa: BLE001 - any failure means "not importable"
+            return None
+    for base in expected:
+        for path in _public_subclasses(base):
+            if path.rpartition(".")[2] == class_path:
+                return _importable(path)
+    return None
+
+
+class _ClassProblem(typing.NamedTuple):
+    class_path: str
+    cls: Optional[type]  # None: cannot be imported, or is not one of the classes the key takes
+    unknown_init_args: list[str]
+    accepted_init_args: list[str]
+
+
+def _class_nodes_given(value: Any, expected: tuple[type, ...]) -> Iterator[tuple[dict, tuple[type, ...]]]:
+    """The outermost ``{class_path: ..., init_args: ...}`` nodes in ``value``, in order."""
+    if isinstance(value, dict):
+        if isinstance(value.get("class_path"), str):
+            yield value, expected
+            return
+        for child in value.values():
+            yield from _class_nodes_given(child, expected)
+    elif isinstance(value, list):
+        for child in value:
+            yield from _class_nodes_given(child, expected)
+
+
+def _class_problem(value: Any, expected: tuple[type, ...]) -> Optional[_ClassProblem]:
+    """The first ``class_path`` node in ``value`` (outer nodes before the nodes in their init_args)
+    that names no importable class of the ``expected`` classes, or gives init_args its class does
+    not take."""
+    for node, wanted in _class_nodes_given(value, expected):
+        class_path = node["class_path"]
+        found = _resolve(class_path, wanted)
+        if found is None or (isinstance(found, type) and wanted and not issubclass(found, wanted)):
+            return _ClassProblem(class_path, None, [], [])
+        if not isinstance(found, type):
+            continue  # e.g. a function: nothing to check here
+        init_args = node.get("init_args")
+        if not isinstance(init_args, dict):
+            continue
+        try:
+            params = inspect.signature(found).parameters.values()
+        except (TypeError, ValueError):
+            continue
+        accepted = [p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        if not any(p.kind is p.VAR_KEYWORD for p in params):  # **kwargs: may take its bases' arguments
+            unknown = [str(k) for k in init_args if k not in accepted]
+            if unknown:
+                return _ClassProblem(class_path, found, unknown, accepted)
+        try:
+            # found is a class, not an instance: mypy's unsound-__init__ check does not apply
+            annotations = typing.get_type_hints(cast(Any, found).__init__)
+        except Exception:  # noqa: BLE001 - unresolvable annotations: nothing more to check
+            annotations = {}
+        for name, child in init_args.items():
+            problem = _class_problem(child, _expected_classes(annotations.get(name)))
+            if problem is not None:
+                return problem
+    return None
+
+
+def _argument_hint(argv: list[str], parsers: Parsers) -> str:
     """A fix for a jsonargparse error: the closest name for a misspelt option, key, class or
     init arg, the known classes for a class_path that cannot be imported, and always where
-    the options are listed."""
-    command = next((a for a in argv if a in ("fit", "validate", "test", "export", "plugins")), None)
-    hints = []
-    sub_parser = None
-    if command is not None:
-        sub_parser = parser._subcommands_action._name_parser_map.get(command)
-    if sub_parser is not None:
-        known = sorted({a.dest for a in sub_parser._actions if a.dest and a.dest != "help"})
-        wrong = re.findall(r"--([\w.\-\[\]]+)", message.split("\n")[0]) + re.findall(r"option '([^']+)'", message)
-        for key in wrong:
-            close = difflib.get_close_matches(key, known, n=1, cutoff=0.7)
-            if close:
-                hints.append(f"did you mean `{close[0]}`?")
-    # the innermost name that could not be imported (a nested error lists its parents first)
-    bad = (
-        re.findall(r"dot import path string: ([\w.]+)", message)
-        or re.findall(r"Import path ([\w.]+) does not correspond", message)
-        or re.findall(r"class_path '([\w.]+)'", message)
-    )
-    key = re.search(r'Parser key "([\w.]+)"', message)
-    found = _importable(bad[-1]) if bad else None
-    options = re.findall(r"Option '([\w.]+)' is not accepted", message)
-    if found is not None and options:
-        import inspect
+    the options are listed.
 
-        try:
-            accepted = [n for n in inspect.signature(found).parameters if n not in ("self", "args", "kwargs")]
-        except (TypeError, ValueError):
-            accepted = []
-        for option in options:
-            close = difflib.get_close_matches(option.rpartition(".")[2], accepted, n=1, cutoff=0.6)
+    jsonargparse's errors carry no structured details (``ArgumentError(None, message)``, with
+    text-only causes), so instead of reading the message, the keys and class_path nodes that the
+    user gave (``--config`` files and ``--key value`` options) are checked here against the
+    subcommand parser's keys and the classes' signatures."""
+    command = next((a for a in argv if a in parsers.subcommands), None)
+    hints = []
+    if command is not None:
+        sub_parser = parsers.subcommands[command]
+        known = known_keys(sub_parser)
+        given = _given_input(_given_options(argv[argv.index(command) + 1:]))
+        candidates = sorted(known | {k.rsplit(".", i)[0] for k in known for i in range(1, k.count(".") + 1)})
+        for key in dict.fromkeys(_unknown_keys(given, known)):
+            close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.7)
             if close:
                 hints.append(f"did you mean `{close[0]}`?")
-        hints.append(f"{found.__name__} accepts init_args: {', '.join(accepted) or 'none'}")
-    elif bad and key and (found is None or "does not correspond" in message):
-        bases = _configurable_bases().get(key.group(1).split(".")[0], ())
-        choices = sorted({path for base in bases for path in _public_subclasses(base)})
-        if choices:
-            wanted = bad[-1].rpartition(".")[2]
-            close = difflib.get_close_matches(wanted, [c.rpartition(".")[2] for c in choices], n=1, cutoff=0.6)
-            if close:
-                hints.append(f"did you mean {next(c for c in choices if c.endswith('.' + close[0]))}?")
-            hints.append(
-                "class_path must be the import path `package.module.ClassName` of an importable class; known: "
-                + ", ".join(choices)
-            )
+        for top, value in given.items():
+            bases = _configurable_bases().get(str(top), ())
+            problem = _class_problem(value, bases)
+            if problem is None:
+                continue
+            if problem.cls is not None:
+                for option in problem.unknown_init_args:
+                    close = difflib.get_close_matches(option, problem.accepted_init_args, n=1, cutoff=0.6)
+                    if close:
+                        hints.append(f"did you mean `{close[0]}`?")
+                hints.append(f"{problem.cls.__name__} accepts init_args: {', '.join(problem.accepted_init_args) or 'none'}")
+            else:
+                choices = sorted({path for base in bases for path in _public_subclasses(base)})
+                if choices:
+                    wanted = problem.class_path.rpartition(".")[2]
+                    close = difflib.get_close_matches(wanted, [c.rpartition(".")[2] for c in choices], n=1, cutoff=0.6)
+                    if close:
+                        hints.append(f"did you mean {next(c for c in choices if c.endswith('.' + close[0]))}?")
+                    hints.append(
+                        "class_path must be the import path `package.module.ClassName` of an importable class; known: "
+                        + ", ".join(choices)
+                    )
+            break  # jsonargparse stops at the first key that fails
     hints.append(f"`collab-distill {command + ' ' if command else ''}--help` lists every option and its type")
     return "; ".join(hints)
 
@@ -359,11 +403,11 @@ def _list_plugins() -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser: Optional[ArgumentParser] = None
+    parsers: Optional[Parsers] = None
     try:
-        _check_config_files(list(argv))
-        parser = build_parser()
-        cfg = parser.parse_args(argv)
+        check_config_files(list(argv))
+        parsers = build_parsers()
+        cfg = parsers.root.parse_args(argv)
         command = cfg.subcommand
         if command == "plugins":
             _list_plugins()
@@ -377,18 +421,19 @@ def main(argv: Optional[list[str]] = None) -> int:
         if command == "export":
             _export(cfg.export)
             return 0
-        engine = _engine_from(parser, cfg[command], command)
+        engine = _engine_from(parsers.subcommands[command], cfg[command])
         sub = cfg[command]
         if command == "fit":
             results = engine.fit(resume=sub.resume)
         else:
-            results = engine.evaluate_checkpoint("val" if command == "validate" else "test", sub.ckpt_path, sub.weights, sub.output_dir)
+            split = "val" if command == "validate" else "test"
+            results = engine.evaluate_checkpoint(split, sub.ckpt_path, sub.weights, sub.output_dir)
         return 0 if results is not None else 1
     except argparse.ArgumentError as err:
         # jsonargparse: a wrong type, an unknown option or key, a class_path that cannot be imported
         message = str(err).strip()
         try:
-            hint = _argument_hint(message, list(argv), parser or build_parser())
+            hint = _argument_hint(list(argv), parsers or build_parsers())
         except Exception:  # noqa: BLE001 - a hint must never hide the error itself
             hint = "`collab-distill --help` lists the options"
         print(f"collab-distill: error: {message}\n  fix: {hint}", file=sys.stderr)

@@ -135,7 +135,8 @@ class TrainerConfig:
         checks = {
             "max_epochs": (self.max_epochs >= 1, ">= 1"),
             "warmup_epochs": (
-                all(w >= 0 for w in (self.warmup_epochs.values() if isinstance(self.warmup_epochs, dict) else [self.warmup_epochs])),
+                all(w >= 0 for w in (self.warmup_epochs.values() if isinstance(self.warmup_epochs, dict)
+                                     else [self.warmup_epochs])),
                 ">= 0 (one number, or {student: epochs})",
             ),
             "temperature": (self.temperature > 0, "> 0"),

@@ -9,7 +9,8 @@ pixels do not depend on the number of loader workers, on the process rank, or on
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterator, Mapping, Optional
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Optional
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Iterator, Mapping, Sized
 from collections.abc import Mapping as MappingABC
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Optional, cast
 
 import torch
 from lightning_fabric import Fabric
@@ -36,6 +37,9 @@ from collab_distill.run_folder import checkpoint_state, make_loggers, open_run_d
 from collab_distill.stages import Stage, check_stages
 from collab_distill.task import ConfigError, Task, TaskInfo
 from collab_distill.wrapping import unwrap, unwrap_optimizer
+
+if TYPE_CHECKING:
+    from lightning_fabric.plugins.precision.precision import _PRECISION_INPUT
 
 __all__ = ["Engine", "NonFiniteLossError"]
 
@@ -175,6 +179,7 @@ class Engine:
         self.history: list[dict[str, Any]] = []
         #: one ``{"step", "loss", "grad_norm"}`` per meta step: whether the meta modules learn
         self.meta_history: list[dict[str, float]] = []
+        self._pending_meta: list[tuple[int, Tensor]] = []  # (step, [loss, grad norm]) not yet on the host
         self.best: dict[str, dict[str, Any]] = {}
         self.model_summary: dict[str, dict[str, Any]] = {}
         self._is_setup = False
@@ -208,7 +213,9 @@ class Engine:
         if self.fabric is None:
             # no Fabric loggers: the engine owns its run's loggers (created with the run folder)
             self.fabric = Fabric(
-                accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy, precision=t.precision,
+                accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
+                # the config is a plain str; Fabric validates it (its stubs take only the Literal names)
+                precision=cast("_PRECISION_INPUT", t.precision),
             )
             self.fabric.launch()
         self.fabric.seed_everything(self.seed, verbose=False)
@@ -228,18 +235,21 @@ class Engine:
 
     def _build_members(self) -> None:
         assert self.info is not None and self.fabric is not None
-        example = self.task.example_input(self.info)
+        info = self.info  # narrowed to TaskInfo for the closure below
+        example = self.task.example_input(info)
         from collab_distill.profiling import count_macs, count_parameters
 
         def build(name: str, factory: Any, kind: str) -> nn.Module:
             # each member's initialisation depends on the seed and its name only
             torch.manual_seed(self.seed * 1_000 + sum(map(ord, name)))
             try:
-                model = self.task.build_model(factory, self.info)
+                model = self.task.build_model(factory, info)
             except ConfigError:
                 raise
             except Exception as err:
-                raise ConfigError(f"cohort.{kind}.{name}: building {factory.describe()} failed: {type(err).__name__}: {err}") from err
+                raise ConfigError(
+                    f"cohort.{kind}.{name}: building {factory.describe()} failed: {type(err).__name__}: {err}"
+                ) from err
             summary: dict[str, Any] = {"kind": kind[:-1], "model": factory.describe(), "params": count_parameters(model)}
             if example is not None:
                 summary["macs"] = count_macs(model, example)
@@ -278,12 +288,14 @@ class Engine:
 
     def _setup_features(self) -> None:
         """Hook the requested modules and measure each feature's shape on two real images."""
-        requests: list[FeatureRequest] = [r for group in self.hook.collab_distill_feature_requests(engine=self) if group for r in group]
+        answers = self.hook.collab_distill_feature_requests(engine=self)
+        requests: list[FeatureRequest] = [r for group in answers if group for r in group]
         if not requests:
             return
         self.features = FeatureCapture({**self.teachers, **self.students}, requests)
         dataset = self.task.dataset("val")
-        batch = self.task.collate([dataset[i] for i in range(min(2, len(dataset)))])
+        size = len(cast(Sized, dataset))  # a map-style data set: Dataset's stubs lack __len__
+        batch = self.task.collate([dataset[i] for i in range(min(2, size))])
         members = {**self.teachers, **self.students}
         for name in self.features.members():
             model = members[name]
@@ -317,7 +329,9 @@ class Engine:
                     if name in own:
                         raise ConfigError(f"two plugins attach a module named {name!r} to student {student!r}; rename one")
                     if not isinstance(module, nn.Module):
-                        raise ConfigError(f"the module {name!r} attached to {student!r} is a {type(module).__name__}, not a torch.nn.Module")
+                        raise ConfigError(
+                            f"the module {name!r} attached to {student!r} is a {type(module).__name__}, not a torch.nn.Module"
+                        )
                     own[name] = module
 
     def student_module(self, student: str, name: str) -> Any:
@@ -361,7 +375,7 @@ class Engine:
 
     def _collect_meta_modules(self) -> None:
         specs: list[MetaModule] = [m for group in self.hook.collab_distill_meta_modules(engine=self) if group for m in group]
-        self.meta_specs = {}
+        self.meta_specs: dict[str, MetaModule] = {}
         for spec in specs:
             if spec.name in self.meta_specs:
                 raise ConfigError(f"two plugins declare a meta module named {spec.name!r}")
@@ -392,10 +406,11 @@ class Engine:
                 extras[key] = fabric.setup_module(module) if trainable else fabric.to_device(module)
             optimizer = self.optimizer_factory(params)
             # Fabric re-applies torch.compile around its wrapper; unwrap() (the lookahead) stays eager
-            compiled = backend and name not in hooked
-            model, optimizer = fabric.setup(torch.compile(model, backend=backend) if compiled else model, optimizer)
+            # torch.compile's stubs return a Callable; for a module it is an OptimizedModule (an nn.Module)
+            compiled = cast(nn.Module, torch.compile(model, backend=backend)) if backend and name not in hooked else model
+            model, optimizer = fabric.setup(compiled, optimizer)
             self.students[name], self.optimizers[name] = model, optimizer
-            self.schedulers[name] = self.schedule.build(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer, self.trainer.max_epochs)
+            self.schedulers[name] = self.schedule.build(unwrap_optimizer(optimizer), self.trainer.max_epochs)
         for name, model in list(self.teachers.items()):
             # a frozen teacher must not be wrapped in DDP
             self.teachers[name] = fabric.to_device(model.eval().requires_grad_(False).to(memory_format=layout))
@@ -427,7 +442,7 @@ class Engine:
 
     # ------------------------------------------------------------------ steps
 
-    def training_step(self, batch: Any) -> dict[str, Tensor]:
+    def training_step(self, batch: Any) -> dict[str, Tensor | float]:
         """One optimisation step of every student (and a meta step when one is due)."""
         assert self.fabric is not None
         context = self.task.shared_context(batch, self.teachers, self.students)
@@ -451,10 +466,13 @@ class Engine:
         if self.trainer.detect_nonfinite:
             # no host sync here: flags accumulate on the device and are read on logging steps,
             # before every checkpoint and at epoch end (so a bad state is never saved)
-            finite = torch.isfinite(torch.stack([logs[f"{s}/loss"] for s in records] + [loss.detach()]))
+            # each student's "loss" entry is a tensor (plugins' entries may be floats)
+            finite = torch.isfinite(torch.stack([cast(Tensor, logs[f"{s}/loss"]) for s in records] + [loss.detach()]))
             self._finite_flags.append((self.global_step, finite))
             if detailed:
                 self._check_finite()
+        if detailed:
+            self.flush_meta_history()
         self.fabric.backward(loss)
         for name, optimizer in self.optimizers.items():
             if self.trainer.gradient_clip is not None:
@@ -470,7 +488,8 @@ class Engine:
         self._leaves_checked = True
         trained = {id(p) for opt in self.optimizers.values() for g in unwrap_optimizer(opt).param_groups for p in g["params"]}
         trained |= {id(p) for m in self.meta_modules.values() for p in m.parameters()}
-        strays = untrained_leaves(loss, trained, {self.pm.get_name(p): p for p in self.pm.get_plugins()})
+        # every registered plugin has a name (get_name is Optional only for unregistered objects)
+        strays = untrained_leaves(loss, trained, {cast(str, self.pm.get_name(p)): p for p in self.pm.get_plugins()})
         if strays:
             raise ConfigError(
                 f"trainable parameter(s) reach the loss but no optimizer updates them: {'; '.join(strays)}. "
@@ -522,21 +541,23 @@ class Engine:
         """The bilevel step: look ahead one step of every student, score the result on a
         held-out meta batch, and update only the meta modules."""
         assert self.fabric is not None
-        meta_batch = self.task.move_batch(next(self.meta_batches), self.fabric)
+        fabric = self.fabric  # narrowed to Fabric for the closure below
+        meta_batch = self.task.move_batch(next(self.meta_batches), fabric)
         with torch.no_grad():
             meta_context = self.task.shared_context(meta_batch, self.teachers, self.students)
         raw = {name: unwrap(model) for name, model in self.students.items()}
         params = {name: {n: p for n, p in m.named_parameters() if p.requires_grad} for name, m in raw.items()}
         for name, extras in self.plugin_modules.items():  # looked ahead with their student
             for key, module in extras.items():
-                params[name].update({f"{_PLUGIN_PREFIX}{key}/{n}": p for n, p in unwrap(module).named_parameters() if p.requires_grad})
+                own = unwrap(module).named_parameters()
+                params[name].update({f"{_PLUGIN_PREFIX}{key}/{n}": p for n, p in own if p.requires_grad})
         names = list(raw)
 
         def run(name: str, theta: Mapping[str, Tensor], data: Any, view: int, ctx: Any, phase: str) -> Knowledge:
             # clone buffers: BatchNorm statistics must not move twice for one real step
             state = {f"model.{k}": v for k, v in theta.items() if not k.startswith(_PLUGIN_PREFIX)}
             state.update({f"model.{k}": b.clone() for k, b in raw[name].named_buffers()})
-            with self.fabric.autocast():
+            with fabric.autocast():
                 wanted = self.features.active(name, self, phase) if self.features is not None else []
                 if not wanted:
                     return functional_call(_TaskCall(self.task, raw[name]), state, (data, view, ctx), strict=False)
@@ -584,23 +605,35 @@ class Engine:
             p.grad = g.detach()
         self._reduce_meta_grads(meta_params)
         # the norm before clipping tells users whether the meta objective reaches the modules at all
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(meta_params, self.meta_config.grad_clip or float("inf")))
+        grad_norm = torch.nn.utils.clip_grad_norm_(meta_params, self.meta_config.grad_clip or float("inf")).detach()
         for optimizer in self.meta_optimizers.values():
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         self._sync_meta_buffers()
-        self.meta_history.append({"step": self.global_step, "loss": value, "grad_norm": grad_norm})
+        # read on the host at the next logging step (no synchronisation here)
+        self._pending_meta.append((self.global_step, torch.stack([value.float(), grad_norm.float()])))
         self.hook.collab_distill_meta_step_end(engine=self, step=self.global_step, meta_loss=value, grad_norm=grad_norm)
-        # meta steps are rare: log each one at the step it belongs to, whatever log_every_n_steps is
-        self.log_dict({"train/meta/loss": value, "train/meta/grad_norm": grad_norm}, step=self.global_step + 1)
-        return {"meta/loss": torch.tensor(value), "meta/grad_norm": torch.tensor(grad_norm)}
+        return {"meta/loss": value, "meta/grad_norm": grad_norm}
+
+    def flush_meta_history(self) -> None:
+        """Move the meta steps since the last flush to ``meta_history`` and the loggers, each at the
+        step it belongs to (one host transfer; called on logging steps, at epoch end and before a
+        checkpoint)."""
+        if not self._pending_meta:
+            return
+        values = torch.stack([v for _, v in self._pending_meta]).cpu().tolist()
+        for (step, _), (loss, norm) in zip(self._pending_meta, values):
+            self.meta_history.append({"step": step, "loss": loss, "grad_norm": norm})
+            self.log_dict({"train/meta/loss": loss, "train/meta/grad_norm": norm}, step=step + 1)
+        self._pending_meta.clear()
 
     def _reduce_meta_grads(self, params: list[nn.Parameter]) -> None:
         assert self.fabric is not None
         if self.fabric.world_size == 1 or not params:
             return
         flat = torch.cat([p.grad.flatten() for p in params])  # type: ignore[union-attr]
-        flat = self.fabric.all_reduce(flat, reduce_op="mean")
+        # all_reduce returns the type it is given (its stubs: any collection)
+        flat = cast(Tensor, self.fabric.all_reduce(flat, reduce_op="mean"))
         offset = 0
         for p in params:
             n = p.numel()
@@ -618,7 +651,7 @@ class Engine:
         for module in modules:
             for b in module.buffers():
                 if b.is_floating_point():
-                    b.copy_(self.fabric.all_reduce(b, reduce_op="mean"))
+                    b.copy_(cast(Tensor, self.fabric.all_reduce(b, reduce_op="mean")))
 
     # ------------------------------------------------------------------ evaluation
 
@@ -671,7 +704,8 @@ class Engine:
             for m in self.students.values():
                 m.train()
             started = time.perf_counter()
-            with console.progress(fabric, f"epoch {self.epoch + 1}/{self.trainer.max_epochs}", steps_per_epoch - self.batch_in_epoch, self.trainer.progress_bar) as bar:
+            title = f"epoch {self.epoch + 1}/{self.trainer.max_epochs}"
+            with console.progress(fabric, title, steps_per_epoch - self.batch_in_epoch, self.trainer.progress_bar) as bar:
                 for batch in loader:
                     if self.batch_in_epoch >= steps_per_epoch:
                         break
@@ -699,6 +733,7 @@ class Engine:
     def _end_epoch(self, seconds: float) -> None:
         assert self.fabric is not None
         self._check_finite()
+        self.flush_meta_history()
         self._sync_meta_buffers()
         for scheduler in self.schedulers.values():
             scheduler.step()
@@ -737,7 +772,7 @@ class Engine:
         """Test every student with its last and its best-on-val weights; write results.json."""
         assert self.fabric is not None and self.run_dir is not None
         if self.trainer.max_steps is not None and self.epoch < self.trainer.max_epochs:
-            results = {"status": "stopped", "global_step": self.global_step, "epoch": self.epoch}
+            results: dict[str, Any] = {"status": "stopped", "global_step": self.global_step, "epoch": self.epoch}
             if self.fabric.is_global_zero:
                 write_json(results, self.run_dir / "results.json")
             self.finalize_loggers()
@@ -757,8 +792,16 @@ class Engine:
             entry = self.best.get(name, {})
             students[name] = {
                 **self.model_summary.get(name, {}),
-                "last": {"epoch": self.epoch, **{f"val_{k.split('/val_', 1)[1]}": v for k, v in last_val.items() if k.startswith(f"{name}/val_")}, **{f"test_{k}": v for k, v in last[name].items()}},
-                "best_on_val": {"epoch": entry.get("epoch"), f"val_{self.task_selection_metric}": entry.get("value"), **{f"test_{k}": v for k, v in best[name].items()}},
+                "last": {
+                    "epoch": self.epoch,
+                    **{f"val_{k.split('/val_', 1)[1]}": v for k, v in last_val.items() if k.startswith(f"{name}/val_")},
+                    **{f"test_{k}": v for k, v in last[name].items()},
+                },
+                "best_on_val": {
+                    "epoch": entry.get("epoch"),
+                    f"val_{self.task_selection_metric}": entry.get("value"),
+                    **{f"test_{k}": v for k, v in best[name].items()},
+                },
             }
         results = {
             "status": "finished",
@@ -773,8 +816,9 @@ class Engine:
         if self.has_meta:
             results["meta"] = meta_summary(self.meta_history)
             if results["meta"]["zero_grad_share"] == 1.0:
-                console.info(self.fabric, f"[warning] the meta modules' gradient was exactly zero at all {len(self.meta_history)} "
-                             "meta steps: the meta objective does not reach them, so they never learned")
+                steps = len(self.meta_history)
+                console.info(self.fabric, f"[warning] the meta modules' gradient was exactly zero at all {steps} "
+                                          "meta steps: the meta objective does not reach them, so they never learned")
         if self.teachers:
             teacher_test = self.evaluate("test", self.teachers)
             for name, values in teacher_test.items():
@@ -800,6 +844,7 @@ class Engine:
         """Write ``checkpoints/last.ckpt`` atomically (once, from rank 0)."""
         assert self.fabric is not None and self.run_dir is not None
         self._check_finite()  # never write a NaN state over a good checkpoint
+        self.flush_meta_history()
         # a meta module's BatchNorm statistics move with each rank's local batches between meta
         # steps: save (and evaluate) their cross-rank mean, so every rank holds the same module
         self._sync_meta_buffers()

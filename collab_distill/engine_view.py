@@ -7,8 +7,9 @@ listed here is the engine's own business and may change between releases.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Optional, Protocol, runtime_checkable
 
 from torch import nn
 
@@ -45,13 +46,13 @@ class EngineView(Protocol):
       ``collab_distill_feature_requests``); available from ``collab_distill_student_modules`` on.
     """
 
-    task: "Task"
-    info: Optional["TaskInfo"]
-    cohort: "Cohort"
-    trainer: "TrainerConfig"
-    meta_config: "BilevelConfig"
+    task: Task
+    info: Optional[TaskInfo]
+    cohort: Cohort
+    trainer: TrainerConfig
+    meta_config: BilevelConfig
     seed: int
-    fabric: Optional["Fabric"]
+    fabric: Optional[Fabric]
     students: dict[str, nn.Module]
     teachers: dict[str, nn.Module]
     meta_modules: dict[str, nn.Module]
@@ -86,7 +87,7 @@ class EngineView(Protocol):
         """Log numbers to the run's loggers (CSV, TensorBoard, any configured Logger); rank 0 writes."""
         ...
 
-    def teacher_records(self, batch: Any, context: Any = None) -> Mapping[str, "Knowledge"]:
+    def teacher_records(self, batch: Any, context: Any = None) -> Mapping[str, Knowledge]:
         """The frozen teachers' records of ``batch`` (no grad, under the run's autocast),
         computed on first access."""
         ...

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from torch import nn
@@ -20,7 +21,7 @@ __all__ = ["evaluate", "evaluate_checkpoint"]
 
 
 @torch.no_grad()
-def evaluate(engine: "Engine", split: str, members: Optional[Mapping[str, nn.Module]] = None) -> dict[str, dict[str, float]]:
+def evaluate(engine: Engine, split: str, members: Optional[Mapping[str, nn.Module]] = None) -> dict[str, dict[str, float]]:
     """Metrics of every student (or of ``members``) on ``split``; calls ``evaluation_end``."""
     fabric = engine.fabric
     assert fabric is not None
@@ -46,7 +47,7 @@ def evaluate(engine: "Engine", split: str, members: Optional[Mapping[str, nn.Mod
 
 
 def evaluate_checkpoint(
-    engine: "Engine", split: str, checkpoint: Optional[str], which: str = "last", output_dir: Optional[str] = None
+    engine: Engine, split: str, checkpoint: Optional[str], which: str = "last", output_dir: Optional[str] = None
 ) -> dict[str, Any]:
     """Metrics of every student from a checkpoint (last or best-on-val weights).
 
@@ -83,7 +84,8 @@ def evaluate_checkpoint(
     metrics = evaluate(engine, split)
     console.metrics_table(fabric, split, metrics)
     if engine.run_dir is not None and fabric.is_global_zero:
-        write_json({"split": split, "checkpoint": checkpoint, "weights": which, "metrics": metrics}, engine.run_dir / "metrics.json")
+        write_json({"split": split, "checkpoint": checkpoint, "weights": which, "metrics": metrics},
+                   engine.run_dir / "metrics.json")
         console.info(fabric, f"evaluation folder: {engine.run_dir}")
     return metrics
 

@@ -14,17 +14,15 @@ from collab_distill.task import ConfigError
 __all__ = ["export_student"]
 
 
-def _rebuild(state: dict, student: str) -> tuple[torch.nn.Module, Optional[torch.Tensor]]:
+def _rebuild(state: dict, student: str) -> tuple[torch.nn.Module, torch.Tensor]:
     """Rebuild the student's architecture from the config saved in the checkpoint."""
-    from jsonargparse import ArgumentParser
-
-    from collab_distill.cli import build_parser
+    from collab_distill.parsers import build_parsers
     from collab_distill.task import TaskInfo
 
     text, info = state.get("config"), state.get("task_info")
     if not text or not info:
         raise ConfigError("the checkpoint carries no config/task info; only the state dict can be exported")
-    parser: ArgumentParser = build_parser()._subcommands_action._name_parser_map["fit"]
+    parser = build_parsers().subcommands["fit"]  # the CLI's own `fit` parser, which wrote the config
     cfg = parser.parse_string(text)
     factory = parser.instantiate(cfg).cohort.students[student]
     task_info = TaskInfo(num_classes=info["num_classes"], in_channels=info["in_channels"], image_size=tuple(info["image_size"]))

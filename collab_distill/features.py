@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Callable, Iterator, Mapping
 from collections.abc import Mapping as MappingABC
 from collections.abc import Sequence as SequenceABC
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from torch import Tensor, nn
 
@@ -57,7 +58,7 @@ class FeatureRequest:
 
     member: str
     feature: str
-    when: Optional[Callable[["EngineView", str], bool]] = None
+    when: Optional[Callable[[EngineView, str], bool]] = None
 
     @property
     def path(self) -> str:
@@ -94,7 +95,8 @@ def _select(output: Any, key: Optional[str], where: str) -> Tensor:
         value = output[key]
     elif isinstance(output, SequenceABC) and not isinstance(output, str):
         if not key.lstrip("-").isdigit() or not -len(output) <= int(key) < len(output):
-            raise ConfigError(f"feature {where}: the module returns a sequence of {len(output)}; index it with [0]..[{len(output) - 1}]")
+            raise ConfigError(f"feature {where}: the module returns a sequence of {len(output)}; "
+                              f"index it with [0]..[{len(output) - 1}]")
         value = output[int(key)]
     else:
         raise ConfigError(f"feature {where}: the module returns a {type(output).__name__}, which has no items; drop [{key}]")
@@ -157,7 +159,7 @@ class FeatureCapture:
     def members(self) -> list[str]:
         return list(self.requests)
 
-    def active(self, member: str, engine: "EngineView", phase: str) -> list[str]:
+    def active(self, member: str, engine: EngineView, phase: str) -> list[str]:
         """The features of ``member`` some request wants in this step."""
         wanted = []
         for request in self.requests.get(member, ()):

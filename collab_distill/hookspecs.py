@@ -55,14 +55,13 @@ best-on-val) -> ``fit_end``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 if TYPE_CHECKING:
-    from torch import Tensor
-
-    from torch import nn
+    from torch import Tensor, nn
 
     from collab_distill.engine_view import EngineView as Engine
     from collab_distill.features import FeatureRequest
@@ -257,12 +256,14 @@ def collab_distill_train_step_end(engine: Engine, step: int, losses: Mapping[str
 
 
 @hookspec
-def collab_distill_meta_step_end(engine: Engine, step: int, meta_loss: float, grad_norm: float) -> None:
+def collab_distill_meta_step_end(engine: Engine, step: int, meta_loss: Tensor, grad_norm: Tensor) -> None:
     """A bilevel meta step finished.
 
-    :param meta_loss: the meta objective after the lookahead.
-    :param grad_norm: the norm of the meta modules' gradient (before any ``meta.grad_clip``); a
-        norm that stays zero means the meta objective does not reach the modules.
+    :param meta_loss: the meta objective after the lookahead, a detached 0-dim tensor.
+    :param grad_norm: the norm of the meta modules' gradient (before any ``meta.grad_clip``), a
+        detached 0-dim tensor; a norm that stays zero means the meta objective does not reach the
+        modules. ``float()`` of either is a host synchronisation: the engine itself reads them only
+        on logging steps (they are in ``engine.meta_history`` from then on).
     """
 
 

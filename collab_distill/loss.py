@@ -8,7 +8,8 @@ teacher records that also skips the teachers' forward pass).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
 __all__ = ["cohort_loss", "untrained_leaves"]
 
 
-def _provided_weights(engine: "Engine", batch: Any, records: Mapping[str, Knowledge], teacher_records: Mapping[str, Knowledge],
+def _provided_weights(engine: Engine, batch: Any, records: Mapping[str, Knowledge], teacher_records: Mapping[str, Knowledge],
                       phase: str) -> dict[str, LossWeights]:
     first = next(iter(records.values()))
     supervised_only = LossWeights.constant_weights(first.num_images, 1.0, 0.0, 0.0, first.logits.device)
@@ -43,7 +44,7 @@ def _provided_weights(engine: "Engine", batch: Any, records: Mapping[str, Knowle
 
 
 def cohort_loss(
-    engine: "Engine",
+    engine: Engine,
     batch: Any,
     records: Mapping[str, Knowledge],
     teacher_records: Mapping[str, Knowledge],
@@ -109,7 +110,8 @@ def untrained_leaves(loss: Tensor, trained: set[int], owners: Mapping[str, Any])
         stack.extend(next_node for next_node, _ in node.next_functions)
     described = []
     for tensor in strays:
-        owner = next((f"{name}: {attr}" for name, plugin in owners.items() for attr, value in _tensors_of(plugin) if value is tensor), None)
+        owner = next((f"{name}: {attr}" for name, plugin in owners.items() for attr, value in _tensors_of(plugin)
+                      if value is tensor), None)
         described.append(f"{owner or 'an unnamed tensor'} {tuple(tensor.shape)}")
     return described
 

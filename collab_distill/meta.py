@@ -23,8 +23,9 @@ offered.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Iterable, Literal, Mapping
+from typing import Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -159,28 +160,29 @@ def hypergradient(
     meta_loss: Callable[[Params], Tensor],
     optimizers: Mapping[str, torch.optim.Optimizer | None],
     config: BilevelConfig,
-) -> tuple[list[Tensor], float]:
-    """``d L_meta(theta'(phi)) / d phi`` for every meta parameter, and ``L_meta``'s value.
+) -> tuple[list[Tensor], Tensor]:
+    """``d L_meta(theta'(phi)) / d phi`` for every meta parameter, and ``L_meta``'s value (a
+    detached 0-dim tensor: reading it is a host synchronisation, left to the caller).
 
     ``train_loss(params)`` and ``meta_loss(params)`` evaluate the students functionally with the
     given parameters (``{student: {name: tensor}}``); ``params`` are the students' real
     parameters (only those that require grad), which are not modified.
     """
-    students, names, theta = _flat({s: dict(p) for s, p in params.items()})  # type: ignore[arg-type]
+    students, names, theta = _flat({s: dict(p) for s, p in params.items()})
     second_order = config.hypergradient == "second_order"
 
-    inner = train_loss({s: dict(p) for s, p in params.items()})  # type: ignore[arg-type]
+    inner = train_loss({s: dict(p) for s, p in params.items()})
     g = torch.autograd.grad(inner, theta, create_graph=second_order, allow_unused=True)
     grads = _unflat(students, names, g if second_order else [x.detach() if x is not None else None for x in g], theta)
-    base = {s: dict(p) for s, p in params.items()}
+    base: Params = {s: dict(p) for s, p in params.items()}
     if not second_order:
         base = {s: {n: t.detach() for n, t in p.items()} for s, p in params.items()}
-    ahead = lookahead(base, params, grads, optimizers, config)  # type: ignore[arg-type]
+    ahead = lookahead(base, params, grads, optimizers, config)
 
     if second_order:
         outer = meta_loss(ahead)
         meta_grads = torch.autograd.grad(outer, meta_params, allow_unused=True)
-        return [torch.zeros_like(p) if q is None else q for p, q in zip(meta_params, meta_grads)], float(outer.detach())
+        return [torch.zeros_like(p) if q is None else q for p, q in zip(meta_params, meta_grads)], outer.detach()
 
     # finite differences: v = dL_meta/dtheta' (and any direct dL_meta/dphi)
     ahead_leaves = {s: {n: t.detach().requires_grad_(True) for n, t in p.items()} for s, p in ahead.items()}
@@ -194,9 +196,9 @@ def hypergradient(
     zero = {s: {n: torch.zeros_like(t) for n, t in p.items()} for s, p in base.items()}
     no_extras = BilevelConfig(**{**config.__dict__, "lookahead_momentum": False, "lookahead_weight_decay": False})
     direction = lookahead(zero, params, v, optimizers, no_extras, scale=-1.0)  # = +lr * v
-    norm = torch.sqrt(sum((d.float() ** 2).sum() for p in direction.values() for d in p.values()))
+    norm = torch.sqrt(cast(Tensor, sum((d.float() ** 2).sum() for p in direction.values() for d in p.values())))
     if float(norm) == 0.0:
-        return direct, float(outer.detach())
+        return direct, outer.detach()
     eps = config.fd_epsilon / float(norm)
 
     def grad_phi_at(sign: float) -> list[Tensor]:
@@ -207,7 +209,7 @@ def hypergradient(
 
     plus, minus = grad_phi_at(+1.0), grad_phi_at(-1.0)
     hyper = [d - (gp - gm) / (2 * eps) for d, gp, gm in zip(direct, plus, minus)]
-    return hyper, float(outer.detach())
+    return hyper, outer.detach()
 
 
 def meta_summary(history: list[dict[str, float]]) -> dict[str, float | int | None]:

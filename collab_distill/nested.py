@@ -7,9 +7,10 @@ loggers of its own.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from collab_distill import console
 from collab_distill.checkpoint import atomic_save, load_weights
@@ -23,7 +24,7 @@ __all__ = ["nested_fit", "train_teachers"]
 
 
 def nested_fit(
-    parent: "Engine",
+    parent: Engine,
     cohort: Cohort,
     folder: Path,
     *,
@@ -31,9 +32,9 @@ def nested_fit(
     disable_plugins: Optional[list[str]] = None,
     resume: Optional[str] = None,
     config_text: Optional[str] = None,
-    before_fit: Optional[Callable[["Engine"], None]] = None,
+    before_fit: Optional[Callable[[Engine], None]] = None,
     **trainer_changes: Any,
-) -> tuple["Engine", dict[str, Any]]:
+) -> tuple[Engine, dict[str, Any]]:
     """Fit ``cohort`` as a run of its own in ``folder`` with the parent's task, optimizer,
     schedule, meta settings, seed and Fabric; ``trainer_changes`` override the parent's trainer
     fields. ``before_fit(engine)`` runs after set-up (e.g. to load initial weights)."""
@@ -57,7 +58,7 @@ def nested_fit(
     return sub, sub.fit(resume=resume)
 
 
-def train_teachers(engine: "Engine") -> None:
+def train_teachers(engine: Engine) -> None:
     """Teachers with ``train_epochs`` and no checkpoint are first trained with plain CE, as their
     own run inside this run's folder; the result is stored as their checkpoint. (A teacher whose
     factory loads trained weights and has no ``train_epochs`` is used as built.)"""
@@ -72,9 +73,14 @@ def train_teachers(engine: "Engine") -> None:
             continue
         console.info(fabric, f"training teacher {name!r} with cross-entropy for {teacher.train_epochs} epochs")
         initial = engine.teachers[name].state_dict()
+
+        def load_initial(sub: Engine, name: str = name, initial: dict[str, Any] = initial) -> None:
+            sub.students[name].load_state_dict(initial)
+
         sub, _ = nested_fit(
             engine, Cohort(students={name: teacher.model}), engine.run_dir / "teachers" / name,
-            plugins=[], disable_plugins=[], before_fit=lambda sub: sub.students[name].load_state_dict(initial),
+            plugins=[], disable_plugins=[],
+            before_fit=load_initial,
             max_epochs=teacher.train_epochs, warmup_epochs=0, max_steps=None, loggers=["csv"],
         )
         weights = sub.best.get(name, {}).get("state") or unwrap(sub.students[name]).state_dict()

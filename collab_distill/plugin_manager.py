@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import importlib.metadata
 import inspect
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import pluggy
 

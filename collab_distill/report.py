@@ -20,9 +20,10 @@ import json
 import math
 import re
 import shutil
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Sequence
+from typing import Any
 
 from collab_distill.task import ConfigError
 
@@ -151,7 +152,7 @@ def _meta_plot(rows: list[dict[str, float]], out: Path) -> Path | None:
     plt = _pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), sharex=True)
-    for ax, (key, points), title in zip(axes, series.items(), ("meta loss", "meta-gradient norm")):
+    for ax, points, title in zip(axes, series.values(), ("meta loss", "meta-gradient norm")):
         ax.plot([p[0] for p in points], [p[1] for p in points], marker=".", linewidth=0.8)
         ax.set_title(title)
         ax.set_xlabel("step")
@@ -294,10 +295,11 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     rows = _read_metrics(run / "logs" / "csv" / "metrics.csv")
     figures = [p for p in (_weights_plot(rows, students, out), _meta_plot(rows, out), _accuracy_vs_macs(results, out)) if p]
     taken = {f.name for f in figures}
-    sections = []  # (title, text, copied figures, figures missing from the run folder)
+    # (title, text, copied figures, figures missing from the run folder)
+    sections: list[tuple[str, str, list[Path], list[str]]] = []
     for section in read_sections(run):
-        copied = [(f, _copy_figure(run, f, out, taken)) for f in section.figures]
-        sections.append((section.title, section.text.strip(), [c for _, c in copied if c], [f for f, c in copied if c is None]))
+        pairs = [(f, _copy_figure(run, f, out, taken)) for f in section.figures]
+        sections.append((section.title, section.text.strip(), [c for _, c in pairs if c], [f for f, c in pairs if c is None]))
 
     lines = [f"# Run report: {run.parent.name}/{run.name}", "",
              f"seed {results.get('seed')}, {results.get('epochs')} epochs, {results.get('global_step')} steps; "
@@ -308,7 +310,8 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
         lines.append(f"| {name} | {r.get('params', '-')} | {r.get('macs', '-')} | {_fmt(r['last'].get(f'test_{metric}'))} | "
                      f"{r['best_on_val'].get('epoch', '-')} | {_fmt(r['best_on_val'].get(f'test_{metric}'))} |")
     for name, r in results.get("teachers", {}).items():
-        lines.append(f"| {name} (teacher) | {r.get('params', '-')} | {r.get('macs', '-')} | {_fmt(r.get('test', {}).get(metric))} | - | - |")
+        test = _fmt(r.get("test", {}).get(metric))
+        lines.append(f"| {name} (teacher) | {r.get('params', '-')} | {r.get('macs', '-')} | {test} | - | - |")
     lines.append("")
     generic_end = len(lines)
     for fig in figures:
@@ -336,7 +339,8 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
         body += _markdown_html(text)
         body += [f"<p><img src='{html.escape(fig.name)}' alt='{html.escape(fig.stem)}'></p>" for fig in copied]
         if missing:
-            body.append("<p>(figures missing from the run folder: " + ", ".join(f"<code>{html.escape(m)}</code>" for m in missing) + ")</p>")
+            listed = ", ".join(f"<code>{html.escape(m)}</code>" for m in missing)
+            body.append(f"<p>(figures missing from the run folder: {listed})</p>")
     page = out / "report.html"
     page.write_text("<!doctype html><meta charset='utf-8'><title>collab-distill report</title>\n" + "\n".join(body) + "\n")
     return md, page

@@ -7,8 +7,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Optional, cast
 
 from collab_distill import console
 from collab_distill.checkpoint import (
@@ -33,11 +34,11 @@ if TYPE_CHECKING:
 __all__ = ["resolve_resume", "open_run_dir", "make_loggers", "checkpoint_state", "restore"]
 
 
-def run_name(trainer: "TrainerConfig") -> str:
+def run_name(trainer: TrainerConfig) -> str:
     return trainer.name or "run"
 
 
-def resolve_resume(engine: "Engine", resume: Optional[str]) -> Optional[dict[str, Any]]:
+def resolve_resume(engine: Engine, resume: Optional[str]) -> Optional[dict[str, Any]]:
     """The checkpoint ``--resume`` names (a path or ``last``), loaded and checked against the cohort."""
     if resume is None:
         return None
@@ -54,12 +55,13 @@ def resolve_resume(engine: "Engine", resume: Optional[str]) -> Optional[dict[str
     state = load_checkpoint(path, field="--resume")
     missing = set(engine.students) - set(state["students"])
     if missing:
-        raise ConfigError(f"--resume {path}: the checkpoint has no student(s) {sorted(missing)}; it has {sorted(state['students'])}")
+        raise ConfigError(f"--resume {path}: the checkpoint has no student(s) {sorted(missing)}; "
+                          f"it has {sorted(state['students'])}")
     state["_path"] = path
     return state
 
 
-def open_run_dir(engine: "Engine", state: Optional[Mapping[str, Any]], folder: Optional[Path] = None) -> Path:
+def open_run_dir(engine: Engine, state: Optional[Mapping[str, Any]], folder: Optional[Path] = None) -> Path:
     """Create (or, resuming, reuse) the run folder on rank 0, write its config, versions and model
     summary, and tell every rank where it is."""
     fabric = engine.fabric
@@ -71,7 +73,8 @@ def open_run_dir(engine: "Engine", state: Optional[Mapping[str, Any]], folder: O
         run_dir = Path(state["_path"]).resolve().parent.parent
     else:
         created = new_run_dir(engine.trainer.root_dir, run_name(engine.trainer)) if fabric.is_global_zero else None
-        run_dir = Path(fabric.broadcast(created, src=0))
+        # rank 0's path on every rank (None only on the other ranks' side of the broadcast)
+        run_dir = Path(cast(Path, fabric.broadcast(created, src=0)))
     if fabric.is_global_zero:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         if engine.config_text is not None and not (run_dir / "config.yaml").exists():
@@ -83,7 +86,7 @@ def open_run_dir(engine: "Engine", state: Optional[Mapping[str, Any]], folder: O
     return run_dir
 
 
-def make_loggers(kinds: list[Any], run_dir: Path) -> list["Logger"]:
+def make_loggers(kinds: list[Any], run_dir: Path) -> list[Logger]:
     """The run's loggers: ``csv`` and ``tensorboard`` write under ``run_dir/logs``; any other
     entry is a ready ``lightning_fabric.loggers.Logger`` (W&B, MLflow, ... by ``class_path``)."""
     from lightning_fabric.loggers import CSVLogger, Logger, TensorBoardLogger
@@ -101,7 +104,7 @@ def make_loggers(kinds: list[Any], run_dir: Path) -> list["Logger"]:
     return loggers
 
 
-def checkpoint_state(engine: "Engine") -> dict[str, Any]:
+def checkpoint_state(engine: Engine) -> dict[str, Any]:
     """Everything a resumed run needs to continue exactly where this one is."""
     info = engine.info
     state: dict[str, Any] = {
@@ -131,7 +134,7 @@ def checkpoint_state(engine: "Engine") -> dict[str, Any]:
     return state
 
 
-def restore(engine: "Engine", state: Mapping[str, Any]) -> None:
+def restore(engine: Engine, state: Mapping[str, Any]) -> None:
     """Put a checkpoint's state back into a prepared engine (models, optimizers, loop, RNG, plugins)."""
     for name, model in engine.students.items():
         unwrap(model).load_state_dict(state["students"][name])

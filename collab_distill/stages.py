@@ -134,7 +134,8 @@ def fit_stages(engine: Engine, resume: Optional[str] = None) -> dict[str, Any]:
             if results.get("status") != "finished":
                 results = None
         if results is None:
-            console.info(fabric, f"stage {index + 1}/{len(stages)} {stage.name!r}: students {stage.students}, teachers {stage.teachers}")
+            console.info(fabric, f"stage {index + 1}/{len(stages)} {stage.name!r}: "
+                                 f"students {stage.students}, teachers {stage.teachers}")
             sub_teachers = {}
             for name in stage.teachers:
                 if name in cohort.teachers:

@@ -9,8 +9,9 @@ metrics of classification (top-k) and detection (COCO AP) have nothing in common
 from __future__ import annotations
 
 import abc
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from torch import Tensor, nn
 from torch.utils.data import Dataset

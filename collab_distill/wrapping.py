@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from lightning_fabric.wrappers import is_wrapped
@@ -13,7 +13,8 @@ __all__ = ["unwrap", "unwrap_optimizer"]
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The user's module inside Fabric's (and DDP's) wrappers; the module itself if unwrapped."""
-    return model.module if is_wrapped(model) else model
+    # nn.Module.__getattr__ is typed Tensor | Module; a Fabric wrapper's .module is the user's module
+    return cast(nn.Module, model.module) if is_wrapped(model) else model
 
 
 def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:

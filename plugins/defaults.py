@@ -11,7 +11,7 @@ Any configured plugin that answers a hook overrides these.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor

@@ -16,7 +16,8 @@ students of earlier stages become the assistants of later ones: teacher -> s; {t
 
 from __future__ import annotations
 
-from typing import Any, Literal, Mapping
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import torch
 
@@ -63,7 +64,8 @@ class DGKD(Plugin):
     @hookimpl
     def collab_distill_configure(self, engine: Any) -> None:
         if not engine.cohort.teachers:
-            raise ConfigError("DGKD distils from teachers and assistants: add cohort.teachers (or stages whose teachers are earlier students)")
+            raise ConfigError("DGKD distils from teachers and assistants: add cohort.teachers "
+                              "(or stages whose teachers are earlier students)")
 
     @hookimpl
     def collab_distill_soft_targets(

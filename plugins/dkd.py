@@ -24,7 +24,8 @@ without a ground-truth class (label ``-1``, e.g. detection regions) get the plai
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Optional, Union
+from collections.abc import Mapping
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn.functional as F

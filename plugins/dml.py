@@ -14,7 +14,8 @@ convexity never larger than the per-peer mean). With two students both forms are
 
 from __future__ import annotations
 
-from typing import Any, Literal, Mapping
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from collections.abc import Mapping
+from typing import Optional
 
 from collab_distill.hookspecs import hookimpl
 from collab_distill.plugin_manager import Plugin

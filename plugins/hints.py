@@ -21,9 +21,9 @@ count, as it does for the logits).
 
 from __future__ import annotations
 
-from typing import Any, Literal, Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, Optional
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -122,7 +122,8 @@ class _FeaturePairs(Plugin):
             raise ConfigError(f"{name}.teacher={self.teacher!r} is not a teacher of the cohort ({teachers})")
         unknown = set(self._selected(engine)) - set(engine.cohort.students)
         if unknown:
-            raise ConfigError(f"{name}.students names {sorted(unknown)}, not students of the cohort ({sorted(engine.cohort.students)})")
+            raise ConfigError(f"{name}.students names {sorted(unknown)}, "
+                              f"not students of the cohort ({sorted(engine.cohort.students)})")
 
     @hookimpl
     def collab_distill_feature_requests(self, engine: Any) -> list[FeatureRequest]:
@@ -199,7 +200,8 @@ class FitNets(_FeaturePairs):
         for student in self._selected(engine):
             for i, (fs, ft) in enumerate(zip(self.student_features, self.teacher_features)):
                 s_shape, t_shape = shapes[student][fs], shapes[self.teacher][ft]
-                where = f"FitNets: student {student!r} feature {fs!r} {s_shape} vs teacher {self.teacher!r} feature {ft!r} {t_shape}"
+                where = (f"FitNets: student {student!r} feature {fs!r} {s_shape} "
+                         f"vs teacher {self.teacher!r} feature {ft!r} {t_shape}")
                 if len(s_shape) != 3 or len(t_shape) != 3:
                     raise ConfigError(f"{where}: FitNets needs [C, H, W] feature maps; pick convolutional layers")
                 if s_shape[1:] != t_shape[1:]:
@@ -217,7 +219,8 @@ class FitNets(_FeaturePairs):
         return hint_loss_per_image(feature, target)
 
     def __repr__(self) -> str:
-        return f"FitNets(student_features={self.student_features}, teacher_features={self.teacher_features}, weight={self.weight}, adaptor={self.adaptor!r})"
+        return (f"FitNets(student_features={self.student_features}, teacher_features={self.teacher_features}, "
+                f"weight={self.weight}, adaptor={self.adaptor!r})")
 
 
 class AttentionTransfer(_FeaturePairs):

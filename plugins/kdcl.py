@@ -26,7 +26,8 @@ students (``examples/methods/kdcl_views.yaml``); the engine feeds view ``i`` to 
 
 from __future__ import annotations
 
-from typing import Any, Literal, Mapping
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F

@@ -25,8 +25,9 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Mapping, Optional
+from typing import Any, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +41,10 @@ from collab_distill.records import Knowledge, LossWeights, SoftTarget
 from collab_distill.report import ReportSection
 from collab_distill.task import ConfigError, ModelFactory, TaskInfo
 
-__all__ = ["CNet", "CoordinatorNetwork", "PooledStudent", "pooled_student_logits", "weight_statistics", "largest_spread", "noise_separation"]
+__all__ = [
+    "CNet", "CoordinatorNetwork", "PooledStudent", "pooled_student_logits", "weight_statistics", "largest_spread",
+    "noise_separation",
+]
 
 Activation = Literal["sigmoid", "softplus", "softmax"]
 Normalize = Literal["batch", "none"]
@@ -254,7 +258,9 @@ class CNet(Plugin):
 
     # -- the hook -------------------------------------------------------------------------
 
-    def _extras(self, students: list[str], records: Mapping[str, Knowledge], teachers: Mapping[str, Knowledge]) -> Optional[Tensor]:
+    def _extras(
+        self, students: list[str], records: Mapping[str, Knowledge], teachers: Mapping[str, Knowledge]
+    ) -> Optional[Tensor]:
         """The detached per-image signals the C-Net reads besides the image, ``[B, D]``."""
         if not self.uses_records:
             return None
@@ -271,7 +277,9 @@ class CNet(Plugin):
             parts.append(torch.log1p(torch.stack([m.supervised_loss.detach().float() for m in members], dim=1)))
         return torch.cat(parts, dim=1)
 
-    def weights(self, engine: Any, batch: Any, records: Mapping[str, Knowledge], teacher_records: Mapping[str, Knowledge] = {}) -> dict[str, Tensor]:
+    def weights(
+        self, engine: Any, batch: Any, records: Mapping[str, Knowledge], teacher_records: Mapping[str, Knowledge] = {}
+    ) -> dict[str, Tensor]:
         """``{student: [B, 3]}`` from the (possibly looked-ahead) C-Net."""
         nets = engine.meta_modules["cnet"]
         images = engine.task.images(batch) if self.use_image else None
@@ -398,7 +406,8 @@ class CNet(Plugin):
         names = ("val_weights_distribution.png", "val_extremes.png", "train_extremes.png", "train_alpha_clean_vs_flipped.png")
         figures = [f"plugins/cnet/{name}" for name in names if (folder / name).is_file()]
         summary = json.loads(summary_path.read_text())
-        return [ReportSection("MC-Distil: the C-Net's loss weights", self._report_text(summary, len(engine.meta_history)), figures)]
+        text = self._report_text(summary, len(engine.meta_history))
+        return [ReportSection("MC-Distil: the C-Net's loss weights", text, figures)]
 
     def _report_text(self, summary: Mapping[str, Any], meta_steps: int) -> str:
         """Markdown: the inert/spread verdict, each student's weights over the val images and,
@@ -440,7 +449,11 @@ class CNet(Plugin):
                 f"independent={self.independent})")
 
 
-def weight_statistics(rows: list[tuple[int, int, str, float, float, float]], students: list[str]) -> dict[str, dict[str, dict[str, float]]]:
+#: ``(index, label, student, alpha, beta, gamma)`` per image and student
+WeightRows = list[tuple[int, int, str, float, float, float]]
+
+
+def weight_statistics(rows: WeightRows, students: list[str]) -> dict[str, dict[str, dict[str, float]]]:
     """Per student and term: mean, std and the 5/25/50/75/95% quantiles over the images."""
     out: dict[str, dict[str, dict[str, float]]] = {}
     for student in students:
@@ -462,7 +475,7 @@ def largest_spread(statistics: Mapping[str, Mapping[str, Mapping[str, float]]]) 
                 if name in TERMS and t["mean"] > 0), default=0.0)
 
 
-def noise_separation(rows: list[tuple[int, int, str, float, float, float]], students: list[str], flipped: Any) -> dict[str, dict[str, float]]:
+def noise_separation(rows: WeightRows, students: list[str], flipped: Any) -> dict[str, dict[str, float]]:
     """Per student: the AUC of alpha ranking clean labels above flipped ones (0.5: blind, 1:
     every clean image gets more label weight than every flipped one) and the mean alpha of each."""
     from sklearn.metrics import roc_auc_score
@@ -500,13 +513,9 @@ def _update_summary(path: Path, split: str, summary: Mapping[str, Any]) -> None:
 def pooled_student_logits(logits: Tensor, labels: Tensor) -> Tensor:
     """Eq. 4: ``[S, U, K]`` student logits -> ``[U, K]``: max over students at the true class,
     min over students elsewhere. Units without a label (``-1``) take the min everywhere."""
-    pooled = logits.min(dim=0).values
-    has_label = labels >= 0
-    if has_label.any():
-        rows = has_label.nonzero(as_tuple=True)[0]
-        cls = labels[rows]
-        pooled[rows, cls] = logits[:, rows, cls].max(dim=0).values
-    return pooled
+    # no data-dependent indexing: the same ops whatever the labels, and no host synchronisation
+    true_class = torch.nn.functional.one_hot(labels.clamp_min(0), logits.shape[-1]).bool() & (labels >= 0)[:, None]
+    return torch.where(true_class, logits.max(dim=0).values, logits.min(dim=0).values)
 
 
 class PooledStudent(Plugin):

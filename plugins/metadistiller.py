@@ -80,7 +80,8 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Literal, Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -138,7 +139,8 @@ class TopDownLabelGenerator(nn.Module):
         super().__init__()
         channels = list(stage_channels)
         if len(channels) < 2 or len(downsamples) != len(channels) - 1:
-            raise ValueError(f"TopDownLabelGenerator needs K >= 2 stages and K - 1 downsamples, got {channels} and {list(downsamples)}")
+            raise ValueError(f"TopDownLabelGenerator needs K >= 2 stages and K - 1 downsamples, "
+                             f"got {channels} and {list(downsamples)}")
         width = width or default_fusion_width(channels)
         head_width = head_width or default_width([width])
         self.lateral = nn.ModuleList(nn.Conv2d(c, width, 1) for c in channels)  # conv1x1(F_k), k = 1..K
@@ -286,7 +288,8 @@ class MetaDistiller(ExitSupervision):
             labels = rec.unit_labels
             if self.meta_objective == "exits":
                 for logits in rec.features[EXIT_LOGITS]:
-                    students = students + rec.per_image(F.cross_entropy(_wide(logits), labels, reduction="none", ignore_index=-1)).mean()
+                    ce = F.cross_entropy(_wide(logits), labels, reduction="none", ignore_index=-1)
+                    students = students + rec.per_image(ce).mean()
             else:
                 students = students + rec.supervised_loss.mean()
             if self.target_ce:
@@ -362,7 +365,8 @@ class MetaDistiller(ExitSupervision):
                     for t in self.generated_logits(engine, n, record, "eval"):
                         p = F.softmax(_wide(t) / tau, dim=-1)
                         top = p.argmax(-1)
-                        per_exit.append(torch.stack([entropy(p).sum(), (top == labels).float().sum(), (top == final).float().sum()]))
+                        per_exit.append(torch.stack([entropy(p).sum(), (top == labels).float().sum(),
+                                                     (top == final).float().sum()]))
                     rows.append(torch.stack(per_exit))
                 step = torch.stack(rows)
                 sums = step if sums is None else sums + step
@@ -417,7 +421,8 @@ class MetaDistiller(ExitSupervision):
         lines = [f"The label generator's targets on the {stats['split']} split ({stats['images']} images, temperature "
                  f"{stats['temperature']:g}; entropy in units of log K = {stats['log_k']:.3f}, uniform = 1), "
                  "from `plugins/metadistiller/targets.json`.", "",
-                 "| student | exit | entropy / log K | agreement with label | agreement with final exit |", "|---|---|---|---|---|"]
+                 "| student | exit | entropy / log K | agreement with label | agreement with final exit |",
+                 "|---|---|---|---|---|"]
         for student, s in stats["students"].items():
             for x in s["exits"]:
                 lines.append(f"| {student} | {x['exit']} | {x['entropy_over_log_k']:.3f} | {x['label_agreement']:.3f} | "

@@ -21,7 +21,8 @@ It answers the soft-target (beta) hook; use it with KD's weights (``examples/met
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F

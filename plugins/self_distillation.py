@@ -31,7 +31,8 @@ exit's CE is the record's supervised loss, which the engine already weighs with 
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from collab_distill import Knowledge, LossWeights, Plugin, hookimpl
 
@@ -18,4 +19,5 @@ class NonFiniteLossWeights(Plugin):
     @hookimpl
     def collab_distill_loss_weights(self, engine: Any, records: Mapping[str, Knowledge]) -> dict[str, LossWeights]:
         alpha = self.value if engine.global_step >= self.after_step else 1.0
-        return {name: LossWeights.constant_weights(rec.num_images, alpha, 0.0, 0.0, rec.logits.device) for name, rec in records.items()}
+        return {name: LossWeights.constant_weights(rec.num_images, alpha, 0.0, 0.0, rec.logits.device)
+                for name, rec in records.items()}

@@ -9,9 +9,11 @@ import hashlib
 import json
 import os
 import signal
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any, Optional
 
 import torch
+from lightning_fabric.loggers import Logger
 from torch import nn
 
 from collab_distill import ConfigError, Knowledge, LossWeights, MetaModule, Plugin, SoftTarget, hookimpl
@@ -126,3 +128,30 @@ class CountingPlugin(Plugin):
     @hookimpl
     def collab_distill_load_state(self, state: Mapping) -> None:
         self.events = dict(state.get("counting", {}))
+
+
+class MemoryLogger(Logger):
+    """A Fabric logger that keeps every logged row in memory (trainer.loggers by class_path)."""
+
+    def __init__(self, tag: str = "memory") -> None:
+        super().__init__()
+        self.tag = tag
+        self.rows: list[tuple[Optional[int], dict[str, float]]] = []
+        self.finalized = False
+
+    @property
+    def name(self) -> str:
+        return self.tag
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_metrics(self, metrics: dict[str, float], step: Optional[int] = None) -> None:
+        self.rows.append((step, dict(metrics)))
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def finalize(self, status: str) -> None:
+        self.finalized = True

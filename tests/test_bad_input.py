@@ -144,7 +144,8 @@ CASES = [
      ["--cohort.students.s.init_args.size", "xxl"],
      ["cohort.students.s: Unknown ResNet size 'xxl'", "Valid names: xxxs, xxs"]),
     ("unknown_torchvision_model",
-     ["--cohort.students", "{s: {class_path: collab_distill.tasks.classification.TorchvisionModel, init_args: {name: resnet81}}}"],
+     ["--cohort.students",
+      "{s: {class_path: collab_distill.tasks.classification.TorchvisionModel, init_args: {name: resnet81}}}"],
      ["cohort.students.s: Unknown torchvision classification model 'resnet81'", "Did you mean 'resnet18'"]),
     ("wrong_type",
      ["--trainer.max_epochs", "ten"],
@@ -168,13 +169,15 @@ CASES = [
      ["--cohort.students", f"{{'a b': {{class_path: {RESNET}}}}}"],
      ["member name 'a b'", "letters, digits"]),
     ("missing_data_folder",
-     ["--task.init_args.data", "{class_path: collab_distill.tasks.classification.CIFAR100, init_args: {root: {empty_dir}/nowhere}}"],
+     ["--task.init_args.data",
+      "{class_path: collab_distill.tasks.classification.CIFAR100, init_args: {root: {empty_dir}/nowhere}}"],
      ["CIFAR100.root", "nowhere' does not exist", "Set root to the folder that contains cifar-100-python/"]),
     ("data_folder_without_layout",
      ["--task.init_args.data", "{class_path: collab_distill.tasks.classification.CIFAR100, init_args: {root: {empty_dir}}}"],
      ["CIFAR100.root", "has no cifar-100-python/ folder", "Expected layout: root/cifar-100-python/{train,test,meta}"]),
     ("image_folder_without_layout",
-     ["--task.init_args.data", "{class_path: collab_distill.tasks.classification.ImageFolderData, init_args: {root: {empty_dir}}}"],
+     ["--task.init_args.data",
+      "{class_path: collab_distill.tasks.classification.ImageFolderData, init_args: {root: {empty_dir}}}"],
      ["ImageFolderData.train_dir", "does not exist", "Expected layout: root/train/<class>/"]),
     ("teacher_checkpoint_of_another_architecture",
      ["--cohort.teachers", _teacher("m", "{s10}")],
@@ -289,7 +292,8 @@ def test_command_unknown_plugin(files, tmp_path):
     root = tmp_path / "runs"
     proc = _command(files, root, "--plugins", "[{class_path: nope.Plugin}]")
     assert proc.returncode == 2, proc.stderr
-    _assert_one_error(proc.stderr, ('Parser key "plugins"', "nope.Plugin", "No module named 'nope'", "known: collab_distill.plugins.", FIXED))
+    _assert_one_error(proc.stderr, ('Parser key "plugins"', "nope.Plugin", "No module named 'nope'",
+                                    "known: collab_distill.plugins.", FIXED))
     assert _nothing_written(root)
 
 

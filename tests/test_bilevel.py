@@ -9,7 +9,6 @@ from torch.func import functional_call
 from collab_distill.meta import BilevelConfig, hypergradient
 
 
-
 @pytest.fixture(autouse=True)
 def float64():
     """Numerical differentiation needs double precision; restore the default afterwards."""

@@ -274,7 +274,7 @@ def test_digits_subset_and_val_fraction_zero():
 def test_before_setup_and_unknown_split():
     d = Digits()
     with pytest.raises(RuntimeError, match="setup"):
-        d.num_classes
+        _ = d.num_classes
     with pytest.raises(RuntimeError, match="setup"):
         d.dataset("train")
     d.setup(0)

@@ -109,7 +109,8 @@ def test_tiny_cohort_fits_with_kd_and_with_mc_distil(tmp_path, cli_env, shapes):
     for r in results["students"].values():
         assert 0 <= r["last"]["test_AP"] <= 100 and "test_AP50" in r["last"] and "val_AP" in r["best_on_val"]
     run_cli(tiny_args(tmp_path, shapes, "mc", extra=(
-        "--config", str(REPO / "examples" / "methods" / "mc_distil.yaml"), "--meta.every_n_steps", "2", "--trainer.warmup_epochs", "0",
+        "--config", str(REPO / "examples" / "methods" / "mc_distil.yaml"),
+        "--meta.every_n_steps", "2", "--trainer.warmup_epochs", "0",
         "--trainer.loggers", "[csv]", "--trainer.log_every_n_steps", "1",
         "--cohort.teachers.teacher.checkpoint", str(tmp_path / "kd" / "version_0" / "teachers" / "teacher" / "teacher.pt"),
         "--cohort.teachers.teacher.train_epochs", "0")), cli_env, timeout=600)
@@ -125,7 +126,8 @@ def test_tiny_cohort_fits_with_kd_and_with_mc_distil(tmp_path, cli_env, shapes):
 @pytest.mark.ddp
 def test_two_process_ddp_detection_keeps_ranks_identical(tmp_path, cli_env, shapes):
     extra = ["--trainer.devices", "2", "--trainer.strategy", "ddp",
-             "--config", str(REPO / "examples" / "methods" / "mc_distil.yaml"), "--meta.every_n_steps", "2", "--trainer.warmup_epochs", "0",
+             "--config", str(REPO / "examples" / "methods" / "mc_distil.yaml"),
+             "--meta.every_n_steps", "2", "--trainer.warmup_epochs", "0",
              "--plugins+", json.dumps({"class_path": "support_plugins.WeightChecksums"})]
     run_cli(tiny_args(tmp_path, shapes, "ddp", extra=extra), cli_env, timeout=900)
     assert_ranks_identical(tmp_path / "ddp" / "version_0")
@@ -169,7 +171,8 @@ def test_bad_detection_input_fails_before_training(tmp_path, cli_env, shapes):
     val.write_text(json.dumps(vdoc))
     # the exact hypergradient cannot differentiate roi_align twice: refused before any training
     _expect_error(tmp_path, cli_env, data, "meta.hypergradient=second_order", "finite_difference",
-                  extra=("--config", str(REPO / "examples" / "methods" / "mc_distil.yaml"), "--meta.hypergradient", "second_order"))
+                  extra=("--config", str(REPO / "examples" / "methods" / "mc_distil.yaml"),
+                         "--meta.hypergradient", "second_order"))
     # a teacher trained for other classes
     other = make_task(shapes)
     other.setup(0)

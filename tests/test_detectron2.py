@@ -119,7 +119,8 @@ def test_detectron2_coco_evaluator_scores_the_ground_truth_100(shapes):
             x = batch["inputs"][0]
             record = records[x["image_id"]]
             perfect = Instances((x["height"], x["width"]))
-            boxes = [[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]] for a in record["annotations"]]
+            boxes = [[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
+                     for a in record["annotations"]]
             perfect.pred_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
             perfect.scores = torch.ones(len(boxes))
             perfect.pred_classes = torch.tensor([a["category_id"] for a in record["annotations"]], dtype=torch.int64)
@@ -183,7 +184,8 @@ def test_tiny_detectron2_cohort_fits_with_a_weights_file_teacher_and_mc_distil(t
                     "--cohort.teachers.teacher.model.init_args.options", json.dumps(SMALL),
                     "--cohort.teachers.teacher.train_epochs", "0")
     run_cli(tiny_args(tmp_path, shapes, "mc", extra=(
-        *teacher_args, "--config", str(REPO / "examples" / "methods" / "mc_distil.yaml"), "--meta.every_n_steps", "2", "--trainer.warmup_epochs", "0",
+        *teacher_args, "--config", str(REPO / "examples" / "methods" / "mc_distil.yaml"),
+        "--meta.every_n_steps", "2", "--trainer.warmup_epochs", "0",
         "--trainer.loggers", "[csv]", "--trainer.log_every_n_steps", "1")), cli_env, timeout=900)
     run = tmp_path / "mc" / "version_0"
     results = json.loads((run / "results.json").read_text())
@@ -202,7 +204,8 @@ def test_tiny_detectron2_cohort_fits_with_a_weights_file_teacher_and_mc_distil(t
 @pytest.mark.ddp
 def test_two_process_ddp_through_detectron2_keeps_ranks_identical(tmp_path, cli_env, shapes):
     extra = ["--trainer.devices", "2", "--trainer.strategy", "ddp", "--cohort.teachers.teacher.train_epochs", "1",
-             "--config", str(REPO / "examples" / "methods" / "mc_distil.yaml"), "--meta.every_n_steps", "2", "--trainer.warmup_epochs", "0",
+             "--config", str(REPO / "examples" / "methods" / "mc_distil.yaml"),
+             "--meta.every_n_steps", "2", "--trainer.warmup_epochs", "0",
              "--plugins+", json.dumps({"class_path": "support_plugins.WeightChecksums"})]
     run_cli(tiny_args(tmp_path, shapes, "ddp", extra=extra), cli_env, timeout=900)
     assert_ranks_identical(tmp_path / "ddp" / "version_0")
@@ -228,7 +231,8 @@ def test_coco_example_runs_with_its_weight_files(tmp_path, cli_env, shapes):
         torch.save({"model": {f"backbone.bottom_up.{k}": v for k, v in trunk.items()}}, weights / f"R-{depth}.pth")
     text = (REPO / "examples" / "coco.yaml").read_text()
     text = (text.replace("data/weights/faster_rcnn_R_50_FPN_3x.pkl", str(weights / "faster_rcnn_R_50_FPN_3x.pkl.pth"))
-            .replace("data/weights/R-18.pkl", str(weights / "R-18.pth")).replace("data/weights/R-34.pkl", str(weights / "R-34.pth"))
+            .replace("data/weights/R-18.pkl", str(weights / "R-18.pth"))
+            .replace("data/weights/R-34.pkl", str(weights / "R-34.pth"))
             .replace("root: data/coco", f"root: {shapes}"))
     config = tmp_path / "coco.yaml"
     config.write_text(text)

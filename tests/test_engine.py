@@ -6,9 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from collab_distill import ConfigError, Plugin, SoftTarget, hookimpl
+from collab_distill import ConfigError, Plugin, SoftTarget, hookimpl, unwrap
 from collab_distill.config import Cohort, Teacher, TrainerConfig
-from collab_distill import unwrap
 from collab_distill.engine import Engine
 from collab_distill.meta import BilevelConfig
 from collab_distill.plugins.fixed_weights import FixedLossWeights

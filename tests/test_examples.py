@@ -49,7 +49,8 @@ def test_cifar100_teacher_then_cohort(tmp_path, cli_env):
 def test_cifar100_short_recipe_composes_with_mc_distil(tmp_path, cli_env):
     """The reduced Table-1 recipe: teacher trained in the run, CE warm-up, MC-Distil on top."""
     make_cifar100(tmp_path / "data", n_train=80, n_test=20)
-    run_cli(["fit", "--config", str(REPO / "examples" / "cifar100.yaml"), "--config", str(REPO / "examples" / "cifar100_short.yaml"),
+    run_cli(["fit", "--config", str(REPO / "examples" / "cifar100.yaml"),
+             "--config", str(REPO / "examples" / "cifar100_short.yaml"),
              "--config", str(REPO / "examples" / "methods" / "mc_distil.yaml"), *QUICK,
              *data_args(tmp_path / "data", checksums="false"), "--trainer.root_dir", str(tmp_path / "runs"),
              "--cohort.teachers.teacher.train_epochs", "1", "--trainer.warmup_epochs", "0", "--meta.every_n_steps", "1"], cli_env)
@@ -85,7 +86,8 @@ SELF_BOOSTING = ["dsn", "sd", "sd_hint", "metadistiller"]
 TEACHERLESS = ["dml", "kdcl_naive", "kdcl_linear", "kdcl_minlogit", "kdcl_general", *SELF_BOOSTING]
 
 
-@pytest.mark.parametrize("method", ["ce", "kd", "mc_distil", "mc_distil_nops", "meta_distil", "rmc", "fitnets", "attention", "dkd", *TEACHERLESS])
+@pytest.mark.parametrize("method", ["ce", "kd", "mc_distil", "mc_distil_nops", "meta_distil", "rmc", "fitnets", "attention",
+                                    "dkd", *TEACHERLESS])
 def test_method_files_compose_with_digits(tmp_path, cli_env, method):
     run_cli([*digits_args(tmp_path, method, epochs=1), "--config", str(REPO / "examples" / "methods" / f"{method}.yaml"),
              "--trainer.limit_train_batches", "3"], cli_env)
@@ -97,11 +99,13 @@ def test_method_files_compose_with_digits(tmp_path, cli_env, method):
     assert (tmp_path / method / "version_0" / "teachers").exists() == (method not in TEACHERLESS)
     if method in SELF_BOOSTING:
         # digits.yaml's three sizes, each a multi-exit net, scored exit by exit and as an ensemble
-        assert {n: s["model"] for n, s in results["students"].items()} == {n: f"MultiExit(ResNet({n}))" for n in ("xxs", "xs", "s")}
+        models = {n: s["model"] for n, s in results["students"].items()}
+        assert models == {n: f"MultiExit(ResNet({n}))" for n in ("xxs", "xs", "s")}
         for student in results["students"].values():
             for weights in ("last", "best_on_val"):
                 metrics = student[weights]
-                assert {"test_top1", "test_ensemble_top1", "test_ensemble_top5", "test_exit1_top1", "test_exit4_top1"} <= set(metrics)
+                expected = {"test_top1", "test_ensemble_top1", "test_ensemble_top5", "test_exit1_top1", "test_exit4_top1"}
+                assert expected <= set(metrics)
                 assert metrics["test_exit4_top1"] == metrics["test_top1"]  # the last exit is the deployed model
         # only MetaDistiller has a meta module, trained from the first step (epoch 1 is a meta epoch)
         state = torch.load(tmp_path / method / "version_0" / "checkpoints" / "last.ckpt", weights_only=False)

@@ -15,7 +15,7 @@ from torch import nn
 from collab_distill import ConfigError, FeatureRequest, Plugin, hookimpl, unwrap
 from collab_distill.features import parse_feature
 from collab_distill.plugins.fixed_weights import FixedLossWeights
-from collab_distill.plugins.hints import FitNets, AttentionTransfer, attention_loss_per_image, hint_loss_per_image
+from collab_distill.plugins.hints import AttentionTransfer, FitNets, attention_loss_per_image, hint_loss_per_image
 from collab_distill.plugins.mc_distil import CNet
 from collab_distill.testing import make_records, tiny_engine, tiny_fit
 from conftest import REPO, digits_args
@@ -123,7 +123,8 @@ class FeatureProbe(Plugin):
         teacher = teacher_records["teacher"].features.get("layer2")
         student = records["xxs"].features.get("layer2")
         self.seen.append({
-            "step": engine.global_step, "phase": phase, "student": None if student is None else (tuple(student.shape), student.requires_grad),
+            "step": engine.global_step, "phase": phase,
+            "student": None if student is None else (tuple(student.shape), student.requires_grad),
             "teacher": None if teacher is None else (tuple(teacher.shape), teacher.requires_grad, teacher.dtype),
         })
         return {}
@@ -177,7 +178,8 @@ def test_fitnets_regressors_train_with_their_student_and_resume_bit_identically(
         assert all(id(p) in ids for p in unwrap(whole.engine.plugin_modules[name]["fitnets_regressor_0"]).parameters())
     fresh = tiny_engine([KD, FitNets(weight=10.0)], root_dir=tmp_path / "fresh", **options)
     fresh.setup()
-    assert not torch.equal(modules["xs/fitnets_regressor_0"]["0.weight"], fresh.plugin_modules["xs"]["fitnets_regressor_0"][0].weight)
+    fresh_weight = fresh.plugin_modules["xs"]["fitnets_regressor_0"][0].weight
+    assert not torch.equal(modules["xs/fitnets_regressor_0"]["0.weight"], fresh_weight)
     assert all(0 < step["xs/hint"] < 1e4 for step in whole.losses)
 
     # stopped mid-epoch 1, then resumed in a new engine: the same bits as the uninterrupted run
@@ -264,7 +266,9 @@ def test_compile_and_channels_last_keep_the_losses_and_the_lookahead(tmp_path):
     channels-last weights: same losses as eager up to float error, the C-Net's second-order meta
     step still runs (the lookahead uses the uncompiled students), and hooked members stay eager."""
     # FitNets on xxs only: xxs and the teacher are hooked (eager), xs and the C-Net are compiled
-    plugins = lambda: [CNet(use_image=False, use_losses=True, hidden=8), FitNets(weight=10.0, students=["xxs"], per_image_weight="beta")]  # noqa: E731
+    def plugins():
+        return [CNet(use_image=False, use_losses=True, hidden=8), FitNets(weight=10.0, students=["xxs"], per_image_weight="beta")]
+
     eager = tiny_fit(plugins(), root_dir=tmp_path / "eager", steps=4)
     compiled = tiny_fit(plugins(), root_dir=tmp_path / "compiled", steps=4, compile="aot_eager", channels_last=True)
     for a, b in zip(eager.losses, compiled.losses):
@@ -273,3 +277,13 @@ def test_compile_and_channels_last_keep_the_losses_and_the_lookahead(tmp_path):
     state = torch.load(compiled.run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     assert set(state["students"]["xs"]) == set(unwrap(eager.engine.students["xs"]).state_dict())  # no _orig_mod. keys
     assert set(state["teachers"]["teacher"]) == set(eager.engine.teachers["teacher"].state_dict())
+
+
+def test_any_fabric_logger_receives_the_runs_metrics(tmp_path):
+    from support_plugins import MemoryLogger
+
+    memory = MemoryLogger()
+    run = tiny_fit([KD], root_dir=tmp_path, steps=None, epochs=1, loggers=["csv", memory], log_every_n_steps=2)
+    logged = {key for _, row in memory.rows for key in row}
+    assert {"train/loss", "train/xs/distill", "val/xs/val_top1"} <= logged and memory.finalized
+    assert (run.run_dir / "logs" / "csv" / "metrics.csv").is_file()  # beside the configured csv logger

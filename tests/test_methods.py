@@ -132,7 +132,8 @@ def test_kdcl_linear_per_image_matches_a_brute_force_grid_search_per_image():
     g = torch.Generator().manual_seed(0)
     for num_students, n in ((2, 2000), (3, 150)):
         grid = _simplex_grid(num_students, n)
-        assert torch.allclose(grid.sum(1), torch.ones(len(grid))) and len(grid) == (n + 1 if num_students == 2 else (n + 1) * (n + 2) // 2)
+        assert torch.allclose(grid.sum(1), torch.ones(len(grid)))
+        assert len(grid) == (n + 1 if num_students == 2 else (n + 1) * (n + 2) // 2)
         for trial in range(4):
             z = torch.randn(num_students, 24, 5, generator=g) * (1 + 2 * trial)
             y = torch.randint(0, 5, (24,), generator=g)
@@ -189,7 +190,8 @@ def test_kdcl_linear_defaults_to_the_per_image_solve_and_batch_is_an_option():
     # (as naive/minlogit); one batch vector still covers every unit
     regions = {n: Knowledge(torch.zeros(1), r.logits.detach(), torch.zeros(2, dtype=torch.long), torch.tensor([0, -1]), 1)
                for n, r in recs.items()}
-    assert torch.equal(per_image.collab_distill_consensus_targets(regions, temperature=2.0)["s0"].weight, torch.tensor([1.0, 0.0]))
+    weight = per_image.collab_distill_consensus_targets(regions, temperature=2.0)["s0"].weight
+    assert torch.equal(weight, torch.tensor([1.0, 0.0]))
     assert batch.collab_distill_consensus_targets(regions, temperature=2.0)["s0"].weight is None
     with pytest.raises(ConfigError, match="linear_scope"):
         KDCL("linear", linear_scope="images")

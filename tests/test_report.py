@@ -109,7 +109,8 @@ def test_write_sections_checks_the_figures(tmp_path):
 def _finished_results(students: dict[str, int], teachers: dict[str, int]) -> dict[str, Any]:
     return {
         "status": "finished", "seed": 0, "epochs": 1, "global_step": 3, "selection_metric": "top1",
-        "students": {n: {"params": m // 10, "macs": m, "last": {"test_top1": 50.0 + i}, "best_on_val": {"epoch": 1, "test_top1": 51.0 + i}}
+        "students": {n: {"params": m // 10, "macs": m, "last": {"test_top1": 50.0 + i},
+                         "best_on_val": {"epoch": 1, "test_top1": 51.0 + i}}
                      for i, (n, m) in enumerate(students.items())},
         "teachers": {n: {"params": m // 10, "macs": m, "test": {"top1": 90.0}} for n, m in teachers.items()},
     }
@@ -166,4 +167,5 @@ def test_metadistiller_reports_its_target_statistics(tmp_path):
     }
     [section] = plugin.collab_distill_report_sections(engine=engine)
     assert section.figures == [] and "| xxs | 2 | 0.350 | 0.900 | 0.800 |" in section.text
-    assert plugin.collab_distill_report_sections(engine=SimpleNamespace(run_dir=tmp_path, fabric=SimpleNamespace(is_global_zero=False))) is None
+    other_rank = SimpleNamespace(run_dir=tmp_path, fabric=SimpleNamespace(is_global_zero=False))
+    assert plugin.collab_distill_report_sections(engine=other_rank) is None

@@ -119,7 +119,8 @@ def test_hint_term_trains_the_heads_not_the_final_stage():
     torch.testing.assert_close(out["a/hint"], expected)
     assert out["a/hint"].item() > 0
     # the logit part is unchanged by the hint
-    torch.testing.assert_close(out["a/exits"], SelfDistillation().collab_distill_auxiliary_losses(engine, {"a": record})["a/exits"])
+    logit_part = SelfDistillation().collab_distill_auxiliary_losses(engine, {"a": record})["a/exits"]
+    torch.testing.assert_close(out["a/exits"], logit_part)
     out["a/hint"].backward()
     assert all(p.grad is None for p in net.backbone.layer4.parameters()), "F_C is the target: no gradient from the hint"
     assert all(p.grad is not None for p in net.heads[0].body.parameters())
@@ -136,9 +137,11 @@ def test_head_shape_differing_from_the_final_stage_is_a_config_error():
     plugin = SelfDistillation(hint_weight=0.03)
     engine = _engine({"xxs": net})
     record = _captured_record(net, plugin, engine, name="xxs", image_size=(5, 5))
-    engine.feature_shapes = {"xxs": {p: tuple(record.features[p].shape[1:]) for p in (*net.head_feature_paths, net.final_stage_path)}}
+    paths = (*net.head_feature_paths, net.final_stage_path)
+    engine.feature_shapes = {"xxs": {p: tuple(record.features[p].shape[1:]) for p in paths}}
     assert engine.feature_shapes["xxs"]["heads.0.body"] == (16, 2, 2)
-    with pytest.raises(ConfigError, match=r"student 'xxs'.*'heads\.0\.body' has shape \(16, 2, 2\).*'backbone\.layer4' has \(16, 1, 1\)"):
+    expected = r"student 'xxs'.*'heads\.0\.body' has shape \(16, 2, 2\).*'backbone\.layer4' has \(16, 1, 1\)"
+    with pytest.raises(ConfigError, match=expected):
         plugin.collab_distill_student_modules(engine)
     # without the hint the same students are fine
     assert SelfDistillation().collab_distill_student_modules(engine) is None

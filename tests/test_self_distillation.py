@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from collab_distill.config import Cohort, TrainerConfig
 from collab_distill import unwrap
+from collab_distill.config import Cohort, TrainerConfig
 from collab_distill.engine import Engine
 from collab_distill.meta import BilevelConfig
 from collab_distill.plugins.fixed_weights import FixedLossWeights
@@ -61,7 +61,8 @@ def test_multi_exit_outputs_and_generated_targets(factory, info):
 
     generator = TopDownLabelGenerator(net.stage_channels, info.num_classes, net.head_downsamples)
     plugin = MetaDistiller(temperature=2.0)
-    engine = SimpleNamespace(meta_modules={META_MODULE: nn.ModuleDict({"s": generator})}, trainer=SimpleNamespace(temperature=4.0))
+    engine = SimpleNamespace(meta_modules={META_MODULE: nn.ModuleDict({"s": generator})},
+                             trainer=SimpleNamespace(temperature=4.0))
     record = ImageClassification(Digits()).knowledge(net, {"inputs": x, "targets": torch.tensor([0, 1, 2])})
     targets = plugin.exit_targets(engine, "s", record, "train")
     assert len(targets) == net.num_exits - 1  # one per early exit
@@ -95,7 +96,8 @@ def test_classification_task_records_exits_and_stage_maps():
     record = task.knowledge(net, batch)
     assert record.features["exit_logits"].shape == (4, 5, 10)
     assert [record.features[f"stage_{k}"].shape[1] for k in range(1, 5)] == [8, 8, 16, 16]
-    torch.testing.assert_close(record.supervised_loss, F.cross_entropy(record.features["exit_logits"][-1], batch["targets"], reduction="none"))
+    torch.testing.assert_close(record.supervised_loss,
+                               F.cross_entropy(record.features["exit_logits"][-1], batch["targets"], reduction="none"))
     predicted = task.predict(net.eval(), batch)
     assert len(predicted.exits) == 4 and predicted.features == ()
     plain = ResNet("xxs").build(DIGITS)
@@ -220,7 +222,8 @@ def _engine(tmp_path, plugins, multi_exit=True, meta=None, students=("xxs", "xs"
     return Engine(
         task=ImageClassification(Digits(batch_size=32, subset=400)),
         cohort=Cohort(students={s: factory(s) for s in students}),
-        trainer=TrainerConfig(accelerator="cpu", root_dir=str(tmp_path), progress_bar=False, loggers=[], max_epochs=1, temperature=1.0),
+        trainer=TrainerConfig(accelerator="cpu", root_dir=str(tmp_path), progress_bar=False, loggers=[], max_epochs=1,
+                              temperature=1.0),
         plugins=[FixedLossWeights(1.0, 0.0, 0.0), *plugins],
         meta=meta,
         seed=0,
@@ -289,7 +292,8 @@ def test_generator_meta_gradient_is_the_derivative_of_the_meta_objective(tmp_pat
         engine = _engine(tmp_path, [MetaDistiller(**options)], meta=BilevelConfig(every_n_steps=1), students=("xxs",))
         batch = ready(engine)
         move = engine.task.move_batch
-        monkeypatch.setattr(engine.task, "move_batch", lambda b, fabric: {k: v.double() if v.is_floating_point() else v for k, v in move(b, fabric).items()})
+        monkeypatch.setattr(engine.task, "move_batch", lambda b, fabric: {k: v.double() if v.is_floating_point() else v
+                                                                          for k, v in move(b, fabric).items()})
         batch = engine.task.move_batch(batch, engine.fabric)
         generator = engine.meta_modules[META_MODULE]
         before = _snapshot(generator)

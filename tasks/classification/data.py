@@ -38,8 +38,9 @@ import abc
 import numbers
 import os
 import pickle
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Protocol, Sequence
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch

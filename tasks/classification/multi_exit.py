@@ -15,7 +15,8 @@ Configured in YAML by wrapping any supported backbone factory::
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple, Optional
 
 import torch
 import torchvision

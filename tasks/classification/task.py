@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -11,7 +12,6 @@ from torch.utils.data import Dataset
 
 from collab_distill.records import Knowledge
 from collab_distill.task import ConfigError, Evaluator, Task, TaskInfo
-
 from collab_distill.tasks.classification.data import ClassificationData
 
 __all__ = ["ImageClassification", "TopKEvaluator"]

@@ -148,7 +148,8 @@ class CocoDetection:
         if batch_size < 1 or num_workers < 0 or (subset is not None and subset < 1):
             raise ConfigError("CocoDetection: batch_size >= 1, num_workers >= 0 and subset >= 1 are required")
         base = Path(root)
-        self.train_annotations = Path(train_annotations) if train_annotations else base / "annotations" / "instances_train2017.json"
+        self.train_annotations = (Path(train_annotations) if train_annotations
+                                  else base / "annotations" / "instances_train2017.json")
         self.train_images = Path(train_images) if train_images else base / "train2017"
         self.test_annotations = Path(test_annotations) if test_annotations else base / "annotations" / "instances_val2017.json"
         self.test_images = Path(test_images) if test_images else base / "val2017"
@@ -178,7 +179,9 @@ class CocoDetection:
         n_meta, n_val = round(len(order) * self.meta_fraction), round(len(order) * self.val_fraction)
         parts = {"meta": order[:n_meta], "val": order[n_meta:n_meta + n_val], "train": order[n_meta + n_val:]}
         for split, chosen in parts.items():
-            if not chosen and (split == "train" or (split == "meta" and self.meta_fraction > 0) or (split == "val" and self.val_fraction > 0)):
+            needed = (split == "train" or (split == "meta" and self.meta_fraction > 0)
+                      or (split == "val" and self.val_fraction > 0))
+            if not chosen and needed:
                 raise ConfigError(f"task.data: the {split} split is empty ({len(image_ids)} usable training images with boxes); "
                                   "use more images or smaller meta_fraction/val_fraction")
         if not parts["val"]:

@@ -26,8 +26,9 @@ import io
 import json
 import math
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -38,9 +39,17 @@ from collab_distill.data import IndexedDataset, SeededSample
 from collab_distill.records import Knowledge, SoftTarget, per_image_mean
 from collab_distill.task import ConfigError, Evaluator, ModelFactory, Task, TaskInfo
 from collab_distill.tasks.detection.data import CocoDetection
-from collab_distill.tasks.detection.task import (IMAGENET_MEAN, IMAGENET_STD, CocoEvaluator, DetectionContext, PerImageEvaluator,
-                                                 batch_seed, observed,
-                                                 region_context, region_knowledge)
+from collab_distill.tasks.detection.task import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    CocoEvaluator,
+    DetectionContext,
+    PerImageEvaluator,
+    batch_seed,
+    observed,
+    region_context,
+    region_knowledge,
+)
 
 __all__ = ["Detectron2RCNN", "Detectron2Detector", "Detectron2Coco", "Detectron2Detection", "Detectron2CocoEvaluator",
            "DistillingRCNN", "detectron2_available"]
@@ -484,7 +493,8 @@ class Detectron2Detection(Task):
         if image_format not in ("BGR", "RGB"):
             raise ConfigError(f"Detectron2Detection.image_format={image_format!r}: use 'BGR' or 'RGB'")
         if regions_per_image < 1 or not 0 < region_iou <= 1 or cnet_image_size < 8:
-            raise ConfigError("Detectron2Detection: regions_per_image >= 1, 0 < region_iou <= 1 and cnet_image_size >= 8 are required")
+            raise ConfigError("Detectron2Detection: regions_per_image >= 1, 0 < region_iou <= 1 and cnet_image_size >= 8 "
+                              "are required")
         self.data = data
         self.min_sizes, self.max_size = sizes, max_size
         self.min_size_test = min_size_test or max(sizes)
@@ -499,11 +509,13 @@ class Detectron2Detection(Task):
         from detectron2.data import DatasetMapper
         from detectron2.data import transforms as T
 
+        flip = [T.RandomFlip(prob=self.data.flip)] if self.data.flip > 0 else []
         train_mapper = DatasetMapper(is_train=True, image_format=self.image_format, augmentations=[
-            T.ResizeShortestEdge(self.min_sizes, self.max_size, "choice"), *([T.RandomFlip(prob=self.data.flip)] if self.data.flip > 0 else [])])
+            T.ResizeShortestEdge(self.min_sizes, self.max_size, "choice"), *flip])
         eval_mapper = DatasetMapper(is_train=False, image_format=self.image_format,
                                     augmentations=[T.ResizeShortestEdge(self.min_size_test, self.max_size, "choice")])
-        self._datasets = {split: Detectron2Split(self.data.records[split], train_mapper if split in ("train", "meta") else eval_mapper, split)
+        self._datasets = {split: Detectron2Split(self.data.records[split],
+                                                 train_mapper if split in ("train", "meta") else eval_mapper, split)
                           for split in self.data.splits}
         self.info = TaskInfo(
             num_classes=self.data.num_classes, in_channels=3, image_size=(self.min_size_test, self.min_size_test),
@@ -539,7 +551,8 @@ class Detectron2Detection(Task):
         model.flip_channels = model.input_format != self.image_format
         return model
 
-    def shared_context(self, batch: Any, teachers: Mapping[str, nn.Module], students: Mapping[str, nn.Module]) -> DetectionContext:
+    def shared_context(self, batch: Any, teachers: Mapping[str, nn.Module],
+                       students: Mapping[str, nn.Module]) -> DetectionContext:
         inputs = batch["inputs"]
         source = next(iter(teachers.values()), None) or next(iter(students.values()))
         with torch.no_grad():

@@ -14,8 +14,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 from torchvision.models.detection import FasterRCNN as TorchvisionFasterRCNN
-from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.backbone_utils import BackboneWithFPN, resnet_fpn_backbone
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.roi_heads import fastrcnn_loss
 from torchvision.models.detection.rpn import concat_box_prediction_layers
@@ -155,8 +155,9 @@ class RegionDetector(nn.Module):
         """Foreground classes."""
         return self.detector.roi_heads.box_predictor.cls_score.out_features - 1
 
-    def forward(self, images: Any, image_sizes: Optional[list[tuple[int, int]]] = None, targets: Optional[list[dict[str, Tensor]]] = None,
-                regions: Optional[list[Tensor]] = None, features: Optional[dict[str, Tensor]] = None, mode: str = "train") -> Any:
+    def forward(self, images: Any, image_sizes: Optional[list[tuple[int, int]]] = None,
+                targets: Optional[list[dict[str, Tensor]]] = None, regions: Optional[list[Tensor]] = None,
+                features: Optional[dict[str, Tensor]] = None, mode: str = "train") -> Any:
         if mode == "predict":
             return self.detector(images)
         assert image_sizes is not None

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -127,7 +128,8 @@ class ObjectDetection(Task):
         if min_size < 16 or max_size < min_size:
             raise ConfigError(f"ObjectDetection: need 16 <= min_size <= max_size, got {min_size} and {max_size}")
         if regions_per_image < 1 or not 0 < region_iou <= 1 or cnet_image_size < 8:
-            raise ConfigError("ObjectDetection: regions_per_image >= 1, 0 < region_iou <= 1 and cnet_image_size >= 8 are required")
+            raise ConfigError("ObjectDetection: regions_per_image >= 1, 0 < region_iou <= 1 and cnet_image_size >= 8 "
+                              "are required")
         self.data = data
         self.min_size, self.max_size = min_size, max_size
         self.regions_per_image = regions_per_image
@@ -180,7 +182,8 @@ class ObjectDetection(Task):
             raise ConfigError(f"{factory.describe()} has {model.num_classes} classes but the data has {info.num_classes}")
         return model
 
-    def shared_context(self, batch: Any, teachers: Mapping[str, nn.Module], students: Mapping[str, nn.Module]) -> DetectionContext:
+    def shared_context(self, batch: Any, teachers: Mapping[str, nn.Module],
+                       students: Mapping[str, nn.Module]) -> DetectionContext:
         targets = [{k: v.clone() for k, v in t.items()} for t in batch["targets"]]
         image_list, targets = self.transform(list(batch["images"]), targets)
         source = next(iter(teachers.values()), None) or next(iter(students.values()))
@@ -204,7 +207,8 @@ class ObjectDetection(Task):
         size = (self.cnet_image_size, self.cnet_image_size)
         mean = torch.tensor(IMAGENET_MEAN, device=batch["images"][0].device).view(3, 1, 1)
         std = torch.tensor(IMAGENET_STD, device=batch["images"][0].device).view(3, 1, 1)
-        resized = [torch.nn.functional.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0] for x in batch["images"]]
+        resized = [torch.nn.functional.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0]
+                   for x in batch["images"]]
         return (torch.stack(resized) - mean) / std
 
     # -- evaluation -----------------------------------------------------------------------

@@ -7,7 +7,7 @@ student learns from the label, where it is sure and right it learns from the tea
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
 
 import torch
 

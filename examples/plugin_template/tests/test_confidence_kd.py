@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
+from collab_distill_confidence_kd import ConfidenceKD, confidence_weights
 
 from collab_distill import ConfigError
 from collab_distill.testing import make_records, tiny_fit
-from collab_distill_confidence_kd import ConfidenceKD, confidence_weights
 
 
 def test_weights_golden_values():
