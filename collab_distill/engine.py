@@ -669,7 +669,8 @@ class Engine:
         self.setup()
         state = resolve_resume(self, resume)
         self.run_dir = open_run_dir(self, state, self._run_dir_override)
-        self.loggers = make_loggers(list(self.trainer.loggers), self.run_dir)
+        resume_step = state["loop"]["global_step"] if state is not None else None
+        self.loggers = make_loggers(list(self.trainer.loggers), self.run_dir, resume_step)
         train_teachers(self)
         self.prepare_training()
         if state is not None:
@@ -852,6 +853,8 @@ class Engine:
         state = self.checkpoint_state()
         if self.fabric.is_global_zero:
             atomic_save(state, path)
+            for logger in self.loggers:  # what was logged up to this checkpoint survives a kill
+                logger.save()
         self.fabric.barrier()
         return path
 

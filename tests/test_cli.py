@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -155,3 +156,11 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, cli_env):
     ra = json.loads((tmp_path / "whole" / "version_0" / "results.json").read_text())
     rb = json.loads((tmp_path / "cut" / "version_0" / "results.json").read_text())
     assert ra["students"] == rb["students"]
+    # the metrics log keeps every row across the kill and the resume: the same rows as the whole run's
+    def rows(run):
+        with (tmp_path / run / "version_0" / "logs" / "csv" / "metrics.csv").open() as f:
+            return sorted((int(float(r["step"])), k, round(float(v), 5)) for r in csv.DictReader(f)
+                          for k, v in r.items() if v and k != "step" and k.startswith(("train/", "val/")))
+    whole, cut = rows("whole"), rows("cut")
+    assert {s for s, _, _ in whole} == {s for s, _, _ in cut} and any(s <= 10 for s, _, _ in cut)
+    assert whole == cut
