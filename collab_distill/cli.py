@@ -64,7 +64,8 @@ def _engine_from(sub_parser: ArgumentParser, cfg: Namespace):
         raise _located(cfg, err) from None
     engine = Engine(
         task=init.task, cohort=init.cohort, trainer=init.trainer, optimizer=init.optimizer,
-        schedule=init.schedule, meta=init.meta, plugins=init.plugins, disable_plugins=init.disable_plugins,
+        schedule=init.schedule, meta=init.meta, plugins=init.plugins,
+        disable_plugins=[init.disable_plugins] if isinstance(init.disable_plugins, str) else init.disable_plugins,
         seed=init.seed, trace_plugins=init.trace_plugins, config_text=text, stages=init.get("stages"),
     )
     return engine

@@ -79,7 +79,7 @@ def train_teachers(engine: Engine) -> None:
 
         sub, _ = nested_fit(
             engine, Cohort(students={name: teacher.model}), engine.run_dir / "teachers" / name,
-            plugins=[], disable_plugins=[],
+            plugins=[], disable_plugins=engine.disabled_plugins,  # the run's always-on plugins, less those it disabled
             before_fit=load_initial,
             max_epochs=teacher.train_epochs, warmup_epochs=0, max_steps=None, loggers=["csv"],
         )

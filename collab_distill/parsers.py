@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, Union
 
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, get_loader, set_loader
 
@@ -125,7 +125,8 @@ def _run_arguments(parser: ArgumentParser, *, training: bool) -> None:
     parser.add_argument("--plugins", type=list[Plugin], default=[], help="configured plugins (methods)")
     parser.add_argument("--stages", type=Optional[list[Stage]], default=None,
                         help="train the students in a sequence of runs; earlier students teach later ones")
-    parser.add_argument("--disable_plugins", type=list[str], default=[], help="always-on plugins to leave out")
+    parser.add_argument("--disable_plugins", type=Union[list[str], str], default=[],
+                        help="always-on plugins to leave out: one name (--disable_plugins NAME) or a list ([A, B])")
     parser.add_argument("--trace_plugins", type=bool, default=False, help="print every hook call")
     if training:
         parser.add_argument("--resume", type=Optional[str], default=None, help="a checkpoint path, or `last`")

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import digits_args
+from conftest import REPO, digits_args
 
 pytestmark = pytest.mark.slow
 
@@ -164,3 +164,16 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, cli_env):
     whole, cut = rows("whole"), rows("cut")
     assert {s for s, _, _ in whole} == {s for s, _, _ in cut} and any(s <= 10 for s, _, _ in cut)
     assert whole == cut
+
+
+def test_disable_plugins_takes_one_name_as_the_readme_writes_it(tmp_path, cli_env, teacher_file):
+    """``--disable_plugins NAME`` (one name, not a list) leaves out an always-on plugin; an unknown
+    name is one message listing the installed ones."""
+    args = [*digits_args(tmp_path, "off", epochs=1), "--config", str(REPO / "examples" / "methods" / "ce.yaml"),
+            "--cohort.teachers.teacher.checkpoint", str(teacher_file), "--cohort.teachers.teacher.train_epochs", "0",
+            "--cohort.teachers.teacher.model.init_args.size", "s",
+            "--trainer.limit_train_batches", "2"]
+    run_cli([*args, "--disable_plugins", "defaults"], cli_env)  # CE's weights come from FixedLossWeights
+    assert json.loads((tmp_path / "off" / "version_0" / "results.json").read_text())["status"] == "finished"
+    wrong = run_cli([*args, "--disable_plugins", "no_such_plugin"], cli_env, check=False)
+    assert wrong.returncode != 0 and "no_such_plugin" in wrong.stderr and "defaults" in wrong.stderr
