@@ -609,7 +609,7 @@ class Engine:
         for optimizer in self.meta_optimizers.values():
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        self._sync_meta_buffers()
+        self._sync_module_buffers()
         # read on the host at the next logging step (no synchronisation here)
         self._pending_meta.append((self.global_step, torch.stack([value.float(), grad_norm.float()])))
         self.hook.collab_distill_meta_step_end(engine=self, step=self.global_step, meta_loss=value, grad_norm=grad_norm)
@@ -640,7 +640,7 @@ class Engine:
             p.grad = flat[offset : offset + n].view_as(p).clone()
             offset += n
 
-    def _sync_meta_buffers(self) -> None:
+    def _sync_module_buffers(self) -> None:
         """Average the floating buffers (BatchNorm statistics) of meta and plugin modules across
         ranks: each rank moves them with its own batches, and, unlike the students, no DDP
         forward in evaluation broadcasts them again."""
@@ -735,7 +735,7 @@ class Engine:
         assert self.fabric is not None
         self._check_finite()
         self.flush_meta_history()
-        self._sync_meta_buffers()
+        self._sync_module_buffers()
         for scheduler in self.schedulers.values():
             scheduler.step()
         row: dict[str, Any] = {"epoch": self.epoch + 1, "seconds": round(seconds, 3)}
@@ -848,7 +848,7 @@ class Engine:
         self.flush_meta_history()
         # a meta module's BatchNorm statistics move with each rank's local batches between meta
         # steps: save (and evaluate) their cross-rank mean, so every rank holds the same module
-        self._sync_meta_buffers()
+        self._sync_module_buffers()
         path = self.run_dir / "checkpoints" / "last.ckpt"
         state = self.checkpoint_state()
         if self.fabric.is_global_zero:
