@@ -4,7 +4,8 @@ The public API for plugin authors is importable from here: :data:`hookimpl`, :cl
 the records (:class:`Knowledge`, :class:`SoftTarget`, :class:`TargetSet`, :class:`LossWeights`)
 and their helpers (:func:`mean_of_teachers`, :func:`per_image_mean`), :class:`FeatureRequest`,
 :class:`MetaModule`, :class:`EngineView` (what a plugin may read from the engine),
-:func:`unwrap` and :class:`ConfigError`. Test helpers are in :mod:`collab_distill.testing`.
+:func:`unwrap`, :class:`ConfigError` and :class:`PluginError` (a hook implementation raised).
+Test helpers are in :mod:`collab_distill.testing`.
 """
 
 __version__ = "0.1.0"
@@ -13,7 +14,7 @@ from collab_distill.engine_view import EngineView
 from collab_distill.features import FeatureRequest
 from collab_distill.hookspecs import hookimpl
 from collab_distill.meta import BilevelConfig, MetaModule
-from collab_distill.plugin_manager import Plugin
+from collab_distill.plugin_manager import Plugin, PluginError
 from collab_distill.records import Knowledge, LossWeights, SoftTarget, TargetSet, mean_of_teachers, per_image_mean
 from collab_distill.report import ReportSection
 from collab_distill.task import ConfigError, ModelFactory, Task, TaskInfo
@@ -23,6 +24,7 @@ __all__ = [
     "__version__",
     "hookimpl",
     "Plugin",
+    "PluginError",
     "Knowledge",
     "LossWeights",
     "SoftTarget",

@@ -28,6 +28,7 @@ __all__ = [
     "rng_state",
     "set_rng_state",
     "load_weights",
+    "state_dict_mismatch",
     "write_json",
 ]
 
@@ -119,34 +120,44 @@ def load_weights(model: torch.nn.Module, path: str | Path, *, member: str, field
     if not isinstance(obj, Mapping):
         raise ConfigError(f"{field}: {str(path)!r} holds a {type(obj).__name__}, not a state dict")
     own = model.state_dict()
-    missing = [k for k in own if k not in obj]
-    unexpected = [k for k in obj if k not in own]
     wrong_keys = [
         k for k in own if k in obj and hasattr(obj[k], "shape") and tuple(obj[k].shape) != tuple(own[k].shape)
     ]
-    wrong = [f"{k}: file {tuple(obj[k].shape)} vs model {tuple(own[k].shape)}" for k in wrong_keys]
     classes = _class_count_mismatch(obj, own, wrong_keys)
-    if classes is not None and not missing and not unexpected:
+    if classes is not None and all(k in obj for k in own) and all(k in own for k in obj):
         saved, built = classes
         raise ConfigError(
             f"{field}: {str(path)!r} was saved for {saved} classes but the model is built for {built} (the "
             f"classes of the data; a detector counts background as one more). Use a checkpoint trained on this "
             f"data, or data with as many classes as the checkpoint."
         )
-    if missing or unexpected or wrong:
-        parts = []
-        if wrong:
-            parts.append("shape mismatch " + "; ".join(wrong[:4]) + (f" (and {len(wrong) - 4} more)" if len(wrong) > 4 else ""))
-        if missing:
-            parts.append(f"{len(missing)} missing keys (e.g. {missing[:3]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
+    mismatch = state_dict_mismatch(own, obj)
+    if mismatch is not None:
         raise ConfigError(
-            f"{field}: {str(path)!r} does not fit the configured model: " + ", ".join(parts)
+            f"{field}: {str(path)!r} does not fit the configured model: {mismatch}"
             + ". Configure the architecture (class_path/init_args) the file was saved from, or give a "
             "checkpoint of the configured architecture."
         )
     model.load_state_dict(obj)
+
+
+def state_dict_mismatch(own: Mapping[str, Any], theirs: Mapping[str, Any], limit: int = 4) -> str | None:
+    """How ``theirs`` (a file's state dict) differs from ``own`` (the built model's) in keys and
+    shapes, in one line (``None``: it fits)."""
+    missing = [k for k in own if k not in theirs]
+    unexpected = [k for k in theirs if k not in own]
+    shapes = {k: (tuple(theirs[k].shape), tuple(v.shape)) for k, v in own.items()
+              if k in theirs and hasattr(theirs[k], "shape") and hasattr(v, "shape")}
+    wrong = [f"{k}: file {a} vs model {b}" for k, (a, b) in shapes.items() if a != b]
+    parts = []
+    if wrong:
+        more = f" (and {len(wrong) - limit} more)" if len(wrong) > limit else ""
+        parts.append("shape mismatch " + "; ".join(wrong[:limit]) + more)
+    if missing:
+        parts.append(f"{len(missing)} missing keys (e.g. {missing[:3]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
+    return ", ".join(parts) or None
 
 
 def _class_count_mismatch(obj: Mapping[str, Any], own: Mapping[str, Any], wrong_keys: list[str]) -> tuple[int, int] | None:

@@ -31,7 +31,7 @@ from collab_distill.parsers import (  # build_parser: re-exported
     check_config_files,
     known_keys,
 )
-from collab_distill.plugin_manager import Plugin, discover, hooks_implemented_by
+from collab_distill.plugin_manager import Plugin, PluginError, discover, hook_problems, hooks_implemented_by
 from collab_distill.task import ConfigError, ModelFactory, Task
 
 __all__ = ["main", "build_parser", "engine_from_args"]
@@ -54,7 +54,7 @@ def _engine_from(sub_parser: ArgumentParser, cfg: Namespace):
 
     cfg.trainer.name = _experiment_name(cfg)
     saved = cfg.clone()
-    for action in ("resume", "ckpt_path", "weights", "output_dir"):  # how to run, not what to run
+    for action in ("resume", "resume_changes", "ckpt_path", "weights", "output_dir"):  # how to run, not what to run
         if action in saved:
             del saved[action]
     text = sub_parser.dump(saved, skip_unset=False, skip_validation=True)
@@ -387,18 +387,25 @@ def _export(cfg: Namespace) -> None:
 
 
 def _list_plugins() -> None:
+    """The installed plugins, each with the hooks it implements and what keeps it from working as
+    meant (``problems``: an import error, a hook that does not exist, arguments a hook does not
+    offer, a ``collab_distill_*`` method without ``@hookimpl``)."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(title="collab_distill plugins (entry-point group `collab_distill`)", title_justify="left")
-    for col in ("name", "kind", "object", "hooks"):
-        table.add_column(col)
+    for col in ("name", "kind", "object", "hooks", "problems"):
+        table.add_column(col, overflow="fold")  # an import path is never cut short
     for info in discover():
         if info.error is not None:
-            table.add_row(info.name, "[red]broken[/red]", info.value, info.error)
+            owner = info.distribution.split()[0] if info.distribution else "it"
+            problem = f"fails to import: {info.error} (fix: --disable_plugins {info.name}, or uninstall {owner})"
+            table.add_row(info.name, Text("broken", style="red"), info.value, "", Text(problem, style="red"))
             continue
         kind = "configurable (list under plugins:)" if info.configurable else "always on"
-        table.add_row(info.name, kind, info.value, ", ".join(hooks_implemented_by(info.target)))
+        problems = Text("; ".join(hook_problems(info.target)), style="yellow")
+        table.add_row(info.name, kind, info.value, ", ".join(hooks_implemented_by(info.target)), problems)
     Console(width=None if sys.stdout.isatty() else 160).print(table)
 
 
@@ -425,7 +432,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         engine = _engine_from(parsers.subcommands[command], cfg[command])
         sub = cfg[command]
         if command == "fit":
-            results = engine.fit(resume=sub.resume)
+            results = engine.fit(resume=sub.resume, allow_changes=sub.resume_changes == "allow")
         else:
             split = "val" if command == "validate" else "test"
             results = engine.evaluate_checkpoint(split, sub.ckpt_path, sub.weights, sub.output_dir)
@@ -442,6 +449,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ConfigError as err:
         print(f"collab-distill: error: {err}", file=sys.stderr)
         return 2
+    except PluginError as err:
+        # which plugin failed in which hook first, then where: the plugin's own traceback
+        import traceback
+
+        details = "".join(traceback.format_exception(err.__cause__ or err)).rstrip()
+        print(f"collab-distill: error: {err}\n{details}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("collab-distill: interrupted; resume with --resume last", file=sys.stderr)
         return 130

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import re
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from pathlib import Path
+from typing import Any, Literal, Optional, Union, get_args
 
+import torch
 from lightning_fabric.loggers import Logger
 
 from collab_distill.task import ConfigError, ModelFactory
 
-__all__ = ["Teacher", "Cohort", "TrainerConfig"]
+__all__ = [
+    "Teacher", "Cohort", "TrainerConfig", "check_accelerator", "fabric_refused", "check_writable_folder", "check_optimizer",
+]
 
 
 @dataclass
@@ -152,3 +159,113 @@ class TrainerConfig:
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise ConfigError(f"trainer.{key}={value!r} must be >= 1 or null")
+        precisions = _fabric_precisions()
+        if precisions and str(self.precision) not in precisions:
+            raise ConfigError(
+                f"trainer.precision={self.precision!r} is not a precision Fabric knows; choose one of "
+                f"{', '.join(precisions)}"
+            )
+
+
+def _fabric_precisions() -> tuple[str, ...]:
+    """The precision names the installed Fabric accepts, most used first, read from the Literal
+    types of its precision module (private: when they move, nothing is checked here and Fabric
+    itself rejects a bad name, see :func:`fabric_refused`)."""
+    try:
+        from lightning_fabric.plugins.precision import precision as module
+    except ImportError:  # pragma: no cover - a Fabric that moved the module
+        return ()
+    literals = (getattr(module, alias, None) for alias in ("_PRECISION_INPUT_STR", "_PRECISION_INPUT_STR_ALIAS"))
+    names = [str(v) for literal in literals for v in get_args(literal)]
+    common = ["32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true"]
+    return tuple(sorted(dict.fromkeys(names), key=lambda n: (common.index(n) if n in common else len(common), names.index(n))))
+
+
+def check_accelerator(trainer: TrainerConfig) -> None:
+    """``trainer.accelerator`` names a device this machine has (Fabric's own error for a missing
+    GPU, "No supported gpu backend found!", names no config key)."""
+    accelerator = str(trainer.accelerator)
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    if (accelerator in ("gpu", "cuda") and not cuda and not (accelerator == "gpu" and mps)) or (accelerator == "mps" and not mps):
+        kind = "Apple GPU (MPS)" if accelerator == "mps" else "GPU (torch.cuda.is_available() is False)"
+        raise ConfigError(
+            f"trainer.accelerator={accelerator}: this machine has no {kind}; use --trainer.accelerator cpu or auto"
+        )
+
+
+def fabric_refused(trainer: TrainerConfig, err: Exception) -> ConfigError:
+    """The error for settings Fabric refuses at construction (a bare ValueError, TypeError,
+    RuntimeError or ImportError of a missing backend), naming the ``trainer`` fields."""
+    return ConfigError(
+        f"trainer: Fabric refuses accelerator={trainer.accelerator!r}, devices={trainer.devices!r}, "
+        f"num_nodes={trainer.num_nodes!r}, strategy={trainer.strategy!r}, precision={trainer.precision!r}: "
+        f"{type(err).__name__}: {err}. Fix trainer.accelerator (cpu, gpu, cuda, mps or auto), trainer.devices, "
+        "trainer.num_nodes, trainer.strategy or trainer.precision."
+    )
+
+
+def check_writable_folder(path: str, field: str) -> None:
+    """``path`` (which need not exist yet) can be created and written to: its nearest existing
+    ancestor is a folder in which a file can be created and removed.
+
+    Nothing is created: the probe is a temporary file in that ancestor, removed at once. Permission
+    bits are not read, because they do not tell (root ignores them, a read-only mount ignores them
+    the other way)."""
+    target = Path(path).expanduser().absolute()
+    existing = target
+    while not existing.exists() and existing != existing.parent:  # exists() is False below a file too
+        existing = existing.parent
+    fix = f"give a folder you can write to (--{field} DIR)"
+    if not existing.is_dir():
+        raise ConfigError(
+            f"{field}={str(path)!r}: {str(existing)!r} is a file, not a folder, so the runs cannot be written "
+            f"below it; {fix}"
+        )
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".collab-distill-probe-"):
+            pass
+    except OSError as err:
+        raise ConfigError(
+            f"{field}={str(path)!r}: cannot create files in {str(existing)!r} ({err.strerror or err}); {fix} "
+            "or make that folder writable"
+        ) from None
+
+
+def check_optimizer(
+    factory: Callable[[list[torch.nn.Parameter]], Any], what: str, device: Any = None, key: Optional[str] = None
+) -> None:
+    """Build the optimizer ``factory`` makes once, for a throwaway parameter on ``device``, so that
+    a bad setting (a negative learning rate, say) stops the run at set-up with one message, not
+    torch's exception once training (or in-run teacher training) has started.
+
+    ``what`` names the optimizer in the message; ``key`` is its config key (``optimizer``), whose
+    ``init_args`` the fix names; without one the fix points at the settings of a plugin."""
+    try:
+        factory([torch.nn.Parameter(torch.zeros(1, device=device))])
+    except Exception as err:
+        target = _partial_target(factory)
+        described = "its optimizer"
+        if target is not None:
+            public = getattr(torch.optim, target.__name__, None) is target
+            described = f"torch.optim.{target.__name__}" if public else f"{target.__module__}.{target.__qualname__}"
+        keywords = getattr(factory, "keywords", None) or {}
+        names = [k for k in keywords if re.search(rf"\b{re.escape(k)}\b", str(err))]
+        names += [name for phrase, name in _OPTIMIZER_PHRASES.items() if phrase in str(err).lower() and name not in names]
+        if key is not None:
+            fix = ", ".join(f"{key}.init_args.{n}" for n in names) or f"{key}.init_args"
+        else:
+            settings = ", ".join(names) or "of the optimizer"
+            fix = f"the setting{'s' if len(names) > 1 else ''} {settings} of the plugin that declares it"
+        raise ConfigError(f"{what}: {described} rejects its settings: {type(err).__name__}: {err}. Fix {fix}") from None
+
+
+#: torch.optim's messages name some arguments in words
+_OPTIMIZER_PHRASES = {"learning rate": "lr", "epsilon": "eps", "beta parameter": "betas"}
+
+
+def _partial_target(factory: Any) -> Optional[type]:
+    """The class a ``functools.partial`` factory (what jsonargparse builds from ``class_path`` and
+    ``init_args``) finally instantiates, its last positional argument that is a class; ``None``
+    for another callable (a function, a plugin's lambda)."""
+    args = getattr(factory, "args", ())
+    return next((a for a in reversed(args) if isinstance(a, type)), None)

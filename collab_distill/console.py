@@ -23,6 +23,13 @@ def info(fabric: Any, message: str) -> None:
         _console.print(message)
 
 
+def plain(fabric: Any, message: str) -> None:
+    """Print ``message`` as it is on rank 0: no markup, so brackets (``[trace]``, shapes, lists)
+    are kept, and no highlighting."""
+    if _rank_zero(fabric):
+        _console.print(message, markup=False, highlight=False)
+
+
 class _Bar:
     def __init__(self, progress: Optional[Progress], task_id: Any) -> None:
         self.progress, self.task_id = progress, task_id

@@ -22,18 +22,26 @@ from torch.func import functional_call
 
 from collab_distill import console
 from collab_distill.checkpoint import atomic_save, load_weights, write_json
-from collab_distill.config import Cohort, TrainerConfig
+from collab_distill.config import Cohort, TrainerConfig, check_accelerator, check_optimizer, fabric_refused
 from collab_distill.data import Cycle, make_loader
 from collab_distill.evaluation import evaluate, evaluate_checkpoint
 from collab_distill.features import FeatureCapture, FeatureRequest
-from collab_distill.loss import cohort_loss, untrained_leaves
+from collab_distill.loss import check_loss_weight_providers, cohort_loss, untrained_leaves
 from collab_distill.meta import BilevelConfig, MetaModule, hypergradient, meta_summary
 from collab_distill.nested import train_teachers
 from collab_distill.optim import Constant, OptimizerCallable, Schedule, sgd
-from collab_distill.plugin_manager import make_plugin_manager
+from collab_distill.plugin_manager import ROLES, NamedHookRelay, make_plugin_manager
 from collab_distill.records import Knowledge
 from collab_distill.report import write_sections
-from collab_distill.run_folder import checkpoint_state, make_loggers, open_run_dir, resolve_resume, restore
+from collab_distill.run_folder import (
+    RunLock,
+    check_run_target,
+    checkpoint_state,
+    make_loggers,
+    open_run_dir,
+    resolve_resume,
+    restore,
+)
 from collab_distill.stages import Stage, check_stages
 from collab_distill.task import ConfigError, Task, TaskInfo
 from collab_distill.wrapping import unwrap, unwrap_optimizer
@@ -116,6 +124,9 @@ class Engine:
         run_dir: write into this folder instead of a new ``root_dir/name/version_N``.
         stages: train the students in a sequence of runs, earlier students teaching later ones
             (teacher-assistant chains); see :mod:`collab_distill.stages`.
+        role: which run this is, for plugins (``engine.role``): ``"fit"`` (the user's run),
+            ``"teacher_training"`` (a teacher's own run inside it) or ``"stage"`` (a stage of a
+            staged fit); nested runs pass theirs.
     """
 
     def __init__(
@@ -134,7 +145,12 @@ class Engine:
         fabric: Optional[Fabric] = None,
         run_dir: Optional[str] = None,
         stages: Optional[list[Stage]] = None,
+        role: str = "fit",
     ) -> None:
+        if role not in ROLES:
+            raise ValueError(f"Engine: role {role!r} is not one of {', '.join(map(repr, ROLES))}")
+        #: which run this is (``"fit"``, ``"teacher_training"``, ``"stage"``): hooks of every role share the plugins
+        self.role = role
         self.task = task
         self.cohort = cohort
         self.trainer = trainer or TrainerConfig()
@@ -143,12 +159,15 @@ class Engine:
         self.meta_config = meta or BilevelConfig()
         self.seed = seed
         self.config_text = config_text
+        #: pluggy's plugin manager (plugins, hook implementations); call hooks through ``hook``
         self.pm = make_plugin_manager(plugins or [], disable_plugins or [], trace=trace_plugins)
+        self.trace_plugins = trace_plugins  # nested runs trace too
         # kept so that nested runs (the stages of a staged fit) use the same plugins
         self.plugin_objects: list[Any] = list(plugins or [])
         self.disabled_plugins: list[str] = list(disable_plugins or [])
         self.stages = list(stages) if stages else None
-        self.hook = self.pm.hook
+        #: ``self.hook.collab_distill_x(...)``: an exception in a plugin becomes a PluginError naming it
+        self.hook = NamedHookRelay(self.pm)
         self.fabric = fabric
         self._owns_fabric = fabric is None
         self.info: Optional[TaskInfo] = None
@@ -167,6 +186,10 @@ class Engine:
         self._lookahead_modules: Optional[dict[str, dict[str, dict[str, Tensor]]]] = None
         self._leaves_checked = False  # trainable tensors outside every optimizer are looked for once
         self.run_dir: Optional[Path] = None
+        #: rank 0's lock on the run folder while ``fit`` runs (``None`` elsewhere)
+        self.run_lock: Optional[RunLock] = None
+        #: the run's ``resumes.json``: one entry per ``--resume``, with what the config changed
+        self.resumes: list[dict[str, Any]] = []
         #: the run's loggers (``trainer.loggers``), created with the run folder
         self.loggers: list[Any] = []
         self.fitting = False  # True inside fit(); validate/test of a checkpoint run with it False
@@ -205,19 +228,25 @@ class Engine:
 
     def setup(self) -> None:
         """Validate everything and build the cohort; writes no file."""
+        # bad settings stop here, before any file is written and before (teacher) training starts
         if self._is_setup:
             return
         if self.stages:
             check_stages(self.stages, self.cohort)
         t = self.trainer
         if self.fabric is None:
-            # no Fabric loggers: the engine owns its run's loggers (created with the run folder)
-            self.fabric = Fabric(
-                accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
-                # the config is a plain str; Fabric validates it (its stubs take only the Literal names)
-                precision=cast("_PRECISION_INPUT", t.precision),
-            )
+            check_accelerator(t)
+            try:
+                # no Fabric loggers: the engine owns its run's loggers (created with the run folder)
+                self.fabric = Fabric(
+                    accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
+                    # the config is a plain str, checked by TrainerConfig (Fabric's stubs take only the Literal names)
+                    precision=cast("_PRECISION_INPUT", t.precision),
+                )
+            except Exception as err:  # a bare ValueError/TypeError/RuntimeError that names no config key
+                raise fabric_refused(t, err) from None
             self.fabric.launch()
+        check_optimizer(self.optimizer_factory, "optimizer", self.fabric.device, key="optimizer")
         self.fabric.seed_everything(self.seed, verbose=False)
         self.info = self.task.setup(self.seed)
         self._build_members()
@@ -231,6 +260,9 @@ class Engine:
         self._setup_features()
         self._collect_plugin_modules()
         self._collect_meta_modules()
+        for name, spec in self.meta_specs.items():
+            check_optimizer(spec.optimizer, f"meta module {name!r}", self.fabric.device)
+        check_loss_weight_providers(self)
         self._is_setup = True
 
     def _build_members(self) -> None:
@@ -662,19 +694,33 @@ class Engine:
 
     # ------------------------------------------------------------------ fit
 
-    def prepare(self, resume: Optional[str] = None) -> None:
+    def prepare(self, resume: Optional[str] = None, allow_changes: bool = False) -> None:
         """Everything ``fit`` does before its first step: set up, open (or, with ``resume``, reuse)
-        the run folder, pre-train teachers, prepare training, restore the checkpoint."""
+        the run folder, pre-train teachers, prepare training, restore the checkpoint.
+
+        ``allow_changes``: resume although the config differs from the run's in more than
+        :data:`~collab_distill.run_folder.RESUMABLE_CHANGES` (recorded in ``resumes.json``)."""
         self.fitting = True
         self.setup()
-        state = resolve_resume(self, resume)
-        self.run_dir = open_run_dir(self, state, self._run_dir_override)
-        resume_step = state["loop"]["global_step"] if state is not None else None
+        point = resolve_resume(self, resume, allow_changes, nested=self._run_dir_override is not None)
+        if self._run_dir_override is None:
+            check_run_target(self, point)
+        # a nested run (in-run teacher training, a stage) writes inside its parent's locked folder
+        self.run_dir = open_run_dir(self, point, self._run_dir_override, lock=self._run_dir_override is None)
+        state = point.state if point is not None else None
+        # no checkpoint yet (killed while training teachers): the run's own steps start again
+        resume_step = state["loop"]["global_step"] if state is not None else (0 if point is not None else None)
         self.loggers = make_loggers(list(self.trainer.loggers), self.run_dir, resume_step)
         train_teachers(self)
         self.prepare_training()
         if state is not None:
             restore(self, state)
+
+    def release_run_folder(self) -> None:
+        """Unlock the run folder (at the end of ``fit``, however it ends)."""
+        if self.run_lock is not None:
+            self.run_lock.release()
+            self.run_lock = None
 
     def log_dict(self, metrics: Mapping[str, float], step: int) -> None:
         """Log to the run's loggers (rank 0 writes)."""
@@ -687,13 +733,22 @@ class Engine:
         for logger in self.loggers:
             logger.finalize("success")
 
-    def fit(self, resume: Optional[str] = None) -> dict[str, Any]:
-        """Train the cohort; returns (and writes) the run's results."""
-        if self.stages:
-            from collab_distill.stages import fit_stages
+    def fit(self, resume: Optional[str] = None, allow_changes: bool = False) -> dict[str, Any]:
+        """Train the cohort; returns (and writes) the run's results.
 
-            return fit_stages(self, resume)
-        self.prepare(resume)
+        ``resume``: a run's checkpoint, its folder, or ``last`` (the newest unfinished run of this
+        config); ``allow_changes``: see :meth:`prepare`."""
+        try:
+            if self.stages:
+                from collab_distill.stages import fit_stages
+
+                return fit_stages(self, resume, allow_changes)
+            return self._fit(resume, allow_changes)
+        finally:
+            self.release_run_folder()
+
+    def _fit(self, resume: Optional[str], allow_changes: bool) -> dict[str, Any]:
+        self.prepare(resume, allow_changes)
         self.hook.collab_distill_fit_start(engine=self)
         fabric = self.fabric
         assert fabric is not None
@@ -814,6 +869,8 @@ class Engine:
             "teachers": {n: self.model_summary.get(n, {}) for n in self.teachers},
             "history": self.history,
         }
+        if self.resumes:
+            results["resumes"] = self.resumes
         if self.has_meta:
             results["meta"] = meta_summary(self.meta_history)
             if results["meta"]["zero_grad_share"] == 1.0:

@@ -41,6 +41,10 @@ class EngineView(Protocol):
     * ``run_dir``: the run folder (``None`` before the fit opens it); write plugin files under
       ``run_dir / "plugins" / <your name>`` on rank 0 only;
     * ``fitting``: True inside ``fit``; False when a checkpoint is only validated or tested;
+    * ``role``: which run of a ``fit`` this engine is: ``"fit"`` (the user's run),
+      ``"teacher_training"`` (a teacher's own cross-entropy run inside it; always-on plugins only)
+      or ``"stage"`` (a stage of a staged fit). Every hook runs on every DDP rank: read
+      ``fabric.global_rank`` / ``fabric.is_global_zero`` (see docs/plugins.md);
     * ``feature_shapes``: ``{member: {feature: shape without the batch dimension}}`` of every
       requested feature, measured on two real images at setup (see
       ``collab_distill_feature_requests``); available from ``collab_distill_student_modules`` on.
@@ -61,6 +65,7 @@ class EngineView(Protocol):
     batch_in_epoch: int
     run_dir: Optional[Path]
     fitting: bool
+    role: str
     feature_shapes: dict[str, dict[str, tuple[int, ...]]]
 
     def warming_up(self, student: str) -> bool:

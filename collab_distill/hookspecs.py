@@ -51,6 +51,34 @@ are computed when a hook first reads ``teacher_records``.
 End of an epoch: ``evaluation_end(split="val")`` -> ``epoch_end`` -> ``save_state`` (when a
 checkpoint is written). End of the fit: ``evaluation_end(split="test")`` (last weights, then
 best-on-val) -> ``fit_end``.
+
+Roles: which run calls a hook
+-----------------------------
+
+One ``collab-distill fit`` may run several engines, one inside the other, and each calls the
+hooks of its own lifecycle (above). ``engine.role`` says which run is calling:
+
+* ``"fit"``: the user's run, with the configured plugins (``plugins:``) and the always-on ones.
+* ``"teacher_training"``: a cohort teacher with ``train_epochs`` (and no checkpoint) trained with
+  plain cross-entropy as a run of its own, in ``RUN_DIR/teachers/<name>``. It runs after the
+  user's run's set-up hooks and before its ``load_state``/``fit_start``, and its whole lifecycle
+  fires (``configure`` ... ``fit_end``, ``epoch_end``, ``save_state``, ``report_sections``); its only
+  student is the teacher. Only the always-on plugins (less ``--disable_plugins``) are registered
+  in it: a configured plugin never sees this role; an always-on one does.
+* ``"stage"``: each stage of a staged fit (``stages:``), a whole run with the configured and the
+  always-on plugins (the same plugin objects for every stage, so their state spans the stages).
+  The staged run itself (role ``"fit"``) calls only the set-up hooks (``configure`` ...
+  ``meta_modules``) before its teachers are trained and its stages run.
+
+``collab-distill validate|test`` is role ``"fit"`` with ``engine.fitting`` False: the set-up hooks
+and ``evaluation_end`` only. A plugin that should act once per run (write a summary, count the
+user's epochs) checks ``engine.role`` (e.g. ``if engine.role != "fit": return``).
+
+Ranks: under DDP every process runs the same loop, so every hook is called on every rank
+(``engine.fabric.global_rank``; ``engine.fabric.is_global_zero`` on rank 0), each with its own
+batches and losses, except ``report_sections`` (rank 0 only). ``evaluation_end``'s metrics are
+gathered over the ranks (the same everywhere). Write files on rank 0 only; anything that must
+agree across ranks (a decision, a counter) must be computed the same way on every rank.
 """
 
 from __future__ import annotations
@@ -217,7 +245,8 @@ def collab_distill_report_sections(engine: Engine, results: Mapping[str, Any]) -
     """What this plugin adds to ``collab-distill report``: sections with a title, Markdown text
     and figures (:class:`~collab_distill.report.ReportSection`).
 
-    Called once at the end of a fit, on rank 0 only, after ``fit_end`` (whatever ``fit_end``
+    Called once at the end of every run's fit (roles ``fit``, ``teacher_training``, ``stage``),
+    on rank 0 only, after ``fit_end`` (whatever ``fit_end``
     wrote is there to draw from); not called for a run that ``max_steps`` stopped early. Write the
     figures under ``engine.run_dir / "plugins" / <your name>`` and return sections whose
     ``figures`` are their paths relative to ``engine.run_dir`` (e.g. ``plugins/<name>/x.png``).
@@ -236,12 +265,18 @@ def collab_distill_report_sections(engine: Engine, results: Mapping[str, Any]) -
 
 @hookspec
 def collab_distill_configure(engine: Engine) -> None:
-    """The engine and its plugins exist; validate configuration here (raise ConfigError)."""
+    """The engine and its plugins exist; validate configuration here (raise ConfigError).
+
+    Every role, every rank; also for ``collab-distill validate|test``.
+    """
 
 
 @hookspec
 def collab_distill_fit_start(engine: Engine) -> None:
-    """Models, optimizers and data loaders are set up; training is about to begin."""
+    """Models, optimizers and data loaders are set up; training is about to begin.
+
+    Roles ``fit`` (not the staged run itself), ``teacher_training``, ``stage``; every rank.
+    """
 
 
 @hookspec
@@ -252,6 +287,8 @@ def collab_distill_train_step_end(engine: Engine, step: int, losses: Mapping[str
     ``<student>/loss``, and on logging steps (every ``trainer.log_every_n_steps``) also
     ``<student>/supervised``, ``/distill``, ``/consensus``, ``/alpha``, ``/beta``, ``/gamma``. Call ``float()`` only when
     needed (it synchronises with the GPU).
+
+    Roles ``fit``, ``teacher_training``, ``stage``; every rank, with that rank's losses.
     """
 
 
@@ -264,29 +301,51 @@ def collab_distill_meta_step_end(engine: Engine, step: int, meta_loss: Tensor, g
         detached 0-dim tensor; a norm that stays zero means the meta objective does not reach the
         modules. ``float()`` of either is a host synchronisation: the engine itself reads them only
         on logging steps (they are in ``engine.meta_history`` from then on).
+
+    Only in runs with meta modules (``fit``, ``stage``; a teacher's CE run has none unless an
+    always-on plugin adds them); every rank.
     """
 
 
 @hookspec
 def collab_distill_epoch_end(engine: Engine, epoch: int, metrics: Mapping[str, float]) -> None:
-    """An epoch (training and validation) finished."""
+    """An epoch (training and validation) finished.
+
+    Roles ``fit``, ``teacher_training`` (the teacher's own epochs, before the user's first one)
+    and ``stage``: check ``engine.role`` to count only the user's epochs. Every rank.
+    """
 
 
 @hookspec
 def collab_distill_evaluation_end(engine: Engine, split: str, metrics: Mapping[str, Mapping[str, float]]) -> None:
-    """An evaluation of every student on ``split`` finished; ``metrics[student][name]``."""
+    """An evaluation of every student on ``split`` finished; ``metrics[student][name]``.
+
+    Every role, and ``collab-distill validate|test``; every rank, with metrics gathered over the
+    ranks. At the end of a fit it is also called for the teachers' test scores.
+    """
 
 
 @hookspec
 def collab_distill_fit_end(engine: Engine, results: Mapping[str, Any]) -> None:
-    """Training finished; ``results`` is what goes into ``results.json``."""
+    """Training finished; ``results`` is what goes into ``results.json``.
+
+    Roles ``fit`` (not the staged run itself), ``teacher_training``, ``stage``; every rank (on
+    rank 0 after ``results.json`` is written).
+    """
 
 
 @hookspec
 def collab_distill_save_state(engine: Engine, state: dict[str, Any]) -> None:
-    """A checkpoint is being written: put this plugin's state under a key of its own."""
+    """A checkpoint is being written: put this plugin's state under a key of its own.
+
+    Roles ``fit``, ``teacher_training``, ``stage`` (each run has its own checkpoint); every rank
+    builds the state, rank 0 writes it.
+    """
 
 
 @hookspec
 def collab_distill_load_state(engine: Engine, state: Mapping[str, Any]) -> None:
-    """A checkpoint is being restored: take this plugin's state back from its key."""
+    """A checkpoint is being restored: take this plugin's state back from its key.
+
+    On ``--resume`` of the run, a stage or a teacher's run that wrote it; every rank.
+    """

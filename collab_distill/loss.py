@@ -8,19 +8,105 @@ teacher records that also skips the teachers' forward pass).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator, Mapping, Sized
+from typing import TYPE_CHECKING, Any, Optional, cast
 
 import torch
 from torch import Tensor, nn
 
+from collab_distill.plugin_manager import PluginError
 from collab_distill.records import Knowledge, LossWeights, SoftTarget
 from collab_distill.task import ConfigError
 
 if TYPE_CHECKING:
+    from pluggy import HookImpl
+
     from collab_distill.engine import Engine
 
-__all__ = ["cohort_loss", "untrained_leaves"]
+__all__ = ["cohort_loss", "untrained_leaves", "check_loss_weight_providers"]
+
+
+_HOOK = "collab_distill_loss_weights"
+
+
+class _ProviderConflict(ConfigError):
+    """Two plugins answer ``collab_distill_loss_weights`` for the same student."""
+
+
+def _weight_providers(engine: Engine) -> Optional[list[HookImpl]]:
+    """The implementations of ``collab_distill_loss_weights`` in the order pluggy calls them
+    (wrappers left out), when two or more of them are not fallbacks (``trylast``, like the
+    built-in defaults); otherwise ``None`` (one provider: nothing can conflict)."""
+    impls = [i for i in reversed(engine.pm.hook.collab_distill_loss_weights.get_hookimpls()) if not (i.hookwrapper or i.wrapper)]
+    return impls if sum(not i.trylast for i in impls) >= 2 else None
+
+
+def _only_answer(engine: Engine, impls: list[HookImpl], kwargs: Mapping[str, Any]) -> Optional[Mapping[str, LossWeights]]:
+    """What the firstresult hook returns (the first answer that is not None), having asked every
+    provider that is not a fallback: two answers for the same student are a :class:`ConfigError`
+    naming both plugins, since pluggy would silently use the first and never ask the second.
+
+    Each provider is asked through a hook caller without the others (pluggy's
+    ``subset_hook_caller``), so wrappers, tracing and call monitoring still see the call; an
+    exception inside it is a :class:`PluginError` naming the plugin, as through ``engine.hook``."""
+    first: Optional[Mapping[str, LossWeights]] = None
+    first_name = ""
+    for impl in impls:
+        if first is not None and impl.trylast:
+            continue  # a fallback answers only when nobody else did
+        others = [i.plugin for i in impls if i.plugin is not impl.plugin]
+        ask = engine.pm.subset_hook_caller(_HOOK, remove_plugins=others)
+        try:
+            answer = cast(Optional[Mapping[str, LossWeights]], ask(**kwargs))
+        except (ConfigError, PluginError):
+            raise
+        except Exception as err:  # named like engine.hook names it (this call bypasses engine.hook)
+            message = f"plugin {impl.plugin_name!r} failed in hook {_HOOK}: {type(err).__name__}: {err}"
+            raise PluginError(message, impl.plugin_name, _HOOK) from err
+        if answer is None:
+            continue
+        if first is None:
+            first, first_name = answer, impl.plugin_name
+            continue
+        both = sorted(set(first) & set(answer))
+        if both:
+            raise _ProviderConflict(
+                f"plugins {first_name} and {impl.plugin_name} both provide loss weights (collab_distill_loss_weights) "
+                f"for student(s) {both}; the first answer would be used and the other silently ignored. "
+                "Keep one of them under `plugins:`."
+            )
+    return first
+
+
+def check_loss_weight_providers(engine: Engine) -> None:
+    """At set-up, ask every loss-weight provider once (on two validation images, no grad, every
+    member in eval mode, the RNG untouched), so that two plugins answering for the same student
+    stop the run before anything is written or trained. A provider that cannot answer before
+    training is prepared (one that reads a meta module, say) is checked at its first step
+    instead: :func:`_provided_weights` asks every provider at every step."""
+    impls = _weight_providers(engine)
+    if impls is None:
+        return
+    members = {**engine.teachers, **engine.students}
+    modes = {m: m.training for model in members.values() for m in model.modules()}
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            for model in members.values():
+                model.eval()
+            dataset = engine.task.dataset("val")
+            batch = engine.task.collate([dataset[i] for i in range(min(2, len(cast(Sized, dataset))))])
+            context = engine.task.shared_context(batch, engine.teachers, engine.students)
+            records = {s: engine.task.knowledge(m, batch, view=0, context=context) for s, m in engine.students.items()}
+            teacher_records = engine.teacher_records(batch, context)
+            _only_answer(engine, impls, dict(engine=engine, batch=batch, records=records, teacher_records=teacher_records,
+                                             phase="train"))
+    except _ProviderConflict:
+        raise
+    except Exception:  # noqa: BLE001 - a provider that cannot answer yet: checked at the first step
+        pass
+    finally:
+        for m, training in modes.items():
+            m.training = training
 
 
 def _provided_weights(engine: Engine, batch: Any, records: Mapping[str, Knowledge], teacher_records: Mapping[str, Knowledge],
@@ -32,9 +118,10 @@ def _provided_weights(engine: Engine, batch: Any, records: Mapping[str, Knowledg
         return {s: supervised_only for s in records}
     # weights from a meta module keep their graph only in the lookahead
     with torch.set_grad_enabled(phase != "train" and torch.is_grad_enabled()):
-        provided = engine.hook.collab_distill_loss_weights(
-            engine=engine, batch=batch, records=records, teacher_records=teacher_records, phase=phase
-        )
+        kwargs = dict(engine=engine, batch=batch, records=records, teacher_records=teacher_records, phase=phase)
+        impls = _weight_providers(engine)
+        # two providers: ask each of them (not only the first that answers) to find a conflict
+        provided = engine.hook.collab_distill_loss_weights(**kwargs) if impls is None else _only_answer(engine, impls, kwargs)
     if provided is None:
         raise ConfigError("no plugin provides loss weights (the built-in `defaults` plugin is disabled?)")
     missing = set(records) - set(provided)

@@ -28,6 +28,7 @@ def nested_fit(
     cohort: Cohort,
     folder: Path,
     *,
+    role: str,
     plugins: Optional[list[Any]] = None,
     disable_plugins: Optional[list[str]] = None,
     resume: Optional[str] = None,
@@ -37,7 +38,8 @@ def nested_fit(
 ) -> tuple[Engine, dict[str, Any]]:
     """Fit ``cohort`` as a run of its own in ``folder`` with the parent's task, optimizer,
     schedule, meta settings, seed and Fabric; ``trainer_changes`` override the parent's trainer
-    fields. ``before_fit(engine)`` runs after set-up (e.g. to load initial weights)."""
+    fields. ``before_fit(engine)`` runs after set-up (e.g. to load initial weights). ``role`` is
+    the nested engine's ``engine.role`` (``"teacher_training"``, ``"stage"``), which plugins read."""
     sub = type(parent)(
         task=parent.task,
         cohort=cohort,
@@ -51,11 +53,14 @@ def nested_fit(
         config_text=config_text,
         fabric=parent.fabric,
         run_dir=str(folder),
+        trace_plugins=parent.trace_plugins,
+        role=role,
     )
     if before_fit is not None:
         sub.setup()
         before_fit(sub)
-    return sub, sub.fit(resume=resume)
+    # the parent run checked (or was allowed) any config change when it resumed
+    return sub, sub.fit(resume=resume, allow_changes=True)
 
 
 def train_teachers(engine: Engine) -> None:
@@ -64,8 +69,9 @@ def train_teachers(engine: Engine) -> None:
     factory loads trained weights and has no ``train_epochs`` is used as built.)"""
     fabric = engine.fabric
     assert engine.run_dir is not None and fabric is not None
+    trained_here = [n for n, t in engine.cohort.teachers.items() if t.checkpoint is None and t.train_epochs > 0]
     for name, teacher in engine.cohort.teachers.items():
-        if teacher.checkpoint is not None or teacher.train_epochs <= 0:
+        if name not in trained_here:
             continue
         target = engine.run_dir / "teachers" / name / "teacher.pt"
         if target.is_file():  # already trained by the run we resume
@@ -78,9 +84,11 @@ def train_teachers(engine: Engine) -> None:
             sub.students[name].load_state_dict(initial)
 
         sub, _ = nested_fit(
-            engine, Cohort(students={name: teacher.model}), engine.run_dir / "teachers" / name,
+            engine, Cohort(students={name: teacher.model}), engine.run_dir / "teachers" / name, role="teacher_training",
             plugins=[], disable_plugins=engine.disabled_plugins,  # the run's always-on plugins, less those it disabled
             before_fit=load_initial,
+            # a run killed while training this teacher continues its teacher run from its checkpoint
+            resume=str(last) if (last := engine.run_dir / "teachers" / name / "checkpoints" / "last.ckpt").is_file() else None,
             max_epochs=teacher.train_epochs, warmup_epochs=0, max_steps=None, loggers=["csv"],
         )
         weights = sub.best.get(name, {}).get("state") or unwrap(sub.students[name]).state_dict()
@@ -88,3 +96,7 @@ def train_teachers(engine: Engine) -> None:
             atomic_save(weights, target)
         fabric.barrier()
         engine.teachers[name].load_state_dict(weights)
+    if trained_here:
+        # the cohort's training starts from the same random state whether its teachers were just
+        # trained or loaded from an interrupted run's teacher.pt (a resume is then bit-identical)
+        fabric.seed_everything(engine.seed, verbose=False)

@@ -70,9 +70,25 @@ def _duplicate_message(key: str, first: int, second: int) -> str:
     )
 
 
+def _syntax_message(err: Exception) -> str:
+    """A YAML syntax error as ``line L, column C: problem (context)``, 1-based, without PyYAML's
+    ``in "<unicode string>"`` (it does not know the file) and its copy of the line."""
+    import yaml
+
+    if not isinstance(err, yaml.MarkedYAMLError) or err.problem_mark is None:
+        return str(err)
+    mark = err.problem_mark
+    where = f"line {mark.line + 1}, column {mark.column + 1}"
+    context = ""
+    if err.context and err.context_mark is not None:
+        context = f" ({err.context} that starts at line {err.context_mark.line + 1}, column {err.context_mark.column + 1})"
+    return f"{where}: {err.problem}{context}"
+
+
 def check_config_files(argv: list[str]) -> None:
-    """Refuse a ``--config`` file with a key given twice, naming the file (the loader check
-    below also catches inline YAML values, but does not know which file it reads)."""
+    """Refuse a ``--config`` file that is not valid YAML, or that has a key given twice, naming
+    the file (jsonargparse's own message says "<unicode string>"; the loader check below also
+    catches inline YAML values, but does not know which file it reads)."""
     import yaml
 
     for i, arg in enumerate(argv):
@@ -83,9 +99,16 @@ def check_config_files(argv: list[str]) -> None:
         else:
             continue
         try:
-            node = yaml.compose(Path(path).read_text(), Loader=yaml.SafeLoader)
-        except (OSError, UnicodeDecodeError, yaml.YAMLError):
-            continue  # jsonargparse reports a missing or malformed file
+            text = Path(path).read_text()
+        except (OSError, UnicodeDecodeError, ValueError):
+            continue  # not a readable file (inline YAML, or missing): jsonargparse reports it
+        try:
+            node = yaml.compose(text, Loader=yaml.SafeLoader)
+        except yaml.YAMLError as err:
+            raise ConfigError(
+                f"{path}: YAML syntax error at {_syntax_message(err)}; fix the YAML there (an unclosed bracket "
+                "or quote, a missing ':', or wrong indentation)"
+            ) from None
         for key, first, second in _duplicate_keys(node):
             raise ConfigError(f"{path}: {_duplicate_message(key, first, second)}")
 
@@ -129,9 +152,15 @@ def _run_arguments(parser: ArgumentParser, *, training: bool) -> None:
                         help="always-on plugins to leave out: one name (--disable_plugins NAME) or a list ([A, B])")
     parser.add_argument("--trace_plugins", type=bool, default=False, help="print every hook call")
     if training:
-        parser.add_argument("--resume", type=Optional[str], default=None, help="a checkpoint path, or `last`")
+        parser.add_argument("--resume", type=Optional[str], default=None,
+                            help="continue a run: its checkpoint, its folder, or `last` (newest unfinished run of this config)")
+        parser.add_argument("--resume_changes", type=str, default="refuse", choices=["refuse", "allow"],
+                            help="`allow`: resume although the config differs from the run's in more than where it stops, "
+                                 "logging, checkpointing and devices (the differences are recorded in resumes.json)")
     else:
-        parser.add_argument("--ckpt_path", type=Optional[str], default=None, help="checkpoint to evaluate")
+        # Optional for the parser, so that its absence is reported with the fix (evaluate_checkpoint)
+        parser.add_argument("--ckpt_path", type=Optional[str], default=None,
+                            help="the checkpoint to evaluate (required): runs/NAME/version_N/checkpoints/last.ckpt")
         parser.add_argument("--weights", type=str, default="last", choices=["last", "best"], help="last or best-on-val weights")
         parser.add_argument("--output_dir", type=Optional[str], default=None,
                             help="where metrics.json and plugin outputs go (default: a new evaluations/<split>-<weights> "

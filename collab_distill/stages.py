@@ -26,7 +26,7 @@ from collab_distill import console
 from collab_distill.checkpoint import atomic_save, write_json
 from collab_distill.config import Cohort, Teacher
 from collab_distill.nested import nested_fit, train_teachers
-from collab_distill.run_folder import open_run_dir
+from collab_distill.run_folder import check_run_target, open_run_dir, resolve_resume
 from collab_distill.task import ConfigError
 from collab_distill.wrapping import unwrap
 
@@ -89,33 +89,21 @@ def _stage_dir(run_dir: Path, index: int, stage: Stage) -> Path:
     return run_dir / "stages" / f"{index + 1}-{stage.name}"
 
 
-def _resume_dir(engine: Engine, resume: str) -> Path:
-    if resume == "last":
-        base = Path(engine.trainer.root_dir) / (engine.trainer.name or "run")
-        runs = sorted(
-            (int(m.group(1)), p) for p in (base.iterdir() if base.is_dir() else [])
-            if (m := re.fullmatch(r"version_(\d+)", p.name)) and (p / "stages").is_dir()
-        )
-        if not runs:
-            raise ConfigError(f"--resume last: no staged run under {base}; give the run folder instead")
-        return runs[-1][1]
-    path = Path(resume)
-    if not (path / "stages").is_dir():
-        raise ConfigError(
-            f"--resume {resume}: a staged run resumes from its run folder (the one holding stages/), "
-            "or `last`; this path has no stages/ folder"
-        )
-    return path
-
-
-def fit_stages(engine: Engine, resume: Optional[str] = None) -> dict[str, Any]:
+def fit_stages(engine: Engine, resume: Optional[str] = None, allow_changes: bool = False) -> dict[str, Any]:
     """Run ``engine.stages`` one after the other; returns (and writes) the merged results."""
     engine.fitting = True
     engine.setup()
     stages = engine.stages
     assert stages and engine.fabric is not None
     check_stages(stages, engine.cohort)
-    engine.run_dir = open_run_dir(engine, None, _resume_dir(engine, resume) if resume is not None else None)
+    point = resolve_resume(engine, resume, allow_changes)
+    if point is not None and point.state is not None:
+        raise ConfigError(
+            f"--resume {resume}: a staged run resumes from its run folder (the one holding stages/) or `last`, "
+            "not from a checkpoint file"
+        )
+    check_run_target(engine, point)
+    engine.run_dir = open_run_dir(engine, point)
     train_teachers(engine)
     run_dir, fabric, cohort = engine.run_dir, engine.fabric, engine.cohort
     assert run_dir is not None
@@ -154,7 +142,7 @@ def fit_stages(engine: Engine, resume: Optional[str] = None) -> dict[str, Any]:
                     teachers=sub_teachers,
                     student_checkpoints={s: p for s, p in cohort.student_checkpoints.items() if s in stage.students},
                 ),
-                folder, plugins=engine.plugin_objects, disable_plugins=engine.disabled_plugins,
+                folder, role="stage", plugins=engine.plugin_objects, disable_plugins=engine.disabled_plugins,
                 resume=str(last) if last.is_file() else None, config_text=engine.config_text,
             )
             if fabric.is_global_zero:
@@ -181,6 +169,7 @@ def fit_stages(engine: Engine, resume: Optional[str] = None) -> dict[str, Any]:
         "teachers": teachers,
         "stages": stage_results,
         "history": history,
+        **({"resumes": engine.resumes} if engine.resumes else {}),
     }
     if fabric.is_global_zero:
         write_json(merged, run_dir / "results.json")

@@ -155,3 +155,41 @@ class MemoryLogger(Logger):
 
     def finalize(self, status: str) -> None:
         self.finalized = True
+
+
+class FailingLossWeights(Plugin):
+    """Reads a record that is not there: a bug inside a hook (the error must name this plugin)."""
+
+    @hookimpl
+    def collab_distill_loss_weights(self, records: Mapping[str, Knowledge]) -> dict[str, LossWeights]:
+        teacher = records["teacher"]  # the bug: records holds the students' records only
+        return {n: LossWeights.constant_weights(teacher.num_images, 1.0, 0.0, 0.0, teacher.logits.device) for n in records}
+
+
+class MisspelledArgument(Plugin):
+    """A hook implementation asking for an argument the hook does not offer (``enigne``)."""
+
+    @hookimpl
+    def collab_distill_loss_weights(self, enigne: Any, records: Mapping[str, Knowledge]) -> None:
+        return None
+
+
+class UndecoratedHooks(Plugin):
+    """Hook-like methods the engine never calls: one lacks ``@hookimpl``, one is no hook at all."""
+
+    def collab_distill_loss_weights(self, records: Mapping[str, Knowledge]) -> dict[str, LossWeights]:
+        return {n: LossWeights.constant_weights(r.num_images, 0.5, 0.5, 0.0, r.logits.device) for n, r in records.items()}
+
+    def collab_distill_epoch_ends(self, epoch: int) -> None:
+        pass
+
+
+class RoleRecorder(Plugin):
+    """Records ``(engine.role, global rank, epoch)`` at every ``epoch_end`` it is called in."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, int, int]] = []
+
+    @hookimpl
+    def collab_distill_epoch_end(self, engine: Any, epoch: int) -> None:
+        self.seen.append((engine.role, engine.fabric.global_rank, epoch))

@@ -14,38 +14,42 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from collab_distill.cli import main
 from collab_distill.tasks.classification.models import RESNET_FAMILY, ResNetCifar
+from tiny_config import RESNET, tiny_digits_yaml
 
 TESTS = Path(__file__).resolve().parent
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))  # bad_input_plugins is importable by class_path
 
-RESNET = "collab_distill.tasks.classification.ResNet"
 FIXED = "collab_distill.plugins.fixed_weights.FixedLossWeights"
 NONFINITE = "bad_input_plugins.NonFiniteLossWeights"
 
 # one tiny student on 200 digits, one epoch, no loggers: a good run takes a few seconds
-BASE = f"""\
-seed: 0
-task:
-  class_path: collab_distill.tasks.classification.ImageClassification
-  init_args:
-    data:
-      class_path: collab_distill.tasks.classification.Digits
-      init_args: {{batch_size: 32, subset: 200}}
-cohort:
-  students:
-    s: {{class_path: {RESNET}, init_args: {{size: xxxs}}}}
-trainer:
-  max_epochs: 1
-  accelerator: cpu
-  progress_bar: false
-  loggers: []
-"""
+BASE = tiny_digits_yaml()
+
+
+def _image_folder(root: Path, classes: tuple[str, ...], per_class: int = 5) -> Path:
+    """A tiny ImageFolderData tree: ``root/{train,test}/<class>/*.png`` (8x8 RGB noise)."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", per_class), ("test", 2)):
+        for c in classes:
+            folder = root / split / c
+            folder.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return root
+
+
+def _image_data(root: str) -> str:
+    """``--task.init_args.data`` for an ImageFolderData at ``root`` (subset: null drops BASE's subset)."""
+    init_args = f"{{root: {root}, image_size: 8, subset: null}}"
+    return f"{{class_path: collab_distill.tasks.classification.ImageFolderData, init_args: {init_args}}}"
 
 
 def _teacher(size: str, checkpoint: str | None = None, train_epochs: int | None = None) -> str:
@@ -79,6 +83,14 @@ def files(tmp_path_factory) -> dict[str, Path]:
     out["garbage"].write_bytes(b"this is not a torch file\n")
     out["empty_dir"] = d / "empty_data"
     out["empty_dir"].mkdir()
+    out["broken"] = d / "broken.yaml"  # the '[' of line 2 is never closed
+    out["broken"].write_text("trainer:\n  max_epochs: [1\nseed: 0\n")
+    out["one_class"] = _image_folder(d / "one_class", ("cat",))
+    out["three_classes"] = _image_folder(d / "three_classes", ("cat", "dog", "eel"))
+    out["corrupt"] = _image_folder(d / "corrupt", ("cat", "dog"))
+    (out["corrupt"] / "train" / "dog" / "bad.png").write_bytes(b"not an image\n")
+    whole = (out["corrupt"] / "test" / "cat" / "0.png").read_bytes()
+    (out["corrupt"] / "test" / "cat" / "truncated.png").write_bytes(whole[: len(whole) // 2])
     return out
 
 
@@ -125,7 +137,7 @@ def _digests(folder: Path) -> dict[str, str]:
     }
 
 
-# (id, extra arguments, texts the message must contain: the field or file, and the fix).
+# (id, extra arguments, texts the message must contain: the field or file, and the fix[, a pytest mark]).
 # "{name}" is replaced by the path of the module's input file of that name.
 CASES = [
     ("unknown_plugin_class_path",
@@ -221,10 +233,47 @@ CASES = [
     ("unknown_disabled_plugin",
      ["--disable_plugins", "[defualts]"],
      ["--disable_plugins", "'defualts'", "installed: [", "'defaults'"]),
+    ("negative_learning_rate_before_teacher_training",
+     ["--optimizer.init_args.lr", "-0.1", "--cohort.teachers", _teacher("xxxs", train_epochs=1)],
+     ["optimizer.init_args.lr", "Invalid learning rate: -0.1", "torch.optim.SGD", "Fix optimizer.init_args"]),
+    ("negative_meta_learning_rate",
+     ["--plugins", "[{class_path: support_plugins.LearnedImageWeights, init_args: {lr: -1.0}}]"],
+     ["meta module 'image_weights'", "Invalid learning rate: -1.0", "Fix the setting lr of the plugin"]),
+    ("root_dir_below_a_file",
+     ["--trainer.root_dir", "{garbage}/runs"],
+     ["trainer.root_dir", "{garbage}/runs", "{garbage}' is a file, not a folder", "give a folder you can write to"]),
+    ("root_dir_where_no_file_can_be_created",  # sysfs refuses new files, to root too (chmod does not stop root)
+     ["--trainer.root_dir", "/sys/collab-distill-runs"],
+     ["trainer.root_dir='/sys/collab-distill-runs'", "cannot create files in '/sys'", "give a folder you can write to"],
+     pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sysfs is Linux's")),
+    ("gpu_on_a_machine_without_one",
+     ["--trainer.accelerator", "gpu"],
+     ["trainer.accelerator=gpu", "this machine has no GPU", "use --trainer.accelerator cpu or auto"],
+     pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
+    ("unknown_precision",
+     ["--trainer.precision", "17"],
+     ["trainer.precision='17'", "choose one of", "32-true", "bf16-mixed", "16-mixed"]),
+    ("strategy_fabric_refuses",
+     ["--trainer.strategy", "ddpp"],
+     ["trainer: Fabric refuses", "strategy='ddpp'", "invalid strategy name", "Fix trainer.accelerator"]),
+    ("yaml_syntax_error_in_a_config_file",
+     ["--config", "{broken}"],
+     ["{broken}", "YAML syntax error at line 3, column 5", "flow sequence that starts at line 2, column 15", "fix the YAML"]),
+    ("image_folder_with_one_class",
+     ["--task.init_args.data", _image_data("{one_class}")],
+     ["ImageFolderData.train_dir", "{one_class}/train", "1 class folder (['cat'])", "needs at least 2 classes"]),
+    ("image_folder_with_corrupt_images",
+     ["--task.init_args.data", _image_data("{corrupt}")],
+     ["ImageFolderData", "2 image files cannot be read", "{corrupt}/train/dog/bad.png", "{corrupt}/test/cat/truncated.png",
+      "Delete or replace", "check_images"]),
+    ("two_loss_weight_providers",
+     ["--plugins", f"[{{class_path: {FIXED}}}, {{class_path: {FIXED}, init_args: {{alpha: 0.5}}}}]"],
+     ["FixedLossWeights#0", "FixedLossWeights#1", "both provide loss weights", "for student(s) ['s']",
+      "Keep one of them under `plugins:`"]),
 ]
 
 
-@pytest.mark.parametrize("extra, needles", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("extra, needles", [pytest.param(*c[1:3], id=c[0], marks=c[3:]) for c in CASES])
 def test_bad_input_stops_before_writing(capsys, files, tmp_path, extra, needles):
     fill = {k: str(v) for k, v in files.items()}
     extra = [_fill(a, fill) for a in extra]
@@ -246,6 +295,71 @@ def test_at_least_twelve_cases():
     assert len(CASES) >= 12
 
 
+@pytest.mark.skipif(getattr(os, "geteuid", lambda: -1)() == 0, reason="root writes into a read-only folder")
+def test_read_only_root_dir(capsys, files, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        rc, err = _fit(capsys, files, locked / "runs")
+        assert rc == 2, err
+        _assert_one_error(err, ("trainer.root_dir", str(locked / "runs"), "cannot create files in", str(locked)))
+        assert list(locked.iterdir()) == []
+    finally:
+        locked.chmod(0o700)
+
+
+def test_loss_weight_providers_that_answer_only_in_training_conflict_at_the_first_step(capsys, files, tmp_path):
+    """A provider that reads its meta module cannot answer at set-up; the conflict is found at the
+    first step, before any optimizer step and before a checkpoint is written."""
+    root = tmp_path / "runs"
+    plugins = f"[{{class_path: support_plugins.LearnedImageWeights}}, {{class_path: {FIXED}}}]"
+    rc, err = _fit(capsys, files, root, "--plugins", plugins)
+    assert rc == 2, err
+    _assert_one_error(err, ("LearnedImageWeights#0", "FixedLossWeights#1", "both provide loss weights", "['s']"))
+    assert not (root / "bad" / "version_0" / "checkpoints" / "last.ckpt").exists()
+
+
+# (id, subcommand, extra arguments, needles): `validate`/`test` of a checkpoint; "{ckpt}" is the
+# good run's last.ckpt
+EVALUATION_CASES = [
+    ("test_without_ckpt_path", "test", [],
+     ["--ckpt_path is required", "untrained", "--ckpt_path runs/NAME/version_N/checkpoints/last.ckpt"]),
+    ("validate_without_ckpt_path", "validate", [],
+     ["collab-distill validate", "--ckpt_path is required", "--ckpt_path runs/NAME/version_N/checkpoints/last.ckpt"]),
+    ("checkpoint_of_another_architecture", "test",
+     ["--ckpt_path", "{ckpt}", "--cohort.students.s.init_args.size", "s"],
+     ["--ckpt_path", "{ckpt}", "student 's'", "does not fit the configured model", "shape mismatch",
+      "--config {run}/config.yaml"]),
+    ("checkpoint_for_other_data", "test",
+     ["--ckpt_path", "{ckpt}", "--task.init_args.data", _image_data("{three_classes}")],
+     ["--ckpt_path", "{ckpt}", "10 classes and 1 input channel(s)", "the configured data has 3 classes and 3",
+      "--config {run}/config.yaml"]),
+    ("checkpoint_of_another_cohort", "validate",
+     ["--ckpt_path", "{ckpt}", "--cohort.students", f"{{q: {{class_path: {RESNET}, init_args: {{size: xxxs}}}}}}"],
+     ["--ckpt_path", "{ckpt}", "no student 'q'", "has ['s']", "--config {run}/config.yaml"]),
+    ("checkpoint_that_is_not_a_torch_file", "test",
+     ["--ckpt_path", "{garbage}"],
+     ["--ckpt_path", "{garbage}", "cannot be read"]),
+]
+
+
+@pytest.mark.parametrize("command, extra, needles", [c[1:] for c in EVALUATION_CASES], ids=[c[0] for c in EVALUATION_CASES])
+def test_bad_evaluation_leaves_the_run_untouched(capsys, files, good_run, command, extra, needles):
+    fill = {k: str(v) for k, v in files.items()}
+    fill.update(ckpt=str(good_run / "checkpoints" / "last.ckpt"), run=str(good_run))
+    extra = [_fill(a, fill) for a in extra]
+    needles = tuple(_fill(n, fill) for n in needles)
+    before, paths = _digests(good_run), sorted(good_run.rglob("*"))
+    capsys.readouterr()
+    rc = _call([command, "--config", str(files["base"]), *extra])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    _assert_one_error(err, needles)
+    assert _digests(good_run) == before
+    assert sorted(good_run.rglob("*")) == paths  # no evaluations/ folder either
+
+
 def test_nonfinite_loss_leaves_an_earlier_run_untouched(capsys, files, good_run):
     before = _digests(good_run)
     root, name = good_run.parent.parent, good_run.parent.name
@@ -264,8 +378,8 @@ def test_nonfinite_loss_on_resume_keeps_the_last_checkpoint(capsys, files, good_
     ckpt, results = run / "checkpoints" / "last.ckpt", run / "results.json"
     before = {p: p.read_bytes() for p in (ckpt, results)}
     rc, err = _fit(
-        capsys, files, tmp_path / "runs", "--resume", "last", "--trainer.max_epochs", "2",
-        "--plugins", f"[{{class_path: {NONFINITE}}}]", name="good",
+        capsys, files, tmp_path / "runs", "--resume", str(run), "--trainer.max_epochs", "2",
+        "--plugins", f"[{{class_path: {NONFINITE}}}]", "--resume_changes", "allow", name="good",
     )
     assert rc == 1, err
     _assert_one_error(err, ("non-finite loss at epoch 1", "s/loss", "was left untouched (resume with --resume last)"))

@@ -146,7 +146,13 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, cli_env):
     ckpt = torch.load(tmp_path / "cut" / "version_0" / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["loop"]["global_step"] == 10
     assert not (tmp_path / "cut" / "version_0" / "results.json").exists()
-    run_cli(digits_args(tmp_path, "cut", epochs=2, extra=[*common, "--resume", "last"]), cli_env)
+    # resumed without the plugin that killed it: a config change, accepted on request and recorded
+    refused = run_cli(digits_args(tmp_path, "cut", epochs=2, extra=[*common, "--resume", "last"]), cli_env, check=False)
+    assert refused.returncode == 2 and "plugins" in refused.stderr, refused.stderr[-2000:]
+    run_cli(digits_args(tmp_path, "cut", epochs=2, extra=[*common, "--resume", str(tmp_path / "cut" / "version_0"),
+                                                          "--resume_changes", "allow"]), cli_env)
+    changes = json.loads((tmp_path / "cut" / "version_0" / "resumes.json").read_text())[0]["changes"]
+    assert any(key.startswith("plugins") for key in changes), changes
     a = torch.load(tmp_path / "whole" / "version_0" / "checkpoints" / "last.ckpt", weights_only=False)
     b = torch.load(tmp_path / "cut" / "version_0" / "checkpoints" / "last.ckpt", weights_only=False)
     assert a["loop"] == b["loop"]

@@ -443,6 +443,21 @@ class ClassificationData(abc.ABC):
         """Per-channel mean/std used to normalise inputs (fixed constants by default)."""
         return tuple(self.mean), tuple(self.std)
 
+    def _too_few_classes(self, loaded: _Loaded) -> str:
+        """The message for data with fewer than 2 classes (a subclass names where they come from)."""
+        n = len(loaded.class_names)
+        return (
+            f"{type(self).__name__}: the data has {n} class(es) {list(loaded.class_names)[:5]}; classification needs at "
+            "least 2 classes (with one, every prediction is right and training reports 100% accuracy). "
+            "Use data with more classes."
+        )
+
+    def _check_files(self, loaded: _Loaded, train_indices: np.ndarray) -> None:
+        """Check, at set-up, the files the splits will read (``train_indices``: the official
+        training images in use), so that a bad file stops the run before training; nothing to
+        check by default (data held in memory was read by :meth:`_load`)."""
+        return None
+
     # -- validation ----------------------------------------------------------------------------
 
     def _check_args(self) -> None:
@@ -519,6 +534,8 @@ class ClassificationData(abc.ABC):
                 f"{name}.label_noise: the data has {num_classes} class(es); a label can only be flipped with "
                 "at least 2. Remove label_noise (set it to null) or use data with more classes."
             )
+        if num_classes < 2:
+            raise ConfigError(self._too_few_classes(loaded))
 
         n_total = len(loaded.train)
         if self.subset is not None and self.subset > n_total:
@@ -548,6 +565,7 @@ class ClassificationData(abc.ABC):
                 )
         if len(loaded.test) == 0:
             raise ConfigError(f"{name}: the test split is empty. Check the test data.")
+        self._check_files(loaded, order)
 
         mean, std = self._normalization(loaded.train, parts["train"])
         finish = self._finish(mean, std)
@@ -1103,6 +1121,12 @@ class ImageFolderData(ClassificationData):
         num_workers: See :class:`ClassificationData`.
         subset: See :class:`ClassificationData`.
         label_noise: See :class:`ClassificationData`.
+        check_images: At set-up, open every image the splits use (the used part of ``train_dir``
+            with ``subset``, and all of ``test_dir``) and verify it with PIL (headers and, for
+            PNG, checksums; no full decode, so e.g. a truncated JPEG may pass), so that a corrupt
+            file stops the run with its name before training instead of in the middle of an
+            epoch. It reads every file once, which takes a while for millions of images:
+            ``false`` skips it for huge folders known to be sound.
     """
 
     def __init__(
@@ -1120,11 +1144,13 @@ class ImageFolderData(ClassificationData):
         num_workers: int = 0,
         subset: int | None = None,
         label_noise: LabelNoise | None = None,
+        check_images: bool = True,
     ) -> None:
         super().__init__(
             meta_fraction, val_fraction, views, augment, batch_size, eval_batch_size, num_workers, subset, label_noise
         )
         self.root = root
+        self.check_images = check_images
         # stored under another name: ``image_size`` is the (H, W) property every data set has
         self.image_size_arg = image_size
         self.train_dir = train_dir
@@ -1182,5 +1208,49 @@ class ImageFolderData(ClassificationData):
             image_size=size,
         )
 
+    def _too_few_classes(self, loaded: _Loaded) -> str:
+        folder = os.path.join(os.path.expanduser(str(self.root)), self.train_dir)
+        n = len(loaded.class_names)
+        return (
+            f"ImageFolderData.train_dir: {folder!r} has {n} class folder{'s' if n != 1 else ''} "
+            f"({list(loaded.class_names)}); classification needs at least 2 classes (with one, every prediction is "
+            f"right and training reports 100% accuracy). Add a folder per class: root/{self.train_dir}/<class>/*.jpg."
+        )
+
+    def _check_files(self, loaded: _Loaded, train_indices: np.ndarray) -> None:
+        if not self.check_images:
+            return
+        assert isinstance(loaded.train, _FileSource) and isinstance(loaded.test, _FileSource)
+        paths = [str(p) for p in loaded.train.paths[np.sort(train_indices)]] + [str(p) for p in loaded.test.paths]
+        bad = _unreadable_images(paths)
+        if bad:
+            shown = "; ".join(f"{path} ({reason})" for path, reason in bad[:5])
+            more = f"; and {len(bad) - 5} more" if len(bad) > 5 else ""
+            files, them = ("image files", "them") if len(bad) > 1 else ("image file", "it")
+            raise ConfigError(
+                f"ImageFolderData: {len(bad)} {files} cannot be read: {shown}{more}. Delete or replace {them} "
+                "(check_images: false skips this check at set-up; a bad file then stops the run when it is read)."
+            )
+
     def _augmentation(self, image_size: tuple[int, int]) -> list[Callable]:
         return [v2.RandomCrop(image_size, padding=max(1, image_size[0] // 8)), v2.RandomHorizontalFlip()]
+
+
+def _unreadable_images(paths: Sequence[str]) -> list[tuple[str, str]]:
+    """``(path, reason)`` of every file in ``paths`` that PIL cannot open and verify, in order.
+    Threads: the work is mostly file reads, which release the GIL (network file systems gain most)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    def problem(path: str) -> str | None:
+        try:
+            with Image.open(path) as img:
+                img.verify()
+        except Exception as err:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ... for bad files
+            return f"{type(err).__name__}: {err}"
+        return None
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        reasons = list(pool.map(problem, paths))
+    return [(path, reason) for path, reason in zip(paths, reasons) if reason is not None]
