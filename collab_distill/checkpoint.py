@@ -28,6 +28,7 @@ __all__ = [
     "rng_state",
     "set_rng_state",
     "load_weights",
+    "prefix_mapped",
     "state_dict_mismatch",
     "write_json",
 ]
@@ -88,8 +89,12 @@ def load_checkpoint(path: str | Path, field: str | None = None) -> dict[str, Any
 
 
 def load_weights(model: torch.nn.Module, path: str | Path, *, member: str, field: str) -> None:
-    """Load a state dict into ``model`` from a plain state dict, an export or a run checkpoint.
+    """Load a state dict into ``model`` from a plain state dict, an export, a run checkpoint or a
+    file in detectron2's format (``{"model": state_dict, ...}``), all keys and shapes or nothing.
 
+    A file saved from the model inside a wrapper, or from a wrapper around it (keys that equal the
+    model's once one prefix common to all of them, e.g. ``model.``, is removed or added) loads too:
+    the same weights reach collab-distill as a detectron2 ``.pth`` or as its own ``teacher.pt``.
     ``member`` picks the model out of a run checkpoint (students first, then teachers).
     ``field`` names the config key in error messages.
     """
@@ -101,10 +106,17 @@ def load_weights(model: torch.nn.Module, path: str | Path, *, member: str, field
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:
+        if _is_plain_pickle(path):
+            raise ConfigError(
+                f"{field}: {str(path)!r} is a plain pickle, not a torch file (a detectron2 model-zoo .pkl?). A "
+                "detectron2 model reads it through its `model.init_args.weights` (detectron2's DetectionCheckpointer, "
+                f"which also converts model-zoo names); `{field}` takes files written by torch.save."
+            ) from None
         raise ConfigError(
             f"{field}: {str(path)!r} cannot be read as a torch file ({type(err).__name__}: {err}). Give a file "
             "written by torch.save: a state dict, a `collab-distill export` or a run's last.ckpt."
         ) from None
+    detectron2_format = False
     if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
         pool = {**obj.get("teachers", {}), **obj.get("students", {})}
         if member not in pool:
@@ -115,11 +127,14 @@ def load_weights(model: torch.nn.Module, path: str | Path, *, member: str, field
         obj = pool[member]
     elif isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
+    elif isinstance(obj, dict) and isinstance(obj.get("model"), Mapping):  # detectron2's checkpoint format
+        obj, detectron2_format = obj["model"], True
     if isinstance(obj, torch.nn.Module):
         obj = obj.state_dict()
     if not isinstance(obj, Mapping):
         raise ConfigError(f"{field}: {str(path)!r} holds a {type(obj).__name__}, not a state dict")
     own = model.state_dict()
+    obj = prefix_mapped({k: torch.as_tensor(v) if isinstance(v, np.ndarray) else v for k, v in obj.items()}, own)
     wrong_keys = [
         k for k in own if k in obj and hasattr(obj[k], "shape") and tuple(obj[k].shape) != tuple(own[k].shape)
     ]
@@ -137,6 +152,8 @@ def load_weights(model: torch.nn.Module, path: str | Path, *, member: str, field
             f"{field}: {str(path)!r} does not fit the configured model: {mismatch}"
             + ". Configure the architecture (class_path/init_args) the file was saved from, or give a "
             "checkpoint of the configured architecture."
+            + (" (A detectron2 checkpoint of another layout, e.g. converted model-zoo names, loads through a "
+               "detectron2 model's `model.init_args.weights`.)" if detectron2_format else "")
         )
     model.load_state_dict(obj)
 
@@ -158,6 +175,30 @@ def state_dict_mismatch(own: Mapping[str, Any], theirs: Mapping[str, Any], limit
     if unexpected:
         parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
     return ", ".join(parts) or None
+
+
+def _is_plain_pickle(path: Path) -> bool:
+    """Whether ``path`` looks like a bare pickle (protocol 2+, e.g. a detectron2 model-zoo ``.pkl``)
+    rather than torch's zip format."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return path.suffix == ".pkl" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"))
+
+
+def prefix_mapped(theirs: Mapping[str, Any], own: Mapping[str, Any] | set[str]) -> Mapping[str, Any]:
+    """``theirs`` with one prefix common to all its keys removed, or one added, when that makes
+    its keys exactly ``own``'s (a file saved from a wrapper's inner model or the other way round,
+    e.g. collab-distill's ``model.`` around a detectron2 model); otherwise ``theirs`` unchanged."""
+    if len(theirs) != len(own) or not own or set(theirs) == set(own):
+        return theirs
+    for longer, shorter, strip in ((theirs, own, True), (own, theirs, False)):
+        first = next(iter(longer))
+        for prefix in (first[: i + 1] for i, char in enumerate(first) if char == "."):
+            if all(k.startswith(prefix) for k in longer) and {k[len(prefix):] for k in longer} == set(shorter):
+                if strip:
+                    return {k[len(prefix):]: v for k, v in theirs.items()}
+                return {prefix + k: v for k, v in theirs.items()}
+    return theirs
 
 
 def _class_count_mismatch(obj: Mapping[str, Any], own: Mapping[str, Any], wrong_keys: list[str]) -> tuple[int, int] | None:
@@ -199,9 +240,57 @@ def _git_commit() -> str | None:
 
 
 def versions() -> dict[str, Any]:
-    """What produced a run: package versions, Python, platform, git commit of the code."""
-    packages = ["collab-distill", "torch", "torchvision", "lightning-fabric", "pluggy", "jsonargparse", "numpy"]
+    """What produced a run: package versions (``None`` for an optional one that is not installed,
+    e.g. detectron2), the commit detectron2 was built from when that is certain (it is not on
+    PyPI, so its version alone says little), Python, platform, git commit of the code."""
+    import hashlib
+    from urllib.parse import unquote, urlparse
+
+    def source_commit(dist_name: str) -> str | None:
+        """The git commit an installed package was built from, only where it is certain: pip's
+        record of a ``git+`` install; for an editable install of a local checkout, its HEAD when no
+        tracked file differs from it; for a build from a local checkout, its HEAD when every
+        installed Python file is that commit's file (a checkout changed since the build: None)."""
+        try:
+            dist = importlib.metadata.distribution(dist_name)
+            origin = json.loads(dist.read_text("direct_url.json") or "{}")
+        except (importlib.metadata.PackageNotFoundError, ValueError):
+            return None
+        url = origin.get("url", "")
+        if "vcs_info" in origin or not url.startswith("file://"):
+            return origin.get("vcs_info", {}).get("commit_id")
+        source = Path(unquote(urlparse(url).path))
+
+        def git(*args: str) -> str | None:
+            run = subprocess.run(["git", *args], cwd=source, capture_output=True, text=True, timeout=10, check=False)
+            return run.stdout if run.returncode == 0 else None
+
+        try:
+            head = (git("rev-parse", "HEAD") or "").strip()
+            if not head:
+                return None
+            if origin.get("dir_info", {}).get("editable"):
+                return head if git("status", "--porcelain", "--untracked-files=no") == "" else None
+            blobs = {entry.split("\t", 1)[1]: entry.split()[2] for entry in (git("ls-tree", "-r", "-z", "HEAD") or "").split("\0")
+                     if "\t" in entry}
+            installed = {str(f): f for f in dist.files or () if f.suffix == ".py"}
+            folders = {path.rpartition("/")[0] for path in installed}
+            # the commit's files in every installed folder; files a build copies from elsewhere in the
+            # checkout (not tracked at their installed path) are not compared
+            tracked = {path for path in blobs if path.endswith(".py") and path.rpartition("/")[0] in folders}
+            if not tracked or not tracked <= set(installed):
+                return None
+            for path in tracked:
+                data = Path(installed[path].locate()).read_bytes()
+                if hashlib.sha1(b"blob %d\0" % len(data) + data, usedforsecurity=False).hexdigest() != blobs[path]:
+                    return None
+            return head
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    packages = ["collab-distill", "torch", "torchvision", "lightning-fabric", "pluggy", "jsonargparse", "numpy", "detectron2"]
     out: dict[str, Any] = {p: _version_of(p) for p in packages}
+    out["detectron2_commit"] = source_commit("detectron2") if out["detectron2"] else None
     out["python"] = platform.python_version()
     out["platform"] = platform.platform()
     out["cuda"] = torch.version.cuda if torch.cuda.is_available() else None

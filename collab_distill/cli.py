@@ -54,7 +54,7 @@ def _engine_from(sub_parser: ArgumentParser, cfg: Namespace):
 
     cfg.trainer.name = _experiment_name(cfg)
     saved = cfg.clone()
-    for action in ("resume", "resume_changes", "ckpt_path", "weights", "output_dir"):  # how to run, not what to run
+    for action in ("resume", "resume_changes", "dry_run", "ckpt_path", "weights", "output_dir"):  # how to run, not what to run
         if action in saved:
             del saved[action]
     text = sub_parser.dump(saved, skip_unset=False, skip_validation=True)
@@ -431,6 +431,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             return 0
         engine = _engine_from(parsers.subcommands[command], cfg[command])
         sub = cfg[command]
+        if command == "fit" and sub.dry_run:
+            from collab_distill.dry_run import dry_run
+
+            dry_run(engine)
+            return 0
         if command == "fit":
             results = engine.fit(resume=sub.resume, allow_changes=sub.resume_changes == "allow")
         else:

@@ -29,11 +29,16 @@ class Teacher:
             unless ``train_epochs`` > 0 or the model factory loads trained weights itself.
         train_epochs: if no checkpoint is given, first train the teacher with plain
             cross-entropy for this many epochs, as a run of its own inside the run folder.
+        cache_dir: keep a teacher trained in the run here and reuse it in later runs whose
+            teacher training would be the same (same data, teacher model, epochs, optimizer,
+            schedule, seed, precision and devices; the file name carries a hash of them), so that
+            comparing methods trains the teacher once. ``None``: train it in every run.
     """
 
     model: ModelFactory
     checkpoint: Optional[str] = None
     train_epochs: int = 0
+    cache_dir: Optional[str] = None
 
 
 class Cohort:

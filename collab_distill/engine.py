@@ -299,7 +299,7 @@ class Engine:
             if path is not None:
                 load_weights(model, path, member=name, field=f"cohort.student_checkpoints.{name}")
             self.students[name] = model
-        if example is not None:
+        if isinstance(example, Tensor):  # model(example) -> logits; a detector's ForwardCall is only counted
             self._check_outputs(example)
 
     def _check_outputs(self, example: Any) -> None:

@@ -7,20 +7,24 @@ loggers of its own.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
+import yaml
+
 from collab_distill import console
-from collab_distill.checkpoint import atomic_save, load_weights
+from collab_distill.checkpoint import atomic_save, load_weights, versions, write_json
 from collab_distill.config import Cohort
 from collab_distill.wrapping import unwrap
 
 if TYPE_CHECKING:
     from collab_distill.engine import Engine
 
-__all__ = ["nested_fit", "train_teachers"]
+__all__ = ["nested_fit", "train_teachers", "teacher_cache_path"]
 
 
 def nested_fit(
@@ -63,6 +67,45 @@ def nested_fit(
     return sub, sub.fit(resume=resume, allow_changes=True)
 
 
+#: trainer settings that change how a teacher trains (the rest only say where and how it logs)
+_TEACHER_TRAINING_FIELDS = (
+    "accelerator", "devices", "num_nodes", "precision", "gradient_clip", "limit_train_batches",
+    "limit_eval_batches", "val_every_n_epochs", "detect_nonfinite", "compile", "channels_last",
+)
+
+
+def _teacher_training_inputs(engine: Engine, name: str) -> dict[str, Any]:
+    """Everything a teacher's in-run training depends on, from the run's config."""
+    config = yaml.safe_load(engine.config_text or "") or {}
+    teacher = dict((config.get("cohort") or {}).get("teachers", {}).get(name) or {})
+    for key in ("cache_dir", "checkpoint"):
+        teacher.pop(key, None)
+    trainer = config.get("trainer") or {}
+    return {
+        "teacher": teacher,
+        "task": config.get("task"),
+        "optimizer": config.get("optimizer"),
+        "schedule": config.get("schedule"),
+        "seed": config.get("seed"),
+        "disable_plugins": config.get("disable_plugins"),
+        "trainer": {k: trainer.get(k) for k in _TEACHER_TRAINING_FIELDS},
+        "versions": {k: v for k, v in versions().items() if k in ("collab-distill", "torch", "torchvision")},
+    }
+
+
+def teacher_cache_path(engine: Engine, name: str) -> Optional[Path]:
+    """Where teacher ``name``'s in-run training is cached (``cohort.teachers.NAME.cache_dir``):
+    ``<cache_dir>/<name>-<hash of its training inputs>.pt``; ``None`` without a cache or a config."""
+    folder = engine.cohort.teachers[name].cache_dir
+    if folder is None:
+        return None
+    if engine.config_text is None:
+        console.info(engine.fabric, f"[warning] cohort.teachers.{name}.cache_dir needs the run's config (a CLI run); not cached")
+        return None
+    inputs = json.dumps(_teacher_training_inputs(engine, name), sort_keys=True, default=str)
+    return Path(folder) / f"{name}-{hashlib.sha256(inputs.encode()).hexdigest()[:16]}.pt"
+
+
 def train_teachers(engine: Engine) -> None:
     """Teachers with ``train_epochs`` and no checkpoint are first trained with plain CE, as their
     own run inside this run's folder; the result is stored as their checkpoint. (A teacher whose
@@ -76,6 +119,14 @@ def train_teachers(engine: Engine) -> None:
         target = engine.run_dir / "teachers" / name / "teacher.pt"
         if target.is_file():  # already trained by the run we resume
             load_weights(engine.teachers[name], target, member=name, field=f"cohort.teachers.{name}")
+            continue
+        cached = teacher_cache_path(engine, name)
+        if cached is not None and cached.is_file():
+            console.info(fabric, f"teacher {name!r}: trained weights from the cache, {cached}")
+            load_weights(engine.teachers[name], cached, member=name, field=f"cohort.teachers.{name}.cache_dir")
+            if fabric.is_global_zero:  # the run folder stays complete on its own
+                atomic_save(engine.teachers[name].state_dict(), target)
+            fabric.barrier()
             continue
         console.info(fabric, f"training teacher {name!r} with cross-entropy for {teacher.train_epochs} epochs")
         initial = engine.teachers[name].state_dict()
@@ -94,6 +145,10 @@ def train_teachers(engine: Engine) -> None:
         weights = sub.best.get(name, {}).get("state") or unwrap(sub.students[name]).state_dict()
         if fabric.is_global_zero:
             atomic_save(weights, target)
+            if cached is not None:
+                atomic_save(weights, cached)
+                write_json({"run": str(engine.run_dir), "trained_with": _teacher_training_inputs(engine, name)},
+                           cached.with_suffix(".json"))
         fabric.barrier()
         engine.teachers[name].load_state_dict(weights)
     if trained_here:

@@ -154,6 +154,9 @@ def _run_arguments(parser: ArgumentParser, *, training: bool) -> None:
     if training:
         parser.add_argument("--resume", type=Optional[str], default=None,
                             help="continue a run: its checkpoint, its folder, or `last` (newest unfinished run of this config)")
+        parser.add_argument("--dry_run", type=bool, default=False,
+                            help="read the data and build the models here (CPU, one process), print the run's plan "
+                                 "for its devices (steps per epoch per rank, effective batch) and stop; nothing is written")
         parser.add_argument("--resume_changes", type=str, default="refuse", choices=["refuse", "allow"],
                             help="`allow`: resume although the config differs from the run's in more than where it stops, "
                                  "logging, checkpointing and devices (the differences are recorded in resumes.json)")
@@ -192,13 +195,17 @@ def build_parsers() -> Parsers:
         p = ArgumentParser(description=help_text, **strict)
         _run_arguments(p, training=training)
         add(name, p, help_text)
-    export = ArgumentParser(description="write one student as a state dict, TorchScript and a torch.export program", **strict)
+    export = ArgumentParser(description="write one student's weights (in its model library's own format for detectors), "
+                            "and TorchScript and a torch.export program where the model has them", **strict)
     export.add_argument("--ckpt_path", type=str, required=True, help="a run checkpoint (last.ckpt)")
     export.add_argument("--student", type=str, required=True, help="the student to export")
     export.add_argument("--output", type=Optional[str], default=None, help="folder (default: the run's exports/)")
     export.add_argument("--weights", type=str, default="last", choices=["last", "best"])
-    export.add_argument("--torchscript", type=bool, default=True, help="also write a TorchScript file")
-    export.add_argument("--exported_program", type=bool, default=True, help="also write a torch.export program (.pt2)")
+    # None: when the model supports it (a detector does not; a note says so), true: required, false: never
+    export.add_argument("--torchscript", type=Optional[bool], default=None,
+                        help="write a TorchScript file (default: when the model supports it)")
+    export.add_argument("--exported_program", type=Optional[bool], default=None,
+                        help="write a torch.export program, .pt2 (default: when the model supports it)")
     add("export", export, "export one student")
     report = ArgumentParser(description="render a finished run's results and plots as Markdown and HTML", **strict)
     report.add_argument("run_dir", type=str, help="the run folder (runs/NAME/version_N)")

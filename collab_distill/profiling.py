@@ -7,13 +7,28 @@ and biases are not counted, which is the usual convention of papers' "MACs" colu
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["count_parameters", "count_macs", "format_count"]
+__all__ = ["ForwardCall", "count_parameters", "count_macs", "format_count"]
+
+
+@dataclass(frozen=True)
+class ForwardCall:
+    """The arguments of one forward call, for models whose ``forward`` takes more than a tensor:
+    a detector counts its cost on a list of image dicts *and* ``mode="predict"``, i.e. on the
+    inference pass it is deployed with rather than its training one."""
+
+    args: tuple[Any, ...] = ()
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    def __call__(self, model: nn.Module) -> Any:
+        return model(*self.args, **self.kwargs)
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -27,15 +42,20 @@ def count_macs(model: nn.Module, example_input: Any) -> int:
     The pass runs without gradients and with every submodule in eval mode, so BatchNorm running
     statistics and dropout state are untouched; each submodule's own train/eval flag is put
     back afterwards (a model may deliberately keep some parts, e.g. frozen BN, in eval mode).
-    A tuple or list ``example_input`` is unpacked into positional arguments.
+    torch's CPU random state is restored too, so counting never shifts a run's random stream.
+    A tuple or list ``example_input`` is unpacked into positional arguments; a
+    :class:`ForwardCall` gives positional and keyword arguments.
     """
     modes = {m: m.training for m in model.modules()}
-    args = tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
+    if isinstance(example_input, ForwardCall):
+        call = example_input
+    else:
+        call = ForwardCall(tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,))
     counter = FlopCounterMode(display=False)
     try:
         model.eval()
-        with torch.no_grad(), counter:
-            model(*args)
+        with torch.random.fork_rng(devices=[]), torch.no_grad(), counter:
+            call(model)
     finally:
         for module, training in modes.items():
             module.training = training

@@ -16,13 +16,22 @@ evaluation it is the student.
 Datasets are registered as in any detectron2 project (the builtin ``coco_2017_*`` names read
 ``$DETECTRON2_DATASETS/coco``); ``--coco-dataset NAME JSON IMAGE_DIR`` registers more.
 Outputs in ``OUTPUT_DIR``: detectron2's checkpoints (``student.*`` and ``teacher.*`` keys;
-``--resume`` works as usual) and ``student_final.pth``, the student alone, loadable by any
-detectron2 config through ``MODEL.WEIGHTS``.
+``--resume`` continues from the one ``last_checkpoint`` names) and, once training finished,
+``student_final.pth``, the student alone in detectron2's format, loadable by any detectron2
+config through ``MODEL.WEIGHTS`` (it leaves ``last_checkpoint`` alone).
+
+Weights never load partly by accident: the teacher's file and the checkpoint a ``--resume``
+continues from must cover every key of the model with the right shapes, or the run stops before
+training with the first problems and their likely cause (e.g. a teacher trained for another
+number of classes). ``--teacher-weights`` also takes collab-distill's files: a run's
+``teachers/NAME/teacher.pt``, a ``collab-distill export``, or a run's ``last.ckpt`` (with
+``--teacher-member NAME`` when it holds several models).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 from detectron2.checkpoint import DetectionCheckpointer
@@ -34,17 +43,27 @@ from detectron2.modeling import build_model
 from detectron2.utils import comm
 from torch.nn.parallel import DistributedDataParallel
 
-from collab_distill.tasks.detection.detectron2 import DistillingRCNN
+from collab_distill.checkpoint import atomic_save
+from collab_distill.task import ConfigError
+from collab_distill.tasks.detection.detectron2 import DistillingRCNN, load_detectron2_weights
+
+RESUME = "--resume (the checkpoint OUTPUT_DIR/last_checkpoint names)"
+RESUME_FIX = ("A resume needs a checkpoint of this run's model, student and teacher together (OUTPUT_DIR/model_*.pth): "
+              "write its file name into OUTPUT_DIR/last_checkpoint, or train without --resume (or in another OUTPUT_DIR).")
 
 
 class SaveStudent(HookBase):
-    """After training, write the student alone as OUTPUT_DIR/student_final.pth."""
+    """After training finished, write the student alone as OUTPUT_DIR/student_final.pth, in
+    detectron2's format (``{"model": state_dict}``). Not through ``DetectionCheckpointer.save``,
+    which would point OUTPUT_DIR/last_checkpoint at it: a later ``--resume`` would then load a
+    file without the wrapper's ``student.``/``teacher.`` keys."""
 
     def after_train(self) -> None:
-        if comm.is_main_process():
+        if comm.is_main_process() and self.trainer.iter >= self.trainer.max_iter:  # not after a failure
             model = self.trainer.model
             student = (model.module if isinstance(model, DistributedDataParallel) else model).student
-            DetectionCheckpointer(student, save_dir=self.trainer.cfg.OUTPUT_DIR).save("student_final")
+            state = {key: value.cpu() for key, value in student.state_dict().items()}
+            atomic_save({"model": state}, os.path.join(self.trainer.cfg.OUTPUT_DIR, "student_final.pth"))
 
 
 class DistillationTrainer(DefaultTrainer):
@@ -52,23 +71,29 @@ class DistillationTrainer(DefaultTrainer):
 
     teacher_cfg: CfgNode
     teacher_weights: str
+    teacher_member: str | None = None
     distillation: dict[str, Any] = {}
 
     @classmethod
     def build_model(cls, cfg: CfgNode) -> DistillingRCNN:
         student = build_model(cfg)
-        if cfg.MODEL.WEIGHTS:  # the student's initial weights (e.g. an ImageNet backbone)
-            DetectionCheckpointer(student).load(cfg.MODEL.WEIGHTS)
+        if cfg.MODEL.WEIGHTS:  # the student's initial weights (e.g. an ImageNet backbone: may be partial)
+            load_detectron2_weights(student, cfg.MODEL.WEIGHTS, strict=False, field="MODEL.WEIGHTS")
         teacher = build_model(cls.teacher_cfg)
-        DetectionCheckpointer(teacher).load(cls.teacher_weights)
+        # all of it: distilling from a teacher with a random head would train the student on noise
+        load_detectron2_weights(teacher, cls.teacher_weights, field="--teacher-weights", member=cls.teacher_member,
+                                fix="Give weights trained for the --teacher-config model on the student's classes.")
         return DistillingRCNN(student, teacher, student_format=cfg.INPUT.FORMAT,
                               teacher_format=cls.teacher_cfg.INPUT.FORMAT, **cls.distillation)
 
     def resume_or_load(self, resume: bool = True) -> None:
         # MODEL.WEIGHTS already went into the student in build_model; only a resume reads the
-        # wrapper's own checkpoint (student and teacher together)
+        # wrapper's own checkpoint (student and teacher together), which must cover all of it:
+        # detectron2 would load what fits, log the rest and train on from random weights
         if resume and self.checkpointer.has_checkpoint():
-            super().resume_or_load(resume=True)
+            load_detectron2_weights(self.model, self.checkpointer.get_checkpoint_file(), field=RESUME, fix=RESUME_FIX,
+                                    checkpointables=self.checkpointer.checkpointables)
+            self.start_iter = self.iter + 1  # the checkpoint holds the iteration that just finished
 
     @classmethod
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str | None = None) -> COCOEvaluator:
@@ -90,6 +115,7 @@ def setup(args: Any) -> CfgNode:
     teacher_cfg.freeze()
     DistillationTrainer.teacher_cfg = teacher_cfg
     DistillationTrainer.teacher_weights = args.teacher_weights
+    DistillationTrainer.teacher_member = args.teacher_member
     DistillationTrainer.distillation = {"alpha": args.alpha, "beta": args.beta, "temperature": args.temperature,
                                         "regions_per_image": args.regions_per_image}
     return cfg
@@ -99,9 +125,13 @@ def main(args: Any) -> Any:
     for name, json_file, image_root in args.coco_dataset or []:
         register_coco_instances(name, {}, json_file, image_root)
     cfg = setup(args)
-    if args.eval_only:
+    if args.eval_only:  # evaluates the student: of the last checkpoint with --resume, else MODEL.WEIGHTS
         model = DistillationTrainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        checkpointer = DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+        if args.resume and checkpointer.has_checkpoint():
+            load_detectron2_weights(model, checkpointer.get_checkpoint_file(), field=RESUME, fix=RESUME_FIX)
+        elif cfg.MODEL.WEIGHTS:
+            load_detectron2_weights(model.student, cfg.MODEL.WEIGHTS, field="MODEL.WEIGHTS (--eval-only evaluates the student)")
         return DistillationTrainer.test(cfg, model.eval())
     trainer = DistillationTrainer(cfg)
     trainer.resume_or_load(resume=args.resume)
@@ -111,7 +141,9 @@ def main(args: Any) -> Any:
 def parser() -> Any:
     p = default_argument_parser()
     p.add_argument("--teacher-config", required=True, help="detectron2 config file of the teacher")
-    p.add_argument("--teacher-weights", required=True, help="the teacher's trained weights (.pkl / .pth)")
+    p.add_argument("--teacher-weights", required=True,
+                   help="the teacher's trained weights: detectron2 .pkl / .pth, collab-distill teacher.pt / export / last.ckpt")
+    p.add_argument("--teacher-member", help="the model to take from a collab-distill last.ckpt that holds several")
     p.add_argument("--alpha", type=float, default=1.0, help="weight of the student's own detection losses")
     p.add_argument("--beta", type=float, default=0.5, help="weight of the distillation loss")
     p.add_argument("--temperature", type=float, default=2.0, help="softmax temperature of the distillation")
@@ -123,5 +155,8 @@ def parser() -> Any:
 
 if __name__ == "__main__":
     args = parser().parse_args()
-    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args,))
+    try:
+        launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+               dist_url=args.dist_url, args=(args,))
+    except ConfigError as err:  # a file that does not fit: one message, no traceback
+        sys.exit(f"detectron2_train_net.py: error: {err}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -79,6 +80,9 @@ def files(tmp_path_factory) -> dict[str, Path]:
     torch.save(ResNetCifar(widths, blocks, num_classes=10, in_channels=1).state_dict(), out["s10"])
     out["s100"] = d / "resnet_s_100classes.pt"  # the same architecture, saved for 100 classes
     torch.save(ResNetCifar(widths, blocks, num_classes=100, in_channels=1).state_dict(), out["s100"])
+    out["pkl"] = d / "model_final.pkl"  # a plain pickle of numpy arrays, as detectron2's model zoo ships weights
+    with open(out["pkl"], "wb") as f:
+        pickle.dump({"model": {k: v.numpy() for k, v in torch.load(out["s10"]).items()}, "__author__": "test"}, f)
     out["garbage"] = d / "garbage.ckpt"
     out["garbage"].write_bytes(b"this is not a torch file\n")
     out["empty_dir"] = d / "empty_data"
@@ -203,6 +207,9 @@ CASES = [
     ("missing_teacher_checkpoint",
      ["--cohort.teachers", _teacher("s", "{empty_dir}/teacher.pt")],
      ["cohort.teachers.t.checkpoint", "teacher.pt' does not exist", "Fix the path"]),
+    ("teacher_checkpoint_is_a_plain_pickle",
+     ["--cohort.teachers", _teacher("s", "{pkl}")],
+     ["cohort.teachers.t.checkpoint", "{pkl}", "is a plain pickle, not a torch file", "model.init_args.weights"]),
     ("teacher_checkpoint_not_a_torch_file",
      ["--cohort.teachers", _teacher("s", "{garbage}")],
      ["cohort.teachers.t.checkpoint", "{garbage}", "cannot be read as a torch file", "written by torch.save"]),
@@ -426,3 +433,26 @@ def test_command_nonfinite_loss_from_a_plugin(files, tmp_path):
     _assert_one_error(proc.stderr, ("non-finite loss at epoch 0 step 2", "s/loss", "NaN/inf"))
     assert sorted(p.name for p in (root / "cmd").iterdir()) == ["version_0"]
     assert not (root / "cmd" / "version_0" / "checkpoints" / "last.ckpt").exists()
+
+
+def test_weights_in_detectron2_format_or_under_a_wrapper_prefix_load_completely(files, tmp_path):
+    """A teacher/student checkpoint may come as ``{"model": state_dict}`` (detectron2's format) or
+    with all keys under one prefix (saved from a wrapper, e.g. DDP's ``module.``): the weights
+    load, equal to the file's; a prefix that leaves keys unmatched still does not fit."""
+    from collab_distill.checkpoint import load_weights
+    from collab_distill.task import ConfigError
+
+    widths, blocks = RESNET_FAMILY["s"]
+    state = torch.load(files["s10"])
+    for name, content in (("detectron2_format", {"model": state, "iteration": 7}),
+                          ("wrapped", {f"module.{k}": v for k, v in state.items()})):
+        torch.save(content, tmp_path / f"{name}.pt")
+        torch.manual_seed(1)
+        model = ResNetCifar(widths, blocks, num_classes=10, in_channels=1)
+        load_weights(model, tmp_path / f"{name}.pt", member="t", field="cohort.teachers.t.checkpoint")
+        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items()), name
+    partial = {f"module.{k}": v for k, v in list(state.items())[:-1]}
+    torch.save(partial, tmp_path / "partial.pt")
+    with pytest.raises(ConfigError, match=r"does not fit the configured model: .*missing keys.*unexpected keys"):
+        load_weights(ResNetCifar(widths, blocks, num_classes=10, in_channels=1), tmp_path / "partial.pt", member="t",
+                     field="cohort.teachers.t.checkpoint")

@@ -187,3 +187,57 @@ def test_bad_detection_input_fails_before_training(tmp_path, cli_env, shapes):
 def test_detector_factory_rejects_unknown_backbones():
     with pytest.raises(ConfigError, match="resnet18"):
         FasterRCNN("resnet19")
+
+
+def assert_inference_macs(task, info, model, trunk):
+    """``count_macs`` of a detector on the task's example counts one inference pass (more than
+    its ``trunk`` alone), the same every time, and moves no BatchNorm statistic, mode or RNG."""
+    from collab_distill.profiling import count_macs
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    macs = count_macs(model, task.example_input(info))
+    assert model.training and all(m.training for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(torch.get_rng_state(), rng)
+    # the deployed pass (backbone, RPN, box head over the kept proposals) costs more than the trunk alone
+    assert isinstance(macs, int) and macs > count_macs(trunk, torch.zeros(1, 3, *info.image_size)) > 0
+    assert count_macs(model, task.example_input(info)) == macs
+
+
+def test_detection_macs_are_those_of_one_inference_pass_and_touch_no_state(shapes):
+    task = make_task(shapes)
+    info = task.setup(0)
+    model = built(task, "xs")  # BatchNorm trunk: running statistics that must not move
+    assert_inference_macs(task, info, model, model.detector.backbone)
+
+
+@pytest.mark.slow
+def test_torchvision_student_exports_the_detectors_own_state_dict(tmp_path, cli_env, shapes):
+    """`collab-distill export` of a torchvision student writes the Faster R-CNN's own state dict
+    (without the wrapper's `detector.` prefix), which the detector loads strictly; no TorchScript
+    / torch.export file, one note saying why, exit 0. models.json has every member's MACs."""
+    from collab_distill.task import TaskInfo
+
+    options = {"backbone": "xs", "fpn_channels": 32, "representation_size": 64, **SMALL}
+    student = {"xs": {"class_path": "collab_distill.tasks.detection.FasterRCNN", "init_args": options}}
+    plugins = [{"class_path": "collab_distill.plugins.fixed_weights.FixedLossWeights", "init_args": {"alpha": 1.0, "beta": 0.0}}]
+    run_cli(tiny_args(tmp_path, shapes, "export", extra=(
+        "--cohort.teachers", "{}", "--cohort.students", json.dumps(student), "--plugins", json.dumps(plugins),
+        "--trainer.limit_train_batches", "2", "--trainer.limit_eval_batches", "1")), cli_env, timeout=600)
+    run = tmp_path / "export" / "version_0"
+    summary = json.loads((run / "models.json").read_text())
+    assert all(isinstance(m["macs"], int) and m["macs"] > 0 for m in summary.values()), summary
+    ckpt_path = run / "checkpoints" / "last.ckpt"
+    proc = run_cli(["export", "--ckpt_path", str(ckpt_path), "--student", "xs", "--output", str(tmp_path / "out")], cli_env)
+    path = tmp_path / "out" / "xs-last.pt"
+    assert proc.stdout.split() == [str(path)] and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["xs-last.pt"]
+    notes = [line for line in proc.stderr.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "TorchScript / torch.export" in notes[0] and "xs-last.pt is the deployable file" in notes[0]
+    detector = FasterRCNN(**options).build(TaskInfo(num_classes=3)).detector
+    detector.load_state_dict(torch.load(path, weights_only=True))  # strict: no missing or unexpected key
+    trained = torch.load(ckpt_path, weights_only=False)["students"]["xs"]
+    loaded = detector.state_dict()
+    assert len(loaded) == len(trained)
+    for key, value in trained.items():
+        assert torch.equal(loaded[key.removeprefix("detector.")], value), key

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from collab_distill.checkpoint import prefix_mapped
 from collab_distill.data import IndexedDataset, SeededSample
 from collab_distill.records import Knowledge, SoftTarget, per_image_mean
 from collab_distill.task import ConfigError, Evaluator, ModelFactory, Task, TaskInfo
@@ -52,7 +53,7 @@ from collab_distill.tasks.detection.task import (
 )
 
 __all__ = ["Detectron2RCNN", "Detectron2Detector", "Detectron2Coco", "Detectron2Detection", "Detectron2CocoEvaluator",
-           "DistillingRCNN", "detectron2_available"]
+           "DistillingRCNN", "detectron2_available", "load_detectron2_weights"]
 
 INSTALL_HINT = ("install it from source: pip install --no-build-isolation "
                 "'git+https://github.com/facebookresearch/detectron2.git' (see the README, 'Detection with detectron2')")
@@ -99,15 +100,18 @@ def default_config(depth: int) -> Any:
     return cfg
 
 
-def _recording_checkpointer(model: nn.Module) -> Any:
+def _recording_checkpointer(model: nn.Module, preloaded: Optional[dict[str, Any]] = None) -> Any:
     """detectron2's ``DetectionCheckpointer`` that remembers which keys did not load (it only
-    logs them) and reads ``.pth`` files with non-tensor payloads."""
+    logs them), reads ``.pth`` files with non-tensor payloads, and takes a torch file's content
+    already read (``preloaded``), so a file inspected first is not read twice."""
     from detectron2.checkpoint import DetectionCheckpointer
 
     class RecordingCheckpointer(DetectionCheckpointer):
         incompatible: Any = None
 
         def _torch_load(self, f: Any) -> Any:
+            if preloaded is not None:
+                return preloaded
             return torch.load(f, map_location="cpu", weights_only=False)
 
         def _log_incompatible_keys(self, incompatible: Any) -> None:
@@ -115,6 +119,129 @@ def _recording_checkpointer(model: nn.Module) -> Any:
             super()._log_incompatible_keys(incompatible)
 
     return RecordingCheckpointer(model)
+
+
+def load_detectron2_weights(model: nn.Module, path: Union[str, Path], *, strict: bool = True, field: str = "weights",
+                            member: Optional[str] = None, fix: str = "",
+                            checkpointables: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
+    """Load a weights file into a detectron2 model (a ``GeneralizedRCNN``, or a module of them
+    such as :class:`DistillingRCNN`), all of it or nothing.
+
+    Reads what ``DetectionCheckpointer`` reads (model-zoo ``.pkl``, detectron2 ``.pth``,
+    ``detectron2://`` URLs) and collab-distill's own files: a plain state dict (a run's
+    ``teachers/NAME/teacher.pt``, a ``collab-distill export``) whose keys carry
+    :class:`Detectron2Detector`'s ``model.`` prefix, or the model ``member`` of a run's
+    ``last.ckpt`` (needed when it holds several). detectron2 loads what fits and only logs the
+    rest, so a teacher could silently keep a random head; with ``strict`` a key of the model
+    missing from the file, a key of the file the model lacks or a tensor of another shape is a
+    :class:`ConfigError` naming ``field``, the file, the first problems and the likely cause, then
+    ``fix``. ``strict=False`` is for files that cover part of the model on purpose (an ImageNet
+    backbone). ``checkpointables`` (a trainer's ``{"trainer": ...}``) are restored from the file
+    after the model, as ``DetectionCheckpointer.load`` does. Returns the file's other fields
+    (detectron2's ``iteration``, ...).
+    """
+    from urllib.parse import urlparse
+
+    from detectron2.utils.file_io import PathManager
+
+    target = model.module if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else model
+    source = str(path)
+    local = urlparse(source)._replace(query="").geturl()  # detectron2 reads e.g. "x.pkl?matching_heuristics=True"
+    if not Path(local).is_file():
+        try:
+            local = PathManager.get_local_path(local)  # detectron2://, https:// (downloaded once, cached)
+        except Exception as err:
+            raise ConfigError(f"{field}: {source!r} does not exist and cannot be fetched ({type(err).__name__}: {err})") from None
+        if not Path(local).is_file():
+            raise ConfigError(f"{field}: {source!r} does not exist. Fix the path (relative paths start at the working "
+                              "directory).")
+    preloaded = None
+    if Path(local).suffix not in (".pkl", ".pyth"):  # pickles of numpy arrays and pycls files: detectron2 reads them
+        try:
+            content = torch.load(local, map_location="cpu", weights_only=False)
+        except Exception as err:
+            raise ConfigError(f"{field}: {source!r} cannot be read as a torch file ({type(err).__name__}: {err}); give a "
+                              "detectron2 .pkl/.pth or a collab-distill weights file") from None
+        preloaded = _detectron2_layout(content, target, f"{field}: {source!r}", member)
+    checkpointer = _recording_checkpointer(target, preloaded)
+    try:
+        extra = checkpointer.load(source, checkpointables=[])
+    except Exception as err:
+        raise ConfigError(f"{field}: detectron2 cannot load {source!r}: {type(err).__name__}: {err}") from err
+    if strict and checkpointer.incompatible is not None:
+        problem = _weights_mismatch(checkpointer.incompatible, target)
+        if problem:
+            raise ConfigError(f"{field}: {source!r} does not fit this model: {problem}" + (f" {fix}" if fix else ""))
+    for key, state in (checkpointables or {}).items():
+        if key in extra:
+            state.load_state_dict(extra.pop(key))
+    return extra
+
+
+def _detectron2_layout(content: Any, model: nn.Module, where: str, member: Optional[str]) -> dict[str, Any]:
+    """A torch file's content as detectron2's ``{"model": state_dict, ...}``: a collab-distill
+    run checkpoint gives its ``member``, a plain state dict is wrapped, and keys that equal the
+    model's once a prefix common to all of them is removed or added (collab-distill's ``model.``)
+    are mapped."""
+    from collab_distill.checkpoint import CHECKPOINT_FORMAT
+
+    if isinstance(content, Mapping) and content.get("format") == CHECKPOINT_FORMAT and "students" in content:
+        pool = {**content.get("teachers", {}), **content.get("students", {})}
+        if member is None and len(pool) == 1:
+            member = next(iter(pool))
+        if member not in pool:
+            named = "no member is named" if member is None else f"it has no member {member!r}"
+            raise ConfigError(
+                f"{where} is a collab-distill run checkpoint with members {sorted(pool)} and {named}: name one "
+                "(--teacher-member in examples/detectron2_train_net.py), or give one model's file (`collab-distill "
+                "export --student NAME`, or a run's teachers/NAME/teacher.pt)")
+        content = {"model": pool[member]}
+    elif isinstance(content, nn.Module):
+        content = {"model": content.state_dict()}
+    elif isinstance(content, Mapping) and not isinstance(content.get("model"), Mapping):
+        content = {"model": content}
+    if not isinstance(content, Mapping) or not isinstance(content.get("model"), Mapping):
+        raise ConfigError(f"{where} holds a {type(content).__name__}, not weights")
+    content = dict(content)
+    if not content.get("matching_heuristics"):  # files renamed by detectron2's heuristics keep their keys
+        content["model"] = dict(prefix_mapped(dict(content["model"]), set(model.state_dict())))
+    return content
+
+
+def _weights_mismatch(incompatible: Any, model: nn.Module) -> str:
+    """detectron2's incompatible keys as one line: counts, the first keys of each kind and the
+    likely cause; empty when everything loaded."""
+    own = set(model.state_dict())
+    computed = {name for name, _ in model.named_buffers()} - own  # non-persistent buffers (pixel_mean): set by the config
+    shapes = [(k, tuple(a), tuple(b)) for k, a, b in incompatible.incorrect_shapes]
+    missing = [k for k in incompatible.missing_keys if k not in {s[0] for s in shapes}]
+    unexpected = [k for k in incompatible.unexpected_keys if k not in computed]
+    if not (shapes or missing or unexpected):
+        return ""
+    counts = [f"{len(shapes)} tensor(s) of another shape" if shapes else "",
+              f"{len(missing)} key(s) of the model are not in the file" if missing else "",
+              f"{len(unexpected)} key(s) of the file are not in the model" if unexpected else ""]
+    first = ([f"{k}: file {a} vs model {b}" for k, a, b in shapes[:3]] + [f"{k}: not in the file" for k in missing[:3]]
+             + [f"{k}: not in the model" for k in unexpected[:3]])
+    heads = [(a, b) for k, a, b in shapes if k.endswith("box_predictor.cls_score.weight")]
+
+    def tops(keys: Any) -> list[str]:
+        return sorted({k.split(".", 1)[0] + "." for k in keys})
+
+    if heads:  # detectron2's class head has one row per class plus background
+        cause = (f"the file was trained for {heads[0][0][0] - 1} classes and this model has {heads[0][1][0] - 1} "
+                 "(MODEL.ROI_HEADS.NUM_CLASSES, the classes of the data)")
+    elif unexpected and {name for name, _ in model.named_parameters()} <= set(missing):  # no weight loaded
+        cause = (f"none of the model's keys is in the file: the model's start with {tops(own)}, the file's with "
+                 f"{tops(unexpected)}, so it was saved from another (wrapped or unwrapped) model")
+        if tops(unexpected) == ["student.", "teacher."]:
+            cause += ("; this is a DistillingRCNN checkpoint (detectron2_train_net.py's model_*.pth): its student "
+                      "alone is OUTPUT_DIR/student_final.pth")
+    elif missing and not (shapes or unexpected):
+        cause = "the file covers only part of the model (e.g. a backbone-only file)"
+    else:
+        cause = "the file was saved from another architecture (config)"
+    return f"{', '.join(c for c in counts if c)}; first: {first}. Likely cause: {cause}."
 
 
 class Detectron2RCNN(ModelFactory):
@@ -182,22 +309,9 @@ class Detectron2RCNN(ModelFactory):
         return Detectron2Detector(model, cfg)
 
     def _load_weights(self, model: nn.Module) -> None:
-        checkpointer = _recording_checkpointer(model)
-        try:
-            checkpointer.load(self.weights)
-        except Exception as err:
-            raise ConfigError(f"Detectron2RCNN.weights: cannot load {self.weights!r}: {err}") from err
-        bad = checkpointer.incompatible
-        if bad is None or self.weights_partial:
-            return
-        problems = [f"{k}: file {tuple(a)} vs model {tuple(b)}" for k, a, b in bad.incorrect_shapes]
-        problems += [f"{k}: not in the file" for k in bad.missing_keys]
-        if problems:
-            raise ConfigError(
-                f"Detectron2RCNN.weights: {self.weights!r} does not fit this model ({len(problems)} problem(s), first: "
-                f"{problems[:3]}). A head of the wrong shape usually means the file was trained for another number of "
-                "classes; set weights_partial: true to load a backbone-only file on purpose."
-            )
+        assert self.weights is not None
+        load_detectron2_weights(model, self.weights, strict=not self.weights_partial, field="Detectron2RCNN.weights",
+                                fix="Set weights_partial: true to load a backbone-only file on purpose.")
 
     def describe(self) -> str:
         return f"Detectron2RCNN({self.config_file or f'R{self.depth}-FPN'})"
@@ -222,6 +336,11 @@ class Detectron2Detector(nn.Module):
     """A detectron2 ``GeneralizedRCNN`` that can also return per-image losses and class logits
     over given regions (the same three modes as the torchvision ``RegionDetector``)."""
 
+    #: ``collab-distill export`` writes no TorchScript / torch.export program for it (see ``export_note``)
+    export_formats: tuple[str, ...] = ()
+    export_note = ("a detectron2 detector takes a list of image dicts and returns Instances, which tracing a tensor "
+                   "example cannot capture; detectron2's own detectron2.export (TracingAdapter) makes graphs from the .pth")
+
     def __init__(self, model: nn.Module, cfg: Any = None, input_format: Optional[str] = None) -> None:
         super().__init__()
         self.model = model
@@ -234,6 +353,12 @@ class Detectron2Detector(nn.Module):
     @property
     def num_classes(self) -> int:
         return int(self.model.roi_heads.num_classes)
+
+    def export_state_dict(self, state: Mapping[str, Tensor]) -> tuple[dict[str, Any], str]:
+        """``state`` (this wrapper's state dict) in detectron2's checkpoint format: the
+        ``GeneralizedRCNN``'s own keys under ``"model"``, so ``MODEL.WEIGHTS`` and
+        ``DetectionCheckpointer(build_model(cfg)).load`` take the file as it is."""
+        return {"model": {key.removeprefix("model."): value for key, value in state.items()}}, ".pth"
 
     def forward(self, inputs: list[dict[str, Any]], regions: Optional[list[Tensor]] = None,
                 features: Optional[dict[str, Tensor]] = None, mode: str = "train") -> Any:
@@ -550,6 +675,17 @@ class Detectron2Detection(Task):
             raise ConfigError(f"{factory.describe()}: INPUT.FORMAT={model.input_format!r} is not supported; use BGR or RGB")
         model.flip_channels = model.input_format != self.image_format
         return model
+
+    def example_input(self, info: TaskInfo) -> Any:
+        """One ``min_size_test`` square image (uint8, as the mapper gives) through the detector's
+        inference pass, the cost it is deployed with; the box head's share grows with the
+        proposals kept (``MODEL.RPN.POST_NMS_TOPK_TEST``)."""
+        from collab_distill.profiling import ForwardCall
+        from collab_distill.tasks.detection.task import example_image
+
+        height, width = info.image_size
+        image = example_image((height, width)).mul(255).to(torch.uint8)
+        return ForwardCall(([{"image": image, "height": height, "width": width}],), {"mode": "predict"})
 
     def shared_context(self, batch: Any, teachers: Mapping[str, nn.Module],
                        students: Mapping[str, nn.Module]) -> DetectionContext:

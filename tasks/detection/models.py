@@ -9,6 +9,7 @@ ImageNet-style stride-4 stem, for detectors small enough to train on a CPU.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Mapping
 from typing import Any, Optional
 
 import torch
@@ -146,6 +147,11 @@ class RegionDetector(nn.Module):
       background moved to the last column.
     """
 
+    #: ``collab-distill export`` writes no TorchScript / torch.export program for it (see ``export_note``)
+    export_formats: tuple[str, ...] = ()
+    export_note = ("a torchvision detector takes a list of images and returns a list of dicts, which tracing a tensor "
+                   "example cannot capture; torch.jit.script scripts torchvision's FasterRCNN once it has loaded the .pt")
+
     def __init__(self, detector: TorchvisionFasterRCNN) -> None:
         super().__init__()
         self.detector = detector
@@ -154,6 +160,11 @@ class RegionDetector(nn.Module):
     def num_classes(self) -> int:
         """Foreground classes."""
         return self.detector.roi_heads.box_predictor.cls_score.out_features - 1
+
+    def export_state_dict(self, state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], str]:
+        """``state`` (this wrapper's state dict) as the torchvision ``FasterRCNN``'s own state dict,
+        which that detector (as :meth:`FasterRCNN.build` makes it) loads without this wrapper."""
+        return {key.removeprefix("detector."): value for key, value in state.items()}, ".pt"
 
     def forward(self, images: Any, image_sizes: Optional[list[tuple[int, int]]] = None,
                 targets: Optional[list[dict[str, Tensor]]] = None, regions: Optional[list[Tensor]] = None,

@@ -23,12 +23,13 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
+from collab_distill.profiling import ForwardCall
 from collab_distill.records import Knowledge
 from collab_distill.task import ConfigError, Evaluator, ModelFactory, Task, TaskInfo
 from collab_distill.tasks.detection.data import CocoDetection
 from collab_distill.tasks.detection.models import RegionDetector, region_labels
 
-__all__ = ["ObjectDetection", "CocoEvaluator", "PerImageEvaluator", "DetectionContext", "observed"]
+__all__ = ["ObjectDetection", "CocoEvaluator", "PerImageEvaluator", "DetectionContext", "observed", "example_image"]
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -72,6 +73,12 @@ def region_context(proposals: list[Tensor], features: dict[str, Tensor], targets
         source=source if frozen else None, source_features={k: v.detach() for k, v in features.items()} if frozen else None,
         seed=seed,
     )
+
+
+def example_image(size: tuple[int, int]) -> Tensor:
+    """A fixed noise image ``[3, H, W]`` in [0, 1] to count a detector's MACs on: noise rather than
+    a blank image so the RPN scores vary as on a photo; its own generator leaves torch's RNG alone."""
+    return torch.rand(3, *size, generator=torch.Generator().manual_seed(0))
 
 
 def observed(module: nn.Module) -> bool:
@@ -181,6 +188,12 @@ class ObjectDetection(Task):
         if model.num_classes != info.num_classes:
             raise ConfigError(f"{factory.describe()} has {model.num_classes} classes but the data has {info.num_classes}")
         return model
+
+    def example_input(self, info: TaskInfo) -> ForwardCall:
+        """One ``min_size`` square image through the detector's inference pass (transform, RPN,
+        box head, NMS), the cost it is deployed with; the box head's share grows with the
+        proposals kept (``rpn_post_nms_top_n_test``)."""
+        return ForwardCall(([example_image(info.image_size)],), {"mode": "predict"})
 
     def shared_context(self, batch: Any, teachers: Mapping[str, nn.Module],
                        students: Mapping[str, nn.Module]) -> DetectionContext:
