@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 
+from collab_distill.cli import main
 from collab_distill.tasks.detection import detectron2 as d2_adapter
 from collab_distill.tasks.detection.shapes import write_shapes_coco
 from conftest import REPO
@@ -21,14 +22,15 @@ def _plan_lines(stdout: str) -> dict[str, str]:
     return {line.split(":", 1)[0].strip(): line for line in stdout.splitlines() if line.startswith("  ")}
 
 
-def test_dry_run_prints_the_per_rank_plan_and_writes_nothing(tmp_path, cli_env):
+def test_dry_run_prints_the_per_rank_plan_and_writes_nothing(tmp_path, capsys):
     config = tmp_path / "tiny.yaml"
     config.write_text(tiny_digits_yaml(subset=400))
     root = tmp_path / "runs"
     plans = {}
     for devices in (1, 4):
-        out = run_cli(["fit", "--config", str(config), "--trainer.root_dir", str(root), "--trainer.devices", str(devices),
-                       "--trainer.max_epochs", "3", "--dry_run", "true"], cli_env).stdout
+        assert main(["fit", "--config", str(config), "--trainer.root_dir", str(root), "--trainer.devices", str(devices),
+                     "--trainer.max_epochs", "3", "--dry_run", "true"]) == 0
+        out = capsys.readouterr().out
         assert f"{devices} process(es) on cpu" in out and "nothing was trained or written" in out, out
         plans[devices] = _plan_lines(out)
     assert not root.exists()
@@ -39,12 +41,13 @@ def test_dry_run_prints_the_per_rank_plan_and_writes_nothing(tmp_path, cli_env):
     assert "effective batch 128 (32 x 4)" in plans[4]["training"] and f"{3 * per_rank // 32} steps in all" in plans[4]["training"]
 
 
-def test_dry_run_stops_on_what_the_real_run_would_stop_on(tmp_path, cli_env):
+def test_dry_run_stops_on_what_the_real_run_would_stop_on(tmp_path, capsys):
     config = tmp_path / "tiny.yaml"
     config.write_text(tiny_digits_yaml())
-    proc = run_cli(["fit", "--config", str(config), "--trainer.root_dir", str(tmp_path / "runs"), "--dry_run", "true",
-                    "--cohort.student_checkpoints", f"{{s: {tmp_path / 'missing.pt'}}}"], cli_env, check=False)
-    assert proc.returncode == 2 and "cohort.student_checkpoints.s" in proc.stderr and "does not exist" in proc.stderr
+    rc = main(["fit", "--config", str(config), "--trainer.root_dir", str(tmp_path / "runs"), "--dry_run", "true",
+               "--cohort.student_checkpoints", f"{{s: {tmp_path / 'missing.pt'}}}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "cohort.student_checkpoints.s" in err and "does not exist" in err
     assert not (tmp_path / "runs").exists()
 
 
