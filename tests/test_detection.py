@@ -140,37 +140,43 @@ def assert_ranks_identical(run):
     assert json.loads((run / "results.json").read_text())["status"] == "finished"
 
 
-def _expect_error(tmp_path, cli_env, data, *fragments, extra=()):
-    proc = run_cli(tiny_args(tmp_path / "runs", data, "bad", extra=extra), cli_env, check=False)
-    assert proc.returncode == 2, proc.stderr[-2000:]
+def _expect_error(tmp_path, capsys, data, *fragments, extra=()):
+    """The CLI (in-process: the errors come before any work) stops with exit code 2 and a
+    message holding ``fragments``."""
+    from collab_distill.cli import main
+
+    capsys.readouterr()
+    rc = main(tiny_args(tmp_path / "runs", data, "bad", extra=extra))
+    err = capsys.readouterr().err
+    assert rc == 2, err[-2000:]
     for fragment in fragments:
-        assert fragment in proc.stderr, proc.stderr[-2000:]
+        assert fragment in err, err[-2000:]
     assert not (tmp_path / "runs" / "bad" / "version_0" / "checkpoints").exists()
 
 
 @pytest.mark.slow
-def test_bad_detection_input_fails_before_training(tmp_path, cli_env, shapes):
+def test_bad_detection_input_fails_before_training(tmp_path, capsys, shapes):
     data = tmp_path / "data"
     shutil.copytree(shapes, data)
     ann = data / "annotations" / "instances_train2017.json"
     original = ann.read_text()
     ann.unlink()
-    _expect_error(tmp_path, cli_env, data, "train_annotations", "does not exist")
+    _expect_error(tmp_path, capsys, data, "train_annotations", "does not exist")
     doc = json.loads(original)
     ann.write_text(json.dumps({**doc, "images": []}))
-    _expect_error(tmp_path, cli_env, data, "lists no images")
+    _expect_error(tmp_path, capsys, data, "lists no images")
     ann.write_text(original)
     (data / "train2017" / doc["images"][2]["file_name"]).unlink()
-    _expect_error(tmp_path, cli_env, data, "not in", doc["images"][2]["file_name"])
+    _expect_error(tmp_path, capsys, data, "not in", doc["images"][2]["file_name"])
     shutil.copy(shapes / "train2017" / doc["images"][2]["file_name"], data / "train2017")
     val = data / "annotations" / "instances_val2017.json"
     vdoc = json.loads(val.read_text())
     val.write_text(json.dumps({**vdoc, "categories": vdoc["categories"][:2],
                                "annotations": [a for a in vdoc["annotations"] if a["category_id"] != 7]}))
-    _expect_error(tmp_path, cli_env, data, "category ids", "differ")
+    _expect_error(tmp_path, capsys, data, "category ids", "differ")
     val.write_text(json.dumps(vdoc))
     # the exact hypergradient cannot differentiate roi_align twice: refused before any training
-    _expect_error(tmp_path, cli_env, data, "meta.hypergradient=second_order", "finite_difference",
+    _expect_error(tmp_path, capsys, data, "meta.hypergradient=second_order", "finite_difference",
                   extra=("--config", str(REPO / "examples" / "methods" / "mc_distil.yaml"),
                          "--meta.hypergradient", "second_order"))
     # a teacher trained for other classes
@@ -179,7 +185,7 @@ def test_bad_detection_input_fails_before_training(tmp_path, cli_env, shapes):
     info = type(other.info)(num_classes=5, extra=other.info.extra)
     teacher = FasterRCNN("m", fpn_channels=64, representation_size=256).build(info)
     torch.save(teacher.state_dict(), tmp_path / "teacher5.pt")
-    _expect_error(tmp_path, cli_env, data, "cohort.teachers.teacher.checkpoint", "classes",
+    _expect_error(tmp_path, capsys, data, "cohort.teachers.teacher.checkpoint", "classes",
                   extra=("--cohort.teachers.teacher.checkpoint", str(tmp_path / "teacher5.pt"),
                          "--cohort.teachers.teacher.train_epochs", "0"))
 
