@@ -8,6 +8,7 @@ teacher records that also skips the teachers' forward pass).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator, Mapping, Sized
 from typing import TYPE_CHECKING, Any, Optional, cast
 
@@ -27,6 +28,10 @@ __all__ = ["cohort_loss", "untrained_leaves", "check_loss_weight_providers"]
 
 
 _HOOK = "collab_distill_loss_weights"
+
+
+#: engines whose loss-weight providers were checked for conflicts on a real training step
+_checked_engines: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 class _ProviderConflict(ConfigError):
@@ -82,8 +87,8 @@ def check_loss_weight_providers(engine: Engine) -> None:
     """At set-up, ask every loss-weight provider once (on two validation images, no grad, every
     member in eval mode, the RNG untouched), so that two plugins answering for the same student
     stop the run before anything is written or trained. A provider that cannot answer before
-    training is prepared (one that reads a meta module, say) is checked at its first step
-    instead: :func:`_provided_weights` asks every provider at every step."""
+    training is prepared (one that reads a meta module, say) is checked at the first training
+    step instead: :func:`_provided_weights` asks every provider there."""
     impls = _weight_providers(engine)
     if impls is None:
         return
@@ -119,9 +124,12 @@ def _provided_weights(engine: Engine, batch: Any, records: Mapping[str, Knowledg
     # weights from a meta module keep their graph only in the lookahead
     with torch.set_grad_enabled(phase != "train" and torch.is_grad_enabled()):
         kwargs = dict(engine=engine, batch=batch, records=records, teacher_records=teacher_records, phase=phase)
-        impls = _weight_providers(engine)
-        # two providers: ask each of them (not only the first that answers) to find a conflict
+        # two providers: ask each of them (not only the first that answers) to find a conflict, on
+        # the first training step only (later steps ask pluggy's first answer, as without a check)
+        impls = None if engine in _checked_engines else _weight_providers(engine)
         provided = engine.hook.collab_distill_loss_weights(**kwargs) if impls is None else _only_answer(engine, impls, kwargs)
+        if impls is not None and phase == "train":
+            _checked_engines.add(engine)
     if provided is None:
         raise ConfigError("no plugin provides loss weights (the built-in `defaults` plugin is disabled?)")
     missing = set(records) - set(provided)
