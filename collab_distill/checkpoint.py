@@ -23,7 +23,6 @@ __all__ = [
     "atomic_save",
     "load_checkpoint",
     "new_run_dir",
-    "latest_run_dir",
     "versions",
     "rng_state",
     "set_rng_state",
@@ -311,19 +310,6 @@ def new_run_dir(root: str | Path, name: str) -> Path:
             return path
         except FileExistsError:
             n += 1
-
-
-def latest_run_dir(root: str | Path, name: str) -> Path | None:
-    """The newest ``version_N`` under ``root/name`` that has a ``checkpoints/last.ckpt``."""
-    base = Path(root) / name
-    if not base.is_dir():
-        return None
-    runs = sorted(
-        (int(m.group(1)), p)
-        for p in base.iterdir()
-        if (m := re.fullmatch(r"version_(\d+)", p.name)) and (p / "checkpoints" / "last.ckpt").is_file()
-    )
-    return runs[-1][1] if runs else None
 
 
 def rng_state() -> dict[str, Any]:
