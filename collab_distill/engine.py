@@ -12,6 +12,7 @@ import copy
 import time
 from collections.abc import Iterator, Mapping, Sized
 from collections.abc import Mapping as MappingABC
+from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, cast
 
@@ -467,9 +468,10 @@ class Engine:
         teacher_records: Mapping[str, Knowledge],
         phase: str = "train",
         detailed: bool = True,
+        signals: Optional[Mapping[str, Knowledge]] = None,
     ) -> tuple[Tensor, dict[str, Tensor | float]]:
         """The cohort's loss on one batch (see :func:`collab_distill.loss.cohort_loss`)."""
-        return cohort_loss(self, batch, records, teacher_records, phase, detailed)
+        return cohort_loss(self, batch, records, teacher_records, phase, detailed, signals)
 
 
     # ------------------------------------------------------------------ steps
@@ -572,9 +574,30 @@ class Engine:
     def meta_step(self, batch: Any, teacher_records: Mapping[str, Knowledge], context: Any) -> dict[str, Tensor]:
         """The bilevel step: look ahead one step of every student, score the result on a
         held-out meta batch, and update only the meta modules."""
+        meta_params, grads, value = self.meta_gradients(batch, teacher_records, context)
+        for p, g in zip(meta_params, grads):
+            p.grad = g.detach()
+        self._reduce_meta_grads(meta_params)
+        # the norm before clipping tells users whether the meta objective reaches the modules at all
+        grad_norm = torch.nn.utils.clip_grad_norm_(meta_params, self.meta_config.grad_clip or float("inf")).detach()
+        for optimizer in self.meta_optimizers.values():
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        self._sync_module_buffers()
+        # read on the host at the next logging step (no synchronisation here)
+        self._pending_meta.append((self.global_step, torch.stack([value.float(), grad_norm.float()])))
+        self.hook.collab_distill_meta_step_end(engine=self, step=self.global_step, meta_loss=value, grad_norm=grad_norm)
+        return {"meta/loss": value, "meta/grad_norm": grad_norm}
+
+    def meta_gradients(self, batch: Any, teacher_records: Mapping[str, Knowledge], context: Any,
+                       meta_batch: Any = None) -> tuple[list[nn.Parameter], list[Tensor], Tensor]:
+        """The meta modules' trainable parameters, their hypergradients (``meta.hypergradient``)
+        on this training batch and a meta batch (the next one of the meta split unless given,
+        already on the device), and the meta objective after the lookahead; nothing is updated."""
         assert self.fabric is not None
         fabric = self.fabric  # narrowed to Fabric for the closure below
-        meta_batch = self.task.move_batch(next(self.meta_batches), fabric)
+        if meta_batch is None:
+            meta_batch = self.task.move_batch(next(self.meta_batches), fabric)
         with torch.no_grad():
             meta_context = self.task.shared_context(meta_batch, self.teachers, self.students)
         raw = {name: unwrap(model) for name, model in self.students.items()}
@@ -608,11 +631,22 @@ class Engine:
                         bound.setdefault(student, {}).setdefault(module, {})[pname] = value
             return bound
 
+        # only the lookahead's loss is differentiated twice (the exact hypergradient)
+        exact = self.task.twice_differentiable if self.meta_config.hypergradient == "second_order" else nullcontext
+        # what the weight and target hooks read at the unperturbed parameters (the first call): the
+        # finite-difference calls at perturbed ones reuse it, so it stays the constant it is for
+        # the exact hypergradient (detached inputs change with the parameters; their gradient is 0)
+        signals: dict[str, Knowledge] = {}
+
         def train_loss(theta: Mapping[str, Mapping[str, Tensor]]) -> Tensor:
-            records = {n: run(n, theta[n], batch, i, context, "lookahead") for i, n in enumerate(names)}
+            with exact():
+                records = {n: run(n, theta[n], batch, i, context, "lookahead") for i, n in enumerate(names)}
             self._lookahead_modules = bind(theta)
             try:
-                return self.cohort_loss(batch, records, teacher_records, phase="lookahead")[0]
+                loss = self.cohort_loss(batch, records, teacher_records, phase="lookahead", signals=signals or None)[0]
+                if not signals:
+                    signals.update({n: r.detach() for n, r in records.items()})
+                return loss
             finally:
                 self._lookahead_modules = None
 
@@ -633,19 +667,7 @@ class Engine:
             params=params, meta_params=meta_params, train_loss=train_loss, meta_loss=meta_loss,
             optimizers=optimizers, config=self.meta_config,
         )
-        for p, g in zip(meta_params, grads):
-            p.grad = g.detach()
-        self._reduce_meta_grads(meta_params)
-        # the norm before clipping tells users whether the meta objective reaches the modules at all
-        grad_norm = torch.nn.utils.clip_grad_norm_(meta_params, self.meta_config.grad_clip or float("inf")).detach()
-        for optimizer in self.meta_optimizers.values():
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        self._sync_module_buffers()
-        # read on the host at the next logging step (no synchronisation here)
-        self._pending_meta.append((self.global_step, torch.stack([value.float(), grad_norm.float()])))
-        self.hook.collab_distill_meta_step_end(engine=self, step=self.global_step, meta_loss=value, grad_norm=grad_norm)
-        return {"meta/loss": value, "meta/grad_norm": grad_norm}
+        return meta_params, grads, value
 
     def flush_meta_history(self) -> None:
         """Move the meta steps since the last flush to ``meta_history`` and the loggers, each at the

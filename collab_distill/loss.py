@@ -1,9 +1,16 @@
 """The cohort loss: every student's per-image mix of its terms, summed over students.
 
 ``L_s = mean_i [alpha_si * sup_si + beta_si * tau^2 * D(target_si, s_i) + gamma_si * tau^2 * D(consensus_si, s_i)]``
-plus every plugin's auxiliary terms. Which weights, targets and consensus come from hooks; a
-term whose weight is a constant zero for every student is not computed at all (with lazy
-teacher records that also skips the teachers' forward pass).
+plus every plugin's auxiliary terms (a term named ``<student>/<name>`` is that student's). Which
+weights, targets and consensus come from hooks; a term whose weight is a constant zero for every
+student is not computed at all (with lazy teacher records that also skips the teachers' forward
+pass). ``D`` of an image is the mean over its units (regions in detection); per-region weights
+(``LossWeights.unit_beta`` / ``unit_gamma``) scale each unit's term before that mean.
+
+Logged on one scale, each term as it enters the loss: ``<s>/supervised`` is
+``mean_i alpha_si * sup_si``, ``<s>/distill`` and ``<s>/consensus`` the weighted, tau^2-scaled
+terms, auxiliary terms as the plugin returned them; ``<s>/loss`` is their sum, everything student
+``s`` optimises, and ``loss`` the sum over students plus any auxiliary term of no student.
 """
 
 from __future__ import annotations
@@ -145,46 +152,64 @@ def cohort_loss(
     teacher_records: Mapping[str, Knowledge],
     phase: str = "train",
     detailed: bool = True,
+    signals: Optional[Mapping[str, Knowledge]] = None,
 ) -> tuple[Tensor, dict[str, Tensor | float]]:
     """The total loss and, for logging, ``loss``, ``<student>/loss`` and (when ``detailed``) every
-    student's terms and mean weights, detached."""
+    student's terms and mean weights, detached.
+
+    ``signals``: the students' records that the loss-weight, soft-target and consensus hooks read
+    (default: ``records``). The finite-difference meta step evaluates the loss at perturbed
+    parameters but must keep what those hooks read (detached inputs of a C-Net, a consensus of the
+    students) at the unperturbed ones, as the exact hypergradient treats them: constants.
+    """
     tau = engine.trainer.temperature
-    weights = _provided_weights(engine, batch, records, teacher_records, phase)
-    kwargs = dict(engine=engine, batch=batch, records=records, teacher_records=teacher_records, temperature=tau)
+    signals = records if signals is None else signals
+    weights = _provided_weights(engine, batch, signals, teacher_records, phase)
+    kwargs = dict(engine=engine, batch=batch, records=signals, teacher_records=teacher_records, temperature=tau)
     targets: Mapping[str, SoftTarget] = {}
     consensus: Mapping[str, SoftTarget] = {}
     if any(w.uses("distill") for w in weights.values()):
         targets = engine.hook.collab_distill_soft_targets(**kwargs) or {}
     if any(w.uses("consensus") for w in weights.values()):
         consensus = engine.hook.collab_distill_consensus_targets(**kwargs) or {}
-    total: Tensor | float = 0.0
     logs: dict[str, Tensor | float] = {}
+    per_student: dict[str, Tensor] = {}
     for name, rec in records.items():
         w = weights[name]
         alpha, beta, gamma = w.constant if w.constant is not None else (w.alpha, w.beta, w.gamma)
-        per_image = alpha * rec.supervised_loss
+        supervised = alpha * rec.supervised_loss
+        per_image = supervised
         if detailed:
-            logs[f"{name}/supervised"] = rec.supervised_loss.detach().mean()
-        for term, target, mix in (("distill", targets.get(name), beta), ("consensus", consensus.get(name), gamma)):
+            logs[f"{name}/supervised"] = supervised.detach().mean()
+        for term, target, mix, spread in (("distill", targets.get(name), beta, w.unit_beta),
+                                          ("consensus", consensus.get(name), gamma, w.unit_gamma)):
             if target is None or not w.uses(term):
                 continue
-            kl = rec.per_image(target.kl_per_unit(rec.logits, tau))
-            per_image = per_image + mix * (tau * tau) * kl
+            kl = target.kl_per_unit(rec.logits, tau)
+            # per-region weights: a factor per unit, spreading the image's weight over its regions
+            weighted = mix * (tau * tau) * rec.per_image(kl if spread is None else kl * spread)
+            per_image = per_image + weighted
             if detailed:
-                logs[f"{name}/{term}"] = kl.detach().mean()
-        student_loss = per_image.mean()
-        logs[f"{name}/loss"] = student_loss.detach()
+                logs[f"{name}/{term}"] = weighted.detach().mean()
+        per_student[name] = per_image.mean()
         if detailed:
             for key, value in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
                 logs[f"{name}/{key}"] = value if isinstance(value, float) else value.detach().float().mean()
-        total = total + student_loss
     extra = engine.hook.collab_distill_auxiliary_losses(
         engine=engine, batch=batch, records=records, teacher_records=teacher_records, weights=weights, phase=phase,
     )
+    total: Tensor | float = 0.0
     for group in extra:
         for key, value in (group or {}).items():
-            total = total + value
+            owner = key.split("/", 1)[0]
+            if owner in per_student and "/" in key:  # "<student>/<term>": part of that student's loss
+                per_student[owner] = per_student[owner] + value
+            else:
+                total = total + value
             logs[key] = value.detach()
+    for name, student_loss in per_student.items():
+        logs[f"{name}/loss"] = student_loss.detach()
+        total = total + student_loss
     assert isinstance(total, Tensor)
     logs["loss"] = total.detach()
     return total, logs

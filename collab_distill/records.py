@@ -156,6 +156,11 @@ class LossWeights:
     #: ``(alpha, beta, gamma)`` when the weights are the same known numbers for every image; lets
     #: the engine skip a term (and the teacher's forward pass) whose weight is exactly zero
     constant: tuple[float, float, float] | None = None
+    #: optional per-unit factors ``[U]`` (detection: one per shared region) on the distillation and
+    #: consensus terms: image ``i``'s term is ``beta_i * mean_{u in i} unit_beta_u * D_u`` (so factors
+    #: with mean 1 over an image's units spread its weight over them without changing its total)
+    unit_beta: Tensor | None = None
+    unit_gamma: Tensor | None = None
 
     @classmethod
     def constant_weights(cls, num_images: int, alpha: float, beta: float, gamma: float, device: Any = None) -> LossWeights:

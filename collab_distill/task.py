@@ -9,6 +9,7 @@ metrics of classification (top-k) and detection (COCO AP) have nothing in common
 from __future__ import annotations
 
 import abc
+import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -72,8 +73,8 @@ class Task(abc.ABC):
 
     #: names of the data splits the task provides; ``meta`` is held out from ``train``.
     splits: tuple[str, ...] = ("train", "meta", "val", "test")
-    #: whether the task's models can be differentiated twice (the exact second-order meta step);
-    #: detectors cannot (roi_align), so the engine refuses that hypergradient up front
+    #: whether the task's models can be differentiated twice (the exact second-order meta step),
+    #: inside :meth:`twice_differentiable`; when False the engine refuses that hypergradient up front
     double_backward: bool = True
 
     @abc.abstractmethod
@@ -129,6 +130,12 @@ class Task(abc.ABC):
 
     def move_batch(self, batch: Any, fabric: Any) -> Any:
         return fabric.to_device(batch)
+
+    def twice_differentiable(self) -> contextlib.AbstractContextManager[None]:
+        """A context in which the task's forward passes support a second derivative. The exact
+        meta step enters it around its lookahead (the part differentiated twice); tasks whose
+        fast kernels lack a double backward (RoIAlign in detectors) switch to exact ones here."""
+        return contextlib.nullcontext()
 
     def describe(self) -> str:
         return type(self).__name__

@@ -49,9 +49,26 @@ def make_regressor(in_channels: int, out_channels: int, kind: str) -> nn.Module:
     raise ConfigError(f"FitNets.adaptor={kind!r}: choose conv, linear or none")
 
 
-def hint_loss_per_image(student: Tensor, teacher: Tensor) -> Tensor:
-    """``mean_{c,h,w} (student - teacher)^2`` per image, ``[B]`` (the regressor already applied)."""
-    return (student.float() - teacher.detach().float()).pow(2).flatten(1).mean(dim=1)
+def hint_loss_per_image(student: Tensor, teacher: Tensor, normalize: str = "none") -> Tensor:
+    """``mean_{c,h,w} (student - teacher)^2`` per image, ``[B]`` (the regressor already applied).
+
+    ``normalize="channel"`` first standardises every channel of every image over its positions
+    (zero mean, unit variance), student and teacher alike, as PKD (Cao et al., NeurIPS 2022) does
+    for detectors: the term is then ``2 * (1 - Pearson correlation)`` averaged over channels,
+    between 0 and 4 whatever the features' scale (an FPN level trained from scratch can be in the
+    tens), and a teacher channel's offset or magnitude no longer dominates the hint."""
+    s, t = student.float(), teacher.detach().float()
+    if normalize == "channel":
+        s, t = _standardise(s), _standardise(t)
+    return (s - t).pow(2).flatten(1).mean(dim=1)
+
+
+def _standardise(feature: Tensor, eps: float = 1e-5) -> Tensor:
+    """Each channel of each image to zero mean and unit variance over its positions."""
+    flat = feature.flatten(2)
+    mean = flat.mean(dim=2, keepdim=True)
+    std = flat.var(dim=2, unbiased=False, keepdim=True).add(eps).sqrt()
+    return ((flat - mean) / std).view_as(feature)
 
 
 def attention_map(feature: Tensor, p: float = 2.0) -> Tensor:
@@ -174,6 +191,9 @@ class FitNets(_FeaturePairs):
         adaptor: ``conv`` (1x1 conv + BN + ReLU), ``linear`` (1x1 conv) or ``none`` (the shapes must
             already agree).
         per_image_weight: ``none`` or ``beta`` (scale each image's term by the student's beta).
+        normalize: ``none`` (FitNets' plain mean squared error) or ``channel`` (both features
+            standardised per channel and image first, as PKD does for detectors; the term is then
+            between 0 and 4, ``2 * (1 - Pearson correlation)``, whatever the features' scale).
     """
 
     term = "hint"
@@ -187,11 +207,15 @@ class FitNets(_FeaturePairs):
         weight: float = 100.0,
         adaptor: Literal["conv", "linear", "none"] = "conv",
         per_image_weight: Literal["none", "beta"] = "none",
+        normalize: Literal["none", "channel"] = "none",
     ) -> None:
         super().__init__(student_features, teacher_features, teacher, students, weight, per_image_weight)
         if adaptor not in ("conv", "linear", "none"):
             raise ConfigError(f"FitNets.adaptor={adaptor!r}: choose conv, linear or none")
+        if normalize not in ("none", "channel"):
+            raise ConfigError(f"FitNets.normalize={normalize!r}: choose none or channel")
         self.adaptor = adaptor
+        self.normalize = normalize
 
     @hookimpl
     def collab_distill_student_modules(self, engine: Any) -> dict[str, dict[str, nn.Module]]:
@@ -216,11 +240,11 @@ class FitNets(_FeaturePairs):
     def pair_loss(self, engine: Any, student: str, index: int, feature: Tensor, target: Tensor) -> Tensor:
         if self.adaptor != "none":
             feature = engine.student_module(student, f"fitnets_regressor_{index}")(feature)
-        return hint_loss_per_image(feature, target)
+        return hint_loss_per_image(feature, target, self.normalize)
 
     def __repr__(self) -> str:
         return (f"FitNets(student_features={self.student_features}, teacher_features={self.teacher_features}, "
-                f"weight={self.weight}, adaptor={self.adaptor!r})")
+                f"weight={self.weight}, adaptor={self.adaptor!r}, normalize={self.normalize!r})")
 
 
 class AttentionTransfer(_FeaturePairs):

@@ -69,6 +69,9 @@ class CoordinatorNetwork(nn.Module):
     lookahead otherwise learns a larger step (every weight saturates), not a different mix.
     A term whose ``mix`` is 0 stays 0. ``normalize="none"`` is the unnormalised form
     ``scale * activation(head)``.
+
+    With ``region_inputs`` a second head reads per-unit (per-region) signals and gives each region
+    a factor on beta and gamma (:meth:`region_factors`).
     """
 
     def __init__(
@@ -83,6 +86,7 @@ class CoordinatorNetwork(nn.Module):
         hidden: int = 0,
         activation: Activation = "sigmoid",
         scale: float = 1.0,
+        region_inputs: int = 0,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -104,6 +108,26 @@ class CoordinatorNetwork(nn.Module):
             nn.init.normal_(last.weight, std=1e-2)
         nn.init.zeros_(last.bias)
         self.register_buffer("mix", torch.tensor(mix, dtype=torch.float32).expand(num_students, 3).clone(), persistent=False)
+        self.regions: Optional[nn.Sequential] = None
+        if region_inputs:
+            # per-region factors on beta and gamma; a zero last layer spreads every image's weight evenly
+            region_last = nn.Linear(hidden or region_inputs, 2 * num_students)
+            nn.init.zeros_(region_last.weight)
+            nn.init.zeros_(region_last.bias)
+            region_layers: list[nn.Module] = [nn.Linear(region_inputs, hidden), nn.ReLU()] if hidden else []
+            self.regions = nn.Sequential(*region_layers, region_last)
+
+    def region_factors(self, unit_inputs: Tensor, unit_image: Tensor, num_images: int) -> Tensor:
+        """``[U, S, 2]`` factors on beta and gamma for every unit (region) and student, each in
+        ``(1/max_factor, max_factor)`` before being rescaled to mean 1 over each image's units,
+        so they move an image's distillation weight between its regions, never its total."""
+        assert self.regions is not None, "built without region_inputs"
+        raw = self.regions(unit_inputs.float()).view(-1, self.num_students, 2)
+        factor = torch.exp(math.log(self.max_factor) * torch.tanh(raw))
+        flat = factor.flatten(1)
+        mean = flat.new_zeros(num_images, flat.shape[1]).index_add(0, unit_image, flat)
+        count = flat.new_zeros(num_images).index_add(0, unit_image, torch.ones_like(flat[:, 0])).clamp_min(1.0)
+        return (flat / (mean / count[:, None])[unit_image]).view_as(factor)
 
     def forward(self, images: Optional[Tensor], extras: Optional[Tensor] = None) -> Tensor:
         """``[B, S, 3]`` weights (alpha, beta, gamma) for ``S`` students."""
@@ -149,6 +173,15 @@ class CNet(Plugin):
             Meta-Weight-Net does: an extension beyond the paper, which lets the C-Net tell a
             label the cohort disagrees with from a clean one (the image alone cannot, when
             whether a label is wrong does not depend on the image).
+        use_unit_losses: also feed every member's per-image mean cross-entropy of its unit logits
+            against the unit labels (``log1p``, detached). For classification that is the
+            supervised loss again; for detection it is each member's disagreement with the
+            annotations over the shared regions (a flipped box, a missing one), teachers
+            included, whose detection losses are not computed.
+        per_region: also give every unit (detection: every shared region) its own factor on beta
+            and gamma, from each member's cross-entropy on that region and whether it is
+            background; an image's factors have mean 1, so they spread its distillation weight
+            over its regions (``LossWeights.unit_beta``) without changing the image's total.
         gamma: learn gamma; ``false`` fixes it at 0 (MC-Distil-NoPS).
         independent: one C-Net per student, each seeing only its own student (Meta-Distil).
         lr: Adam learning rate of the C-Net (paper: 1e-3).
@@ -171,6 +204,8 @@ class CNet(Plugin):
         use_logits: bool = False,
         use_label: bool = False,
         use_losses: bool = False,
+        use_unit_losses: bool = False,
+        per_region: bool = False,
         gamma: bool = True,
         independent: bool = False,
         lr: float = 1e-3,
@@ -186,8 +221,11 @@ class CNet(Plugin):
             raise ConfigError(f"CNet.normalize={normalize!r}: use batch (relative weights, fixed budget) or none")
         if not max_factor > 1:
             raise ConfigError(f"CNet.max_factor={max_factor} must be > 1 (1 would freeze every weight at mix)")
-        if not (use_image or use_logits or use_label or use_losses):
-            raise ConfigError("CNet: no input; set use_image (the paper's g_phi(x)) or one of use_logits, use_label, use_losses")
+        if not (use_image or use_logits or use_label or use_losses or use_unit_losses):
+            raise ConfigError("CNet: no input; set use_image (the paper's g_phi(x)) or one of use_logits, use_label, "
+                              "use_losses, use_unit_losses")
+        if per_region and normalize != "batch":
+            raise ConfigError("CNet.per_region needs normalize: batch (its factors are relative to the image's weight)")
         mix = tuple(float(m) for m in (mix if mix is not None else _kd_mix(gamma)))  # type: ignore[assignment]
         if len(mix) != 3 or not all(m >= 0 for m in mix) or sum(mix) <= 0:
             raise ConfigError(f"CNet.mix={list(mix)} must be [alpha, beta, gamma], each >= 0, not all 0")
@@ -213,6 +251,8 @@ class CNet(Plugin):
         self.use_logits = use_logits
         self.use_label = use_label
         self.use_losses = use_losses
+        self.use_unit_losses = use_unit_losses
+        self.per_region = per_region
         self.gamma = gamma
         self.independent = independent
         self.lr = lr
@@ -226,17 +266,18 @@ class CNet(Plugin):
     @property
     def uses_records(self) -> bool:
         """Whether the C-Net reads the cohort's records (not only the image)."""
-        return self.use_logits or self.use_label or self.use_losses
+        return self.use_logits or self.use_label or self.use_losses or self.use_unit_losses or self.per_region
 
     def _network(self, info: TaskInfo, num_students: int, members: int) -> CoordinatorNetwork:
         extra = (info.num_classes * members if self.use_logits else 0) + (info.num_classes if self.use_label else 0) \
-            + (members if self.use_losses else 0)
+            + (members if self.use_losses else 0) + (members if self.use_unit_losses else 0)
         backbone = None
         if self.backbone is not None:
             backbone_info = TaskInfo(num_classes=self.embedding_dim, in_channels=info.in_channels, image_size=info.image_size)
             backbone = self.backbone.build(backbone_info)
         return CoordinatorNetwork(backbone, self.embedding_dim, extra, num_students, self.mix, self.normalize,
-                                  self.max_factor, self.hidden, self.activation, self.scale)
+                                  self.max_factor, self.hidden, self.activation, self.scale,
+                                  region_inputs=members + 1 if self.per_region else 0)
 
     @hookimpl
     def collab_distill_configure(self, engine: Any) -> None:
@@ -275,30 +316,64 @@ class CNet(Plugin):
             parts.append(F.one_hot(members[0].unit_labels.clamp_min(0), self.num_classes).float())
         if self.use_losses:
             parts.append(torch.log1p(torch.stack([m.supervised_loss.detach().float() for m in members], dim=1)))
+        if self.use_unit_losses:
+            parts.append(torch.log1p(torch.stack([m.per_image(_unit_cross_entropy(m)) for m in members], dim=1)))
+        if not parts:
+            return None
         return torch.cat(parts, dim=1)
+
+    def _unit_inputs(self, students: list[str], records: Mapping[str, Knowledge],
+                     teachers: Mapping[str, Knowledge]) -> Tensor:
+        """``[U, members + 1]``: every member's cross-entropy on each unit (``log1p``) and whether
+        the unit is background (labelled with the last class)."""
+        members = [records[s] for s in students] + list(teachers.values())
+        losses = torch.log1p(torch.stack([_unit_cross_entropy(m) for m in members], dim=1))
+        background = (members[0].unit_labels == members[0].logits.shape[-1] - 1).float()[:, None]
+        return torch.cat([losses, background], dim=1)
 
     def weights(
         self, engine: Any, batch: Any, records: Mapping[str, Knowledge], teacher_records: Mapping[str, Knowledge] = {}
     ) -> dict[str, Tensor]:
         """``{student: [B, 3]}`` from the (possibly looked-ahead) C-Net."""
+        return self._weights(engine, batch, records, teacher_records)[0]
+
+    def _weights(
+        self, engine: Any, batch: Any, records: Mapping[str, Knowledge], teacher_records: Mapping[str, Knowledge]
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Per student the ``[B, 3]`` image weights and (``per_region``) the ``[U, 2]`` region factors."""
         nets = engine.meta_modules["cnet"]
         images = engine.task.images(batch) if self.use_image else None
         teachers = teacher_records if self.uses_records else {}
+        factors: dict[str, Tensor] = {}
         if self.independent:
             out = {s: nets[s](images, self._extras([s], records, teachers))[:, 0] for s in self.students}
+            if self.per_region:
+                first = records[self.students[0]]
+                factors = {s: nets[s].region_factors(self._unit_inputs([s], records, teachers), first.unit_image,
+                                                     first.num_images)[:, 0] for s in self.students}
         else:
             w = nets["shared"](images, self._extras(self.students, records, teachers))
             out = {s: w[:, i] for i, s in enumerate(self.students)}
+            if self.per_region:
+                first = records[self.students[0]]
+                f = nets["shared"].region_factors(self._unit_inputs(self.students, records, teachers), first.unit_image,
+                                                  first.num_images)
+                factors = {s: f[:, i] for i, s in enumerate(self.students)}
         if not self.gamma:
             out = {s: torch.cat([w[:, :2], torch.zeros_like(w[:, 2:])], dim=1) for s, w in out.items()}
-        return out
+        return out, factors
 
     @hookimpl
     def collab_distill_loss_weights(
         self, engine: Any, batch: Any, records: Mapping[str, Knowledge], teacher_records: Mapping[str, Knowledge]
     ) -> dict[str, LossWeights]:
-        weights = self.weights(engine, batch, records, teacher_records)
-        return {s: LossWeights.from_tensor(w) for s, w in weights.items()}
+        weights, factors = self._weights(engine, batch, records, teacher_records)
+        out = {}
+        for s, w in weights.items():
+            out[s] = LossWeights.from_tensor(w)
+            if s in factors:
+                out[s].unit_beta, out[s].unit_gamma = factors[s][:, 0], factors[s][:, 1]
+        return out
 
     # -- applying the C-Net to a data set --------------------------------------------------
 
@@ -318,8 +393,13 @@ class CNet(Plugin):
         with torch.no_grad():
             for batch in loader:
                 batch = engine.task.move_batch(batch, engine.fabric)
-                records = {s: engine.task.knowledge(m, batch) for s, m in engine.students.items()} if self.uses_records else {}
-                teachers = engine.teacher_records(batch, None) if self.uses_records else {}
+                records: dict[str, Knowledge] = {}
+                teachers: Mapping[str, Knowledge] = {}
+                if self.uses_records:
+                    # the units the cohort shares in training (detection: the region source's proposals)
+                    context = engine.task.shared_context(batch, engine.teachers, engine.students)
+                    records = {s: engine.task.knowledge(m, batch, context=context) for s, m in engine.students.items()}
+                    teachers = engine.teacher_records(batch, context)
                 targets = batch.get("targets") if isinstance(batch, dict) else None
                 # one class per image (classification) is shown in the grid; -1 otherwise
                 labels = targets.tolist() if isinstance(targets, Tensor) and targets.dim() == 1 else [-1] * len(batch["index"])
@@ -498,10 +578,19 @@ def noise_separation(rows: WeightRows, students: list[str], flipped: Any) -> dic
 
 
 def _flipped_flags(engine: Any, split: str) -> Optional[Any]:
-    """Which labels of ``split`` were flipped by a label-noise option (indexed like the split),
-    or ``None`` when the split's data set has no such record."""
+    """Which samples of ``split`` a noise option corrupted (indexed like the split): flipped
+    labels (classification), images with any corrupted box (detection); ``None`` when the
+    split's data set has no such record."""
     flipped = getattr(engine.task.dataset(split), "flipped", None)
     return flipped if flipped is not None and len(flipped) else None
+
+
+def _unit_cross_entropy(record: Knowledge) -> Tensor:
+    """``[U]`` cross-entropy of a member's unit logits against the unit labels (0 where a unit has
+    none), detached."""
+    labels = record.unit_labels
+    ce = F.cross_entropy(record.logits.detach().float(), labels.clamp_min(0), reduction="none")
+    return ce * (labels >= 0)
 
 
 def _update_summary(path: Path, split: str, summary: Mapping[str, Any]) -> None:

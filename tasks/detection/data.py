@@ -12,11 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from collab_distill.data import IndexedDataset, SeededSample, augment_seeded
 from collab_distill.task import ConfigError
+from collab_distill.tasks.detection.noise import AnnotationNoise, Corruption, corrupt_boxes, crop_features
 
 __all__ = ["CocoDetection", "CocoSplit", "CocoIndex"]
 
@@ -28,7 +30,8 @@ class CocoIndex:
     path: Path
     image_root: Path
     images: list[dict[str, Any]]
-    boxes: dict[int, list[tuple[list[float], int]]]  # image id -> [(xywh, category id)], crowd boxes left out
+    #: image id -> [(xywh, category id, the annotation's position in the file)], crowd boxes left out
+    boxes: dict[int, list[tuple[list[float], int, int]]]
     categories: list[dict[str, Any]]
     document: dict[str, Any]
 
@@ -55,8 +58,8 @@ class CocoIndex:
                 f"{str(image_root)!r} (first: {missing[:3]}); fix the image folder or the annotation file"
             )
         known = {c["id"] for c in document["categories"]}
-        boxes: dict[int, list[tuple[list[float], int]]] = {im["id"]: [] for im in document["images"]}
-        for a in document["annotations"]:
+        boxes: dict[int, list[tuple[list[float], int, int]]] = {im["id"]: [] for im in document["images"]}
+        for position, a in enumerate(document["annotations"]):
             if a["category_id"] not in known:
                 raise ConfigError(f"{field}: annotation {a.get('id')} in {str(path)!r} has category_id {a['category_id']}, "
                                   f"which is not among the file's categories {sorted(known)}")
@@ -66,7 +69,7 @@ class CocoIndex:
             x, y, w, h = a["bbox"]
             if a.get("iscrowd", 0) or w <= 1 or h <= 1:
                 continue
-            boxes[a["image_id"]].append(([float(x), float(y), float(w), float(h)], a["category_id"]))
+            boxes[a["image_id"]].append(([float(x), float(y), float(w), float(h)], a["category_id"], position))
         return cls(path, image_root, list(document["images"]), boxes, list(document["categories"]), document)
 
 
@@ -76,13 +79,32 @@ class CocoSplit(IndexedDataset):
     with probability ``flip`` under their sample seed."""
 
     def __init__(self, index: CocoIndex, image_ids: list[int], label_of: dict[int, int], flip: float = 0.0,
-                 name: str = "") -> None:
+                 name: str = "", corruption: Optional[Corruption] = None) -> None:
         self.index = index
         self.by_id = {im["id"]: im for im in index.images}
         self.image_ids = image_ids
         self.label_of = label_of
         self.flip = flip
         self.name = name
+        #: what annotation noise did to this split (``None``: its boxes are the file's)
+        self.corruption = corruption
+        #: per image of the split (in split order): whether any of its boxes was corrupted
+        self.corrupted: Optional[np.ndarray] = None
+        if corruption is not None:
+            self.corrupted = np.array([corruption.image_corrupted(i) for i in image_ids], dtype=bool)
+
+    @property
+    def flipped(self) -> Optional[np.ndarray]:
+        """:attr:`corrupted` under the name the classification splits use for their label noise."""
+        return self.corrupted
+
+    def entries(self, image_id: int) -> list[tuple[list[float], int]]:
+        """The boxes of one image as training sees them: ``[(xywh, category id)]``."""
+        boxes = self.index.boxes[image_id]
+        if self.corruption is None:
+            return [(xywh, category) for xywh, category, _ in boxes]
+        kept = (self.corruption.boxes.get(annotation_id, (xywh, category)) for xywh, category, annotation_id in boxes)
+        return [box for box in kept if box is not None]
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -96,7 +118,7 @@ class CocoSplit(IndexedDataset):
         info = self.by_id[image_id]
         with Image.open(self.index.image_root / info["file_name"]) as im:
             image = pil_to_tensor(im.convert("RGB")).float().div_(255)
-        entries = self.index.boxes[image_id]
+        entries = self.entries(image_id)
         boxes = torch.tensor([[x, y, x + w, y + h] for (x, y, w, h), _ in entries], dtype=torch.float32).reshape(-1, 4)
         labels = torch.tensor([self.label_of[c] for _, c in entries], dtype=torch.int64)
         if seed is not None and self.flip > 0 and augment_seeded(seed % (2**63), lambda: torch.rand(()).item()) < self.flip:
@@ -122,6 +144,9 @@ class CocoDetection:
         flip: probability of a horizontal flip of a training image.
         keep_empty: keep training images without boxes (COCO has ~1%).
         subset: use only the first N training images (quick runs).
+        annotation_noise: corrupt the ``train`` split's boxes (class flips, dropped and
+            jittered boxes; seeded; see :class:`~collab_distill.tasks.detection.noise.AnnotationNoise`);
+            meta, val and test keep the file's boxes. ``None``: no noise.
     """
 
     def __init__(
@@ -139,6 +164,7 @@ class CocoDetection:
         flip: float = 0.5,
         keep_empty: bool = False,
         subset: Optional[int] = None,
+        annotation_noise: Optional[AnnotationNoise] = None,
     ) -> None:
         for field, value in (("meta_fraction", meta_fraction), ("val_fraction", val_fraction), ("flip", flip)):
             if not 0 <= value < 1:
@@ -156,6 +182,12 @@ class CocoDetection:
         self.meta_fraction, self.val_fraction = meta_fraction, val_fraction
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.flip, self.keep_empty, self.subset = flip, keep_empty, subset
+        if annotation_noise is not None and not isinstance(annotation_noise, AnnotationNoise):
+            raise ConfigError(f"{type(self).__name__}.annotation_noise is {annotation_noise!r}; give an AnnotationNoise, "
+                              "e.g. {class_flip: 0.3, kind: symmetric} in YAML, or null")
+        if annotation_noise is not None:
+            annotation_noise.check(f"{type(self).__name__}.annotation_noise")
+        self.annotation_noise = annotation_noise
         self.splits: dict[str, CocoSplit] = {}
         self.categories: list[dict[str, Any]] = []
 
@@ -188,12 +220,34 @@ class CocoDetection:
             parts["val"] = parts["meta"] or parts["train"][: max(1, len(parts["train"]) // 10)]
         if not parts["meta"]:
             parts["meta"] = parts["val"]
+        corruption = self._corrupt(train, sorted(parts["train"]), ids, seed)
         self.splits = {
-            "train": CocoSplit(train, sorted(parts["train"]), label_of, flip=self.flip, name="train"),
+            "train": CocoSplit(train, sorted(parts["train"]), label_of, flip=self.flip, name="train", corruption=corruption),
             "meta": CocoSplit(train, sorted(parts["meta"]), label_of, flip=self.flip, name="meta"),
             "val": CocoSplit(train, sorted(parts["val"]), label_of, name="val"),
             "test": CocoSplit(test, [im["id"] for im in test.images], label_of, name="test"),
         }
+
+    def _corrupt(self, index: CocoIndex, image_ids: list[int], category_ids: list[int], seed: int) -> Optional[Corruption]:
+        """The annotation noise of the training images (``None`` without noise)."""
+        noise = self.annotation_noise
+        if noise is None or not noise.active:
+            return None
+        from PIL import Image
+
+        sizes = {im["id"]: (int(im.get("height", 0)), int(im.get("width", 0))) for im in index.images}
+        by_id = {im["id"]: im for im in index.images}
+        for image_id in image_ids:
+            if not all(sizes[image_id]):  # COCO files carry the sizes; read them where one does not
+                with Image.open(index.image_root / by_id[image_id]["file_name"]) as im:
+                    sizes[image_id] = (im.height, im.width)
+
+        def crops(image_id: int, boxes: list[Any]) -> np.ndarray:
+            with Image.open(index.image_root / by_id[image_id]["file_name"]) as im:
+                return crop_features(im.convert("RGB"), boxes)
+
+        boxes = {i: [(a, xywh, c) for xywh, c, a in index.boxes[i]] for i in image_ids}
+        return corrupt_boxes(noise, boxes, sizes, category_ids, noise.seed if noise.seed is not None else seed, crops)
 
     @property
     def num_classes(self) -> int:

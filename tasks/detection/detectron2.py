@@ -40,12 +40,18 @@ from collab_distill.data import IndexedDataset, SeededSample
 from collab_distill.records import Knowledge, SoftTarget, per_image_mean
 from collab_distill.task import ConfigError, Evaluator, ModelFactory, Task, TaskInfo
 from collab_distill.tasks.detection.data import CocoDetection
+from collab_distill.tasks.detection.roi_align import (
+    TwiceDifferentiableROIAlign,
+    exact_pooling_enabled,
+    twice_differentiable_pooling,
+)
 from collab_distill.tasks.detection.task import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     CocoEvaluator,
     DetectionContext,
     PerImageEvaluator,
+    RoIAlignChoice,
     batch_seed,
     observed,
     region_context,
@@ -361,7 +367,11 @@ class Detectron2Detector(nn.Module):
         return {"model": {key.removeprefix("model."): value for key, value in state.items()}}, ".pth"
 
     def forward(self, inputs: list[dict[str, Any]], regions: Optional[list[Tensor]] = None,
-                features: Optional[dict[str, Tensor]] = None, mode: str = "train") -> Any:
+                features: Optional[dict[str, Tensor]] = None, mode: str = "train", losses: Optional[bool] = None,
+                samples: Optional[dict[int, Any]] = None) -> Any:
+        """``losses``: in ``train`` mode, whether to compute the model's own losses (per image) when
+        the inputs carry annotations; ``None``: in training mode only. ``samples``: as for
+        :meth:`~collab_distill.tasks.detection.RegionDetector.forward`."""
         if self.flip_channels:
             inputs = [{**x, "image": x["image"].flip(0)} for x in inputs]
         with _event_storage():
@@ -373,7 +383,7 @@ class Detectron2Detector(nn.Module):
             if mode == "regions":
                 proposals, _ = self._rpn(images, features, None)
                 return [p.proposal_boxes.tensor for p in proposals], list(images.image_sizes), features
-            return self._train_outputs(inputs, images, features, regions)
+            return self._train_outputs(inputs, images, features, regions, losses, samples)
 
     def _rpn(self, images: Any, features: dict[str, Tensor], gt: Optional[list[Any]]) -> tuple[list[Any], dict[str, Tensor]]:
         """detectron2's RPN forward with its losses computed image by image (none without
@@ -394,24 +404,30 @@ class Detectron2Detector(nn.Module):
         return rpn.predict_proposals(anchors, objectness, deltas, images.image_sizes), losses
 
     def _train_outputs(self, inputs: list[dict[str, Any]], images: Any, features: dict[str, Tensor],
-                       regions: Optional[list[Tensor]]) -> dict[str, Any]:
+                       regions: Optional[list[Tensor]], losses: Optional[bool],
+                       samples: Optional[dict[int, Any]] = None) -> dict[str, Any]:
         from detectron2.structures import Boxes
 
         heads = self.model.roi_heads
         device = images.tensor.device
         num_images = len(images.image_sizes)
         shared = list(regions) if regions is not None else [images.tensor.new_zeros((0, 4)) for _ in range(num_images)]
-        supervised = self.training and "instances" in inputs[0]
+        supervised = "instances" in inputs[0] and (self.training if losses is None else losses)
         sampled: list[Any] = []
         rpn_loss: dict[str, Tensor] = {}
         if supervised:
             gt = [x["instances"].to(device) for x in inputs]
             proposals, rpn_loss = self._rpn(images, features, gt)
-            sampled = heads.label_and_sample_proposals(proposals, gt)
+            sampled = samples.get(id(self)) if samples is not None else None
+            if sampled is None:
+                sampled = heads.label_and_sample_proposals(proposals, gt)
+                if samples is not None:
+                    samples[id(self)] = sampled
         # one RoI pass over [own sampled regions, shared regions] per image
         boxes = [Boxes(torch.cat([sampled[i].proposal_boxes.tensor, shared[i]]) if sampled else shared[i])
                  for i in range(num_images)]
-        pooled = heads.box_head(heads.box_pooler([features[f] for f in heads.box_in_features], boxes))
+        with _twice_differentiable(heads.box_pooler) if exact_pooling_enabled() else contextlib.nullcontext():
+            pooled = heads.box_head(heads.box_pooler([features[f] for f in heads.box_in_features], boxes))
         scores, deltas = heads.box_predictor(pooled)
         counts = [len(b) for b in boxes]
         own = [len(s) for s in sampled] if sampled else [0] * num_images
@@ -426,6 +442,19 @@ class Detectron2Detector(nn.Module):
             out["supervised_parts"] = parts  # detectron2's own loss names, one value per image
             out["supervised_loss"] = sum(parts.values())
         return out
+
+
+@contextlib.contextmanager
+def _twice_differentiable(pooler: nn.Module) -> Any:
+    """detectron2's ``ROIPooler`` with its per-level RoIAlign modules swapped for ones with a
+    double backward (same output size, scale, sampling ratio and alignment) inside the block."""
+    levels = pooler.level_poolers
+    pooler.level_poolers = nn.ModuleList(
+        TwiceDifferentiableROIAlign(p.output_size, p.spatial_scale, p.sampling_ratio, p.aligned) for p in levels)
+    try:
+        yield
+    finally:
+        pooler.level_poolers = levels
 
 
 def _ground_truth(inputs: list[dict[str, Any]], device: torch.device) -> list[dict[str, Tensor]]:
@@ -561,6 +590,10 @@ class Detectron2Coco(CocoDetection):
         for split, part in self.splits.items():
             source = loaded["test" if split == "test" else "train"]
             self.records[split] = [source[i] for i in part.image_ids]
+        train = self.splits["train"]
+        if train.corruption is not None:
+            contiguous = self._metadata["thing_dataset_id_to_contiguous_id"]
+            self.records["train"] = [_with_boxes(record, train, contiguous) for record in self.records["train"]]
 
     def evaluation_dataset(self, split: str) -> str:
         """The catalog name of a split for ``COCOEvaluator``: the test file itself, or (for
@@ -580,6 +613,35 @@ class Detectron2Coco(CocoDetection):
             DatasetCatalog.register(name, lambda: records)
             MetadataCatalog.get(name).set(json_file=str(path), evaluator_type="coco", **self._metadata)
         return name
+
+
+def _with_boxes(record: dict[str, Any], split: Any, contiguous: Mapping[int, int]) -> dict[str, Any]:
+    """A copy of a detectron2 dataset dict whose annotations are those ``split`` trains on (after
+    annotation noise). Each of detectron2's annotations is matched to the file's box it was read
+    from (same box and class, in file order); crowd boxes and the ones the split leaves out stay."""
+    from detectron2.structures import BoxMode
+
+    image_id = record["image_id"]
+    boxes = split.index.boxes[image_id]  # [(xywh, category id, position in the file)]
+    annotations, pending = [], list(range(len(boxes)))
+    for annotation in record["annotations"]:
+        match = next((k for k in pending if not annotation.get("iscrowd", 0)
+                      and [float(v) for v in annotation["bbox"]] == boxes[k][0]
+                      and contiguous[boxes[k][1]] == annotation["category_id"]), None)
+        if match is None:
+            annotations.append(annotation)
+            continue
+        pending.remove(match)
+        xywh, category, position = boxes[match]
+        change = split.corruption.boxes.get(position, (xywh, category))
+        if change is None:
+            continue  # dropped
+        annotations.append({**annotation, "bbox": list(change[0]), "bbox_mode": BoxMode.XYWH_ABS,
+                            "category_id": contiguous[change[1]]})
+    if pending:
+        raise ConfigError(f"annotation_noise: {len(pending)} box(es) of image {image_id} are not among detectron2's "
+                          "annotations of that image; cannot apply the noise to them")
+    return {**record, "annotations": annotations}
 
 
 def _unregister(name: str) -> None:
@@ -602,16 +664,22 @@ class Detectron2Detection(Task):
         min_size_test: shorter side for evaluation (default: the largest ``min_size``).
         image_format: channel order the mapper reads images in; a model whose ``INPUT.FORMAT``
             differs gets its channels reordered.
-        regions_per_image, regions_include_gt, region_iou, cnet_image_size: as for
+        regions_per_image, regions_include_gt, region_iou, cnet_image_size, roi_align: as for
             :class:`~collab_distill.tasks.detection.ObjectDetection`.
     """
 
     selection_metric = "AP"
-    double_backward = False
+
+    def twice_differentiable(self) -> Any:
+        """detectron2's RoIAlign has no double backward: pool with an exact one meanwhile."""
+        return twice_differentiable_pooling()
 
     def __init__(self, data: Detectron2Coco, min_size: Union[int, list[int]] = 800, max_size: int = 1333,
                  min_size_test: Optional[int] = None, image_format: str = "BGR", regions_per_image: int = 64,
-                 regions_include_gt: bool = True, region_iou: float = 0.5, cnet_image_size: int = 64) -> None:
+                 regions_include_gt: bool = True, region_iou: float = 0.5, cnet_image_size: int = 64,
+                 roi_align: RoIAlignChoice = "auto") -> None:
+        if roi_align not in ("auto", "kernel", "matmul"):
+            raise ConfigError(f"Detectron2Detection.roi_align={roi_align!r}: choose auto, kernel or matmul")
         sizes = [min_size] if isinstance(min_size, int) else list(min_size)
         if not sizes or min(sizes) < 16 or max_size < max(sizes):
             raise ConfigError(f"Detectron2Detection: need 16 <= min_size <= max_size, got {min_size} and {max_size}")
@@ -626,6 +694,7 @@ class Detectron2Detection(Task):
         self.image_format = image_format
         self.regions_per_image, self.regions_include_gt = regions_per_image, regions_include_gt
         self.region_iou, self.cnet_image_size = region_iou, cnet_image_size
+        self.roi_align = roi_align
         self.info: Optional[TaskInfo] = None
         self._datasets: dict[str, Detectron2Split] = {}
 
@@ -696,14 +765,17 @@ class Detectron2Detection(Task):
         gt = _ground_truth(inputs, proposals[0].device)
         return region_context(proposals, features, gt, image_sizes, source, int(batch.get("seed", 0)),
                               regions_per_image=self.regions_per_image, include_gt=self.regions_include_gt,
-                              num_classes=self.info.num_classes if self.info else 0, iou=self.region_iou)
+                              num_classes=self.info.num_classes if self.info else 0, iou=self.region_iou,
+                              frozen=teachers)
 
     def knowledge(self, model: nn.Module, batch: Any, *, view: int = 0, context: Any = None) -> Knowledge:
         if context is None:
             context = self.shared_context(batch, {}, {"model": model})
         reuse = model is context.source and not observed(model.model.backbone)
         features = context.source_features if reuse else None
-        return region_knowledge(context, lambda: model(batch["inputs"], regions=context.regions, features=features, mode="train"))
+        return region_knowledge(context, lambda: model(batch["inputs"], regions=context.regions, features=features,
+                                                       mode="train", losses=context.losses_of(model),
+                                                       samples=context.samples), self.roi_align)
 
     def images(self, batch: Any) -> Tensor:
         size = (self.cnet_image_size, self.cnet_image_size)

@@ -24,6 +24,7 @@ from torchvision.ops import misc as misc_ops
 
 from collab_distill.task import ConfigError, ModelFactory, TaskInfo
 from collab_distill.tasks.classification.models import RESNET_FAMILY, ResNetCifar
+from collab_distill.tasks.detection.roi_align import exact_pooling_enabled, multiscale_roi_align
 
 __all__ = ["FasterRCNN", "RegionDetector", "TORCHVISION_BACKBONES"]
 
@@ -72,8 +73,10 @@ class FasterRCNN(ModelFactory):
         frozen_bn: freeze BatchNorm statistics (right for pretrained trunks; training from
             scratch needs ``false``).
         trainable_layers: trunk stages that train (torchvision backbones; 5 = all).
-        rpn_post_nms_top_n_train, rpn_post_nms_top_n_test, box_batch_size_per_image: torchvision's
-            Faster R-CNN settings of the same names.
+        rpn_pre_nms_top_n_train, rpn_pre_nms_top_n_test, rpn_post_nms_top_n_train,
+            rpn_post_nms_top_n_test, box_batch_size_per_image: torchvision's Faster R-CNN settings of
+            the same names (on a CPU the RPN's non-maximum suppression over the pre-NMS proposals
+            can be a quarter of a small detector's step: fewer pre-NMS proposals make it cheaper).
         representation_size: width of the two-layer box head (torchvision: 1024); most of a
             small detector's parameters are here.
     """
@@ -85,6 +88,8 @@ class FasterRCNN(ModelFactory):
         backbone_weights: Optional[str] = None,
         frozen_bn: bool = False,
         trainable_layers: int = 5,
+        rpn_pre_nms_top_n_train: int = 2000,
+        rpn_pre_nms_top_n_test: int = 1000,
         rpn_post_nms_top_n_train: int = 2000,
         rpn_post_nms_top_n_test: int = 1000,
         box_batch_size_per_image: int = 512,
@@ -102,7 +107,9 @@ class FasterRCNN(ModelFactory):
         self.frozen_bn = frozen_bn
         self.trainable_layers = trainable_layers
         self.representation_size = representation_size
-        self.settings = {"rpn_post_nms_top_n_train": rpn_post_nms_top_n_train,
+        self.settings = {"rpn_pre_nms_top_n_train": rpn_pre_nms_top_n_train,
+                         "rpn_pre_nms_top_n_test": rpn_pre_nms_top_n_test,
+                         "rpn_post_nms_top_n_train": rpn_post_nms_top_n_train,
                          "rpn_post_nms_top_n_test": rpn_post_nms_top_n_test,
                          "box_batch_size_per_image": box_batch_size_per_image}
 
@@ -168,7 +175,12 @@ class RegionDetector(nn.Module):
 
     def forward(self, images: Any, image_sizes: Optional[list[tuple[int, int]]] = None,
                 targets: Optional[list[dict[str, Tensor]]] = None, regions: Optional[list[Tensor]] = None,
-                features: Optional[dict[str, Tensor]] = None, mode: str = "train") -> Any:
+                features: Optional[dict[str, Tensor]] = None, mode: str = "train",
+                samples: Optional[dict[int, Any]] = None) -> Any:
+        """``samples``: a dict shared by the calls on one batch in which the regions the box head
+        samples for its own loss are kept (under this model's ``id``) the first time and reused
+        after, so that evaluating one batch at nearby parameters (the finite-difference meta step)
+        changes the losses only through the parameters, as the exact hypergradient sees them."""
         if mode == "predict":
             return self.detector(images)
         assert image_sizes is not None
@@ -178,7 +190,7 @@ class RegionDetector(nn.Module):
         if mode == "regions":
             proposals, _ = self._rpn_per_image(image_list, features, None)
             return proposals, features
-        return self._train_outputs(image_list, features, targets, regions)
+        return self._train_outputs(image_list, features, targets, regions, samples)
 
     def _rpn_per_image(self, image_list: ImageList, features: dict[str, Tensor],
                        targets: Optional[list[dict[str, Tensor]]]) -> tuple[list[Tensor], Optional[Tensor]]:
@@ -206,19 +218,27 @@ class RegionDetector(nn.Module):
         return boxes, torch.stack(losses)
 
     def _train_outputs(self, image_list: ImageList, features: dict[str, Tensor], targets: Optional[list[dict[str, Tensor]]],
-                       regions: Optional[list[Tensor]]) -> dict[str, Any]:
+                       regions: Optional[list[Tensor]], samples: Optional[dict[int, Any]] = None) -> dict[str, Any]:
         heads = self.detector.roi_heads
         sizes = image_list.image_sizes
         num_images = len(sizes)
         shared = list(regions) if regions is not None else [features["0"].new_zeros((0, 4)) for _ in range(num_images)]
         if targets is not None:
             proposals, rpn_loss = self._rpn_per_image(image_list, features, targets)
-            sampled, _, labels, regression_targets = heads.select_training_samples(proposals, targets)
+            drawn = samples.get(id(self)) if samples is not None else None
+            if drawn is None:
+                drawn = heads.select_training_samples(proposals, targets)
+                if samples is not None:
+                    samples[id(self)] = drawn
+            sampled, _, labels, regression_targets = drawn
         else:
             sampled, labels, regression_targets, rpn_loss = [], [], [], None
         # one RoI pass over [own sampled regions, shared regions] per image
         boxes = [torch.cat([sampled[i], shared[i]]) if sampled else shared[i] for i in range(num_images)]
-        pooled = heads.box_head(heads.box_roi_pool(features, boxes, sizes))
+        if exact_pooling_enabled():  # the lookahead of an exact meta step: a RoIAlign with a double backward
+            pooled = heads.box_head(multiscale_roi_align(heads.box_roi_pool, features, boxes, sizes))
+        else:
+            pooled = heads.box_head(heads.box_roi_pool(features, boxes, sizes))
         class_logits, box_deltas = heads.box_predictor(pooled)
         counts = [len(b) for b in boxes]
         own_counts = [len(s) for s in sampled] if sampled else [0] * num_images
