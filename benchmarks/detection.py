@@ -10,8 +10,10 @@ layout) and each annotation-noise setting (``--noise``):
    the tuning seed ``--tune-seed``, which no table row uses.
 3. **runs**: for every seed of ``--seeds`` (the same initial weights and data order for every
    method of one seed): students alone, KD (beta from 2.), MC-Distil as shipped
-   (``examples/methods/mc_distil_detection.yaml``), MC-Distil with the paper's image-only C-Net,
-   the fixed-mix control (MC-Distil's starting mix as constant weights, with PooledStudent), FPN
+   (``examples/methods/mc_distil_detection.yaml``, its mix's beta set to KD's), MC-Distil with the
+   paper's image-only C-Net (the same, the C-Net reading only the image),
+   the fixed-mix control (per student the mean of MC-Distil's logged weights of the same seed as
+   constant weights, with PooledStudent: what per-image weighting adds beyond its mean mix), FPN
    imitation + KD (the adapter's ``fpn_imitation*.yaml`` with KD's beta), and optionally
    MC-Distil with per-region weights (``--methods``).
 4. **table**: per student, mean ± std over seeds of test AP (last epoch and best-on-val
@@ -66,7 +68,7 @@ LABELS = {
     "kd": "KD (beta on val)",
     "mc_distil": "MC-Distil (as shipped)",
     "mc_distil_image_only": "MC-Distil, image-only C-Net (paper)",
-    "fixed_mix": "fixed mix + PooledStudent",
+    "fixed_mix": "fixed mix (MC-Distil's mean weights) + PooledStudent",
     "fpn_kd": "FPN imitation + KD",
     "mc_distil_region": "MC-Distil, per-region weights",
 }
@@ -99,10 +101,12 @@ def _cnet(plugins: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def method_files(adapter: str, beta: float, folder: Path) -> dict[str, list[Path]]:
-    """The ``--config`` files of every method (after the adapter's base config)."""
+    """The ``--config`` files of every method (after the adapter's base config). The C-Net
+    methods start from KD's mix: the method file's with its beta set to KD's (chosen on val), so
+    that they differ from KD only by what the C-Net does per image (and PooledStudent)."""
     shipped = yaml.safe_load(MC_DISTIL.read_text())
-    cnet = _cnet(shipped["plugins"])
-    mix = cnet["init_args"]["mix"]
+    mix = _cnet(shipped["plugins"])["init_args"]["mix"]
+    _cnet(shipped["plugins"])["init_args"]["mix"] = [mix[0], beta, mix[2]]
     image_only = json.loads(json.dumps(shipped))
     args = _cnet(image_only["plugins"])["init_args"]
     for key in ("use_losses", "use_unit_losses", "use_logits", "use_label", "per_region", "hidden"):
@@ -113,17 +117,40 @@ def method_files(adapter: str, beta: float, folder: Path) -> dict[str, list[Path
     _cnet(region["plugins"])["init_args"]["per_region"] = True
     fpn = [p if not p["class_path"].endswith(".FixedLossWeights") else _fixed(1.0, beta)
            for p in _plugins(ADAPTERS[adapter]["fpn"])]
-    pooled = {"class_path": "collab_distill.plugins.mc_distil.PooledStudent"}
     return {
         "alone": [_write_overlay(folder, "alone", {"plugins": [_fixed(1.0, 0.0)]})],
         "kd": [_write_overlay(folder, f"kd_beta{beta:g}", {"plugins": [_fixed(1.0, beta)]})],
-        "mc_distil": [MC_DISTIL],
-        "mc_distil_image_only": [_write_overlay(folder, "mc_distil_image_only", image_only)],
-        "mc_distil_region": [_write_overlay(folder, "mc_distil_region", region)],
-        "fixed_mix": [_write_overlay(folder, "fixed_mix", {"plugins": [_fixed(*mix), pooled],
-                                                            "trainer": shipped.get("trainer", {})})],
+        "mc_distil": [_write_overlay(folder, f"mc_distil_beta{beta:g}", shipped)],
+        "mc_distil_image_only": [_write_overlay(folder, f"mc_distil_image_only_beta{beta:g}", image_only)],
+        "mc_distil_region": [_write_overlay(folder, f"mc_distil_region_beta{beta:g}", region)],
         "fpn_kd": [_write_overlay(folder, f"fpn_kd_beta{beta:g}", {"plugins": fpn})],
     }
+
+
+def mean_logged_weights(run_dir: Path) -> dict[str, list[float]]:
+    """Per student the mean over training of the logged batch-mean alpha, beta, gamma."""
+    import csv
+
+    files = sorted(run_dir.glob("logs/**/metrics.csv"))
+    if not files:
+        raise SystemExit(f"{run_dir} has no logs/csv/metrics.csv (the fixed-mix control reads the C-Net's logged weights)")
+    with files[0].open() as f:
+        rows = list(csv.DictReader(f))
+    students = json.loads((run_dir / "results.json").read_text())["students"]
+    out = {}
+    for student in students:
+        out[student] = [statistics.fmean(float(r[f"train/{student}/{term}"]) for r in rows if r.get(f"train/{student}/{term}"))
+                        for term in ("alpha", "beta", "gamma")]
+    return out
+
+
+def fixed_mix_file(folder: Path, name: str, weights: dict[str, list[float]]) -> Path:
+    """The fixed-mix control: MC-Distil's C-Net replaced by constants, per student the mean of its
+    logged weights, with the same PooledStudent target."""
+    return _write_overlay(folder, name, {"plugins": [
+        {"class_path": "collab_distill.plugins.fixed_weights.FixedLossWeights",
+         "init_args": {"per_student": {s: [round(v, 6) for v in w] for s, w in weights.items()}}},
+        {"class_path": "collab_distill.plugins.mc_distil.PooledStudent"}]})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,9 +273,17 @@ def run_group(group: Group, pool: ThreadPoolExecutor) -> dict[str, Any]:
     teacher = group.teacher()
     tuning = group.tune(teacher, pool)
     files = method_files(group.adapter, tuning["beta"], group.root / "overlays")
+    first = [m for m in group.args.methods if m != "fixed_mix"]
     futures = {(m, s): pool.submit(group.student_run, f"{m}-seed{s}", files[m], s, teacher)
-               for s in group.args.seeds for m in group.args.methods}
+               for s in group.args.seeds for m in first}
     runs = {key: f.result() for key, f in futures.items()}
+    if "fixed_mix" in group.args.methods:  # needs MC-Distil's run of the same seed
+        overlays = group.root / "overlays"
+        futures = {("fixed_mix", s): pool.submit(
+            group.student_run, f"fixed_mix-seed{s}",
+            [fixed_mix_file(overlays, f"fixed_mix_seed{s}", mean_logged_weights(runs[("mc_distil", s)]["run_dir"]))], s, teacher)
+            for s in group.args.seeds}
+        runs.update({key: f.result() for key, f in futures.items()})
     teacher_results = _results(teacher)
     per_seed: dict[str, dict[int, Any]] = {m: {} for m in group.args.methods}
     for (m, s), run in runs.items():
@@ -421,6 +456,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     if "kd" not in args.methods:
         p.error("--methods must include kd (every row is paired with it)")
+    if "fixed_mix" in args.methods and "mc_distil" not in args.methods:
+        p.error("--methods: fixed_mix needs mc_distil (it takes that run's mean weights)")
     if not (args.data / "annotations" / "instances_train2017.json").is_file():
         from collab_distill.tasks.detection.shapes import write_shapes_coco
 

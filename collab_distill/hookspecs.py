@@ -124,7 +124,12 @@ def collab_distill_loss_weights(
         module must keep their graph (the bilevel step differentiates through them). The first
         non-None answer wins; the built-in default is plain supervised training (1, 0, 0).
         Build fixed numbers with ``LossWeights.constant_weights`` so the engine can skip terms
-        whose weight is exactly zero.
+        whose weight is exactly zero. Per-unit factors (``unit_beta``, ``unit_gamma``: ``[U]``,
+        e.g. one per shared region of a detection batch) scale each unit's KL before the image's
+        mean over its units; give them mean 1 over each image's units to spread the image's weight.
+
+    In the finite-difference meta step this hook (and the target hooks) is called at perturbed
+    student parameters with ``records`` of the unperturbed ones: read records as data (detached).
     """
 
 
@@ -236,7 +241,8 @@ def collab_distill_auxiliary_losses(
         no gradient on it).
     :return: ``{term name: scalar tensor}``. Terms are logged under their names and added to the
         loss as they are: the engine neither weighs them with ``weights`` nor skips them during a
-        student's warm-up (``engine.warming_up(student)``); the plugin decides both.
+        student's warm-up (``engine.warming_up(student)``); the plugin decides both. A term named
+        ``<student>/<term>`` belongs to that student: it is part of ``<student>/loss``.
     """
 
 
@@ -285,8 +291,10 @@ def collab_distill_train_step_end(engine: Engine, step: int, losses: Mapping[str
 
     ``losses`` maps names to numbers or detached 0-dim tensors: always ``loss`` and
     ``<student>/loss``, and on logging steps (every ``trainer.log_every_n_steps``) also
-    ``<student>/supervised``, ``/distill``, ``/consensus``, ``/alpha``, ``/beta``, ``/gamma``. Call ``float()`` only when
-    needed (it synchronises with the GPU).
+    ``<student>/supervised``, ``/distill``, ``/consensus`` (each term as it enters the loss: weighted,
+    the KL terms times tau^2), the auxiliary terms, and ``/alpha``, ``/beta``, ``/gamma`` (batch
+    means). ``<student>/loss`` is the sum of the student's terms and of its auxiliary terms (those
+    named ``<student>/...``). Call ``float()`` only when needed (it synchronises with the GPU).
 
     Roles ``fit``, ``teacher_training``, ``stage``; every rank, with that rank's losses.
     """

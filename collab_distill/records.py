@@ -186,8 +186,9 @@ class LossWeights:
         return torch.stack([self.alpha, self.beta, self.gamma], dim=1)
 
 
-def per_image_mean(values: Tensor, unit_image: Tensor, num_images: int) -> Tensor:
-    """Average per-unit values over the units of each image; images without units get 0."""
+def per_image_mean(values: Tensor, unit_image: Tensor, num_images: int, counted: Tensor | None = None) -> Tensor:
+    """Average per-unit values over the units of each image; images without units get 0.
+    ``counted`` (``[U]``, 0 or 1) counts only some units (their values should be 0 elsewhere)."""
     total = values.new_zeros(num_images).index_add(0, unit_image, values)
-    count = values.new_zeros(num_images).index_add(0, unit_image, torch.ones_like(values))
+    count = values.new_zeros(num_images).index_add(0, unit_image, torch.ones_like(values) if counted is None else counted)
     return total / count.clamp_min(1.0)

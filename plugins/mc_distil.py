@@ -37,7 +37,7 @@ from collab_distill import console
 from collab_distill.hookspecs import hookimpl
 from collab_distill.meta import MetaModule
 from collab_distill.plugin_manager import Plugin
-from collab_distill.records import Knowledge, LossWeights, SoftTarget
+from collab_distill.records import Knowledge, LossWeights, SoftTarget, per_image_mean
 from collab_distill.report import ReportSection
 from collab_distill.task import ConfigError, ModelFactory, TaskInfo
 
@@ -47,7 +47,7 @@ __all__ = [
 ]
 
 Activation = Literal["sigmoid", "softplus", "softmax"]
-Normalize = Literal["batch", "none"]
+Normalize = Literal["batch", "term", "none"]
 TERMS = ("alpha", "beta", "gamma")
 
 
@@ -67,6 +67,11 @@ class CoordinatorNetwork(nn.Module):
     so that their sum over the three terms has batch mean ``sum(mix)``. The network can shift
     weight between images and between terms but cannot change the loss scale: a one-step
     lookahead otherwise learns a larger step (every weight saturates), not a different mix.
+    ``normalize="term"`` rescales each term on its own to batch mean ``mix``: the mix itself stays
+    the fixed one (e.g. KD's, chosen on val) and the network only decides, per image, which term
+    each image's share goes to (trust the label here, the teacher there). A greedy one-step
+    lookahead cannot then drift the mix toward the supervised term, which its meta objective
+    (the supervised loss) favours whatever the horizon.
     A term whose ``mix`` is 0 stays 0. ``normalize="none"`` is the unnormalised form
     ``scale * activation(head)``.
 
@@ -99,7 +104,7 @@ class CoordinatorNetwork(nn.Module):
         layers: list[nn.Module] = [nn.Linear(width, hidden), nn.ReLU()] if hidden else []
         last = nn.Linear(hidden or width, 3 * num_students)
         self.head = nn.Sequential(*layers, last)
-        if normalize == "batch":
+        if normalize in ("batch", "term"):
             # a zero head gives every image exactly ``mix``: doing nothing is the fixed-mix baseline
             nn.init.zeros_(last.weight)
         else:
@@ -134,10 +139,12 @@ class CoordinatorNetwork(nn.Module):
         parts = ([self.backbone(images)] if self.backbone is not None else []) + ([extras] if extras is not None else [])
         raw = self.head(torch.cat(parts, dim=1).float() if len(parts) > 1 else parts[0].float())
         raw = raw.view(-1, self.num_students, 3)
-        if self.normalize == "batch":
+        if self.normalize in ("batch", "term"):
             # a factor in (1/max_factor, max_factor), exactly 1 at raw = 0 (so is the rescaling below:
             # a zero head reproduces the fixed mix bit for bit)
             factor = torch.exp(math.log(self.max_factor) * torch.tanh(raw))
+            if self.normalize == "term":  # every term keeps its batch mean: only images are traded
+                return self.mix * (factor / factor.mean(dim=0, keepdim=True))
             budget = self.mix.sum(dim=-1)  # [S]
             relative = (self.mix * factor).sum(dim=-1) / budget  # [B, S]
             return self.mix * (factor / relative.mean(dim=0)[None, :, None])
@@ -156,8 +163,9 @@ class CNet(Plugin):
             used as the C-Net's feature extractor (default: ResNet10-s, a small ResNet as in the paper).
         embedding_dim: width of the backbone's output.
         normalize: ``batch`` (default): relative weights around ``mix`` whose batch-mean sum is
-            fixed (see :class:`CoordinatorNetwork`); ``none``: ``scale * activation`` as in the
-            paper's text, whose scale the meta step learns as a step size.
+            fixed (see :class:`CoordinatorNetwork`); ``term``: each term's batch mean fixed at
+            ``mix`` (per-image weighting around a fixed mix); ``none``: ``scale * activation`` as in
+            the paper's text, whose scale the meta step learns as a step size.
         mix: the starting ``(alpha, beta, gamma)`` of every image and the per-image budget
             (``normalize: batch``); ``None``: KD's 0.3/0.7 (0.3/0.5/0.2 with gamma on).
         max_factor: how far one term of one image can move from ``mix`` before the batch
@@ -174,10 +182,11 @@ class CNet(Plugin):
             label the cohort disagrees with from a clean one (the image alone cannot, when
             whether a label is wrong does not depend on the image).
         use_unit_losses: also feed every member's per-image mean cross-entropy of its unit logits
-            against the unit labels (``log1p``, detached). For classification that is the
-            supervised loss again; for detection it is each member's disagreement with the
-            annotations over the shared regions (a flipped box, a missing one), teachers
-            included, whose detection losses are not computed.
+            against the unit labels (``log1p``, detached), over the image's object units and over
+            its background units apart. For classification that is the supervised loss again;
+            for detection it is each member's disagreement with the annotations over the shared
+            regions (a flipped box shows on the object regions, a missing one on the background
+            ones), teachers included, whose detection losses are not computed.
         per_region: also give every unit (detection: every shared region) its own factor on beta
             and gamma, from each member's cross-entropy on that region and whether it is
             background; an image's factors have mean 1, so they spread its distillation weight
@@ -217,21 +226,22 @@ class CNet(Plugin):
                               "and inert_threshold >= 0 are required")
         if activation not in ("sigmoid", "softplus", "softmax"):
             raise ConfigError(f"CNet.activation={activation!r}: use sigmoid, softplus or softmax")
-        if normalize not in ("batch", "none"):
-            raise ConfigError(f"CNet.normalize={normalize!r}: use batch (relative weights, fixed budget) or none")
+        if normalize not in ("batch", "term", "none"):
+            raise ConfigError(f"CNet.normalize={normalize!r}: use batch (relative weights, fixed budget), term (each "
+                              "term's batch mean fixed) or none")
         if not max_factor > 1:
             raise ConfigError(f"CNet.max_factor={max_factor} must be > 1 (1 would freeze every weight at mix)")
         if not (use_image or use_logits or use_label or use_losses or use_unit_losses):
             raise ConfigError("CNet: no input; set use_image (the paper's g_phi(x)) or one of use_logits, use_label, "
                               "use_losses, use_unit_losses")
-        if per_region and normalize != "batch":
-            raise ConfigError("CNet.per_region needs normalize: batch (its factors are relative to the image's weight)")
+        if per_region and normalize == "none":
+            raise ConfigError("CNet.per_region needs normalize: batch or term (its factors are relative to the image's weight)")
         mix = tuple(float(m) for m in (mix if mix is not None else _kd_mix(gamma)))  # type: ignore[assignment]
         if len(mix) != 3 or not all(m >= 0 for m in mix) or sum(mix) <= 0:
             raise ConfigError(f"CNet.mix={list(mix)} must be [alpha, beta, gamma], each >= 0, not all 0")
         if not gamma:
             mix = (mix[0], mix[1], 0.0)
-        elif normalize == "batch" and mix[2] == 0:
+        elif normalize != "none" and mix[2] == 0:
             raise ConfigError(
                 "CNet: gamma is on but mix gives it 0, and in the normalised form a term that starts at 0 "
                 "stays 0: give gamma a share (e.g. mix: [0.3, 0.5, 0.2]) or set gamma: false")
@@ -270,7 +280,7 @@ class CNet(Plugin):
 
     def _network(self, info: TaskInfo, num_students: int, members: int) -> CoordinatorNetwork:
         extra = (info.num_classes * members if self.use_logits else 0) + (info.num_classes if self.use_label else 0) \
-            + (members if self.use_losses else 0) + (members if self.use_unit_losses else 0)
+            + (members if self.use_losses else 0) + (2 * members if self.use_unit_losses else 0)
         backbone = None
         if self.backbone is not None:
             backbone_info = TaskInfo(num_classes=self.embedding_dim, in_channels=info.in_channels, image_size=info.image_size)
@@ -317,7 +327,7 @@ class CNet(Plugin):
         if self.use_losses:
             parts.append(torch.log1p(torch.stack([m.supervised_loss.detach().float() for m in members], dim=1)))
         if self.use_unit_losses:
-            parts.append(torch.log1p(torch.stack([m.per_image(_unit_cross_entropy(m)) for m in members], dim=1)))
+            parts += [torch.log1p(_unit_losses_per_image(m)) for m in members]
         if not parts:
             return None
         return torch.cat(parts, dim=1)
@@ -328,8 +338,7 @@ class CNet(Plugin):
         the unit is background (labelled with the last class)."""
         members = [records[s] for s in students] + list(teachers.values())
         losses = torch.log1p(torch.stack([_unit_cross_entropy(m) for m in members], dim=1))
-        background = (members[0].unit_labels == members[0].logits.shape[-1] - 1).float()[:, None]
-        return torch.cat([losses, background], dim=1)
+        return torch.cat([losses, _background(members[0]).float()[:, None]], dim=1)
 
     def weights(
         self, engine: Any, batch: Any, records: Mapping[str, Knowledge], teacher_records: Mapping[str, Knowledge] = {}
@@ -522,8 +531,9 @@ class CNet(Plugin):
 
     def __repr__(self) -> str:
         inputs = [n for n, on in (("image", self.use_image), ("logits", self.use_logits), ("label", self.use_label),
-                                  ("losses", self.use_losses)) if on]
-        form = f"normalize=batch, mix={list(self.mix)}" if self.normalize == "batch" else f"activation={self.activation}"
+                                  ("losses", self.use_losses), ("unit_losses", self.use_unit_losses)) if on]
+        form = (f"normalize={self.normalize}, mix={list(self.mix)}" if self.normalize != "none"
+                else f"activation={self.activation}") + (", per_region" if self.per_region else "")
         backbone = self.backbone.describe() if self.backbone is not None else None
         return (f"CNet(backbone={backbone}, inputs={inputs}, {form}, gamma={self.gamma}, "
                 f"independent={self.independent})")
@@ -583,6 +593,26 @@ def _flipped_flags(engine: Any, split: str) -> Optional[Any]:
     split's data set has no such record."""
     flipped = getattr(engine.task.dataset(split), "flipped", None)
     return flipped if flipped is not None and len(flipped) else None
+
+
+def _background(record: Knowledge) -> Tensor:
+    """``[U]`` whether each unit is labelled background (detection's last column); never for
+    units that are images (classification has no background class)."""
+    if record.units_are_images:
+        return torch.zeros_like(record.unit_labels, dtype=torch.bool)
+    return record.unit_labels == record.logits.shape[-1] - 1
+
+
+def _unit_losses_per_image(record: Knowledge) -> Tensor:
+    """``[B, 2]``: per image the mean cross-entropy of the member's unit logits over its units
+    with an object class and over its background units (0 where it has none). Kept apart
+    because a wrong class (a flipped box) shows on the object units and a missing box on the
+    background ones, while most of a detection image's units are background."""
+    ce = _unit_cross_entropy(record)
+    background = _background(record)
+    objects = (record.unit_labels >= 0) & ~background
+    return torch.stack([per_image_mean(ce * objects, record.unit_image, record.num_images, objects.float()),
+                        per_image_mean(ce * background, record.unit_image, record.num_images, background.float())], dim=1)
 
 
 def _unit_cross_entropy(record: Knowledge) -> Tensor:

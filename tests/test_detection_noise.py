@@ -114,12 +114,15 @@ def test_bad_noise_settings_are_one_message_naming_the_field(noise, fragment):
 
 def test_detectron2_trains_on_the_same_corrupted_boxes(shapes):
     pytest.importorskip("detectron2", reason="detectron2 is not installed (see the README)")
-    from collab_distill.tasks.detection.detectron2 import Detectron2Coco
+    from collab_distill.tasks.detection.detectron2 import Detectron2Coco, Detectron2Detection
 
     data = Detectron2Coco(root=str(shapes), meta_fraction=0.2, val_fraction=0.2, dataset_name="noise_test",
                           annotation_noise=AnnotationNoise(class_flip=0.4, kind="instance", drop=0.2, jitter=0.2))
-    data.setup(0)
+    task = Detectron2Detection(data, min_size=64, max_size=64)
+    task.setup(0)
     split = data.splits["train"]
+    # the flags the C-Net's report reads, on the task's training data set
+    assert task.dataset("train").flipped.tolist() == split.corrupted.tolist() and task.dataset("val").flipped is None
     contiguous = {1: 0, 3: 1, 7: 2}
     for record, image_id in zip(data.records["train"], split.image_ids):
         ours = split.entries(image_id)

@@ -287,3 +287,29 @@ def test_any_fabric_logger_receives_the_runs_metrics(tmp_path):
     logged = {key for _, row in memory.rows for key in row}
     assert {"train/loss", "train/xs/distill", "val/xs/val_top1"} <= logged and memory.finalized
     assert (run.run_dir / "logs" / "csv" / "metrics.csv").is_file()  # beside the configured csv logger
+
+
+def test_every_term_is_logged_as_it_enters_the_loss_and_the_students_loss_is_their_sum(tmp_path):
+    run = tiny_fit([KD, FitNets(weight=10.0, normalize="channel")], root_dir=tmp_path, steps=3, batch_size=16)
+    for step in run.losses:
+        for student in ("xxs", "xs"):
+            terms = step[f"{student}/supervised"] + step[f"{student}/distill"] + step[f"{student}/hint"]
+            assert step[f"{student}/loss"] == pytest.approx(terms, rel=1e-5)
+            # the supervised term is weighted: alpha (0.3) times the batch-mean cross-entropy
+            assert step[f"{student}/alpha"] == pytest.approx(0.3)
+        assert step["loss"] == pytest.approx(step["xxs/loss"] + step["xs/loss"], rel=1e-5)
+
+
+def test_channel_normalised_hint_is_scale_free_and_bounded():
+    generator = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(3, 4, 5, 5, generator=generator), torch.randn(3, 4, 5, 5, generator=generator)
+    plain = hint_loss_per_image(student, 30 * teacher)
+    normalised = hint_loss_per_image(student, 30 * teacher + 7, normalize="channel")
+    torch.testing.assert_close(normalised, hint_loss_per_image(student, teacher, normalize="channel"), rtol=1e-4, atol=1e-4)
+    assert plain.min() > 100 and bool(((normalised >= 0) & (normalised <= 4)).all())
+    # 2 * (1 - Pearson correlation), averaged over channels
+    s, t = student.flatten(2), teacher.flatten(2)
+    pearson = torch.stack([torch.stack([torch.corrcoef(torch.stack([s[b, c], t[b, c]]))[0, 1] for c in range(4)])
+                           for b in range(3)])
+    torch.testing.assert_close(normalised, (2 * (1 - pearson)).mean(dim=1), rtol=1e-4, atol=1e-4)
+    assert float(hint_loss_per_image(teacher, 5 * teacher - 1, normalize="channel").max()) < 1e-6

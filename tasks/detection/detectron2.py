@@ -529,10 +529,12 @@ class Detectron2Split(IndexedDataset):
     """One split's detectron2 dataset dicts through a ``DatasetMapper``; a training sample's
     augmentation (scale choice, flip; numpy's RNG in detectron2) is seeded by its sample seed."""
 
-    def __init__(self, records: list[dict[str, Any]], mapper: Any, name: str) -> None:
+    def __init__(self, records: list[dict[str, Any]], mapper: Any, name: str, flipped: Optional[np.ndarray] = None) -> None:
         self.records = records
         self.mapper = mapper
         self.name = name
+        #: per image, whether annotation noise corrupted any of its boxes (``None``: no noise)
+        self.flipped = flipped
 
     def __len__(self) -> int:
         return len(self.records)
@@ -709,7 +711,8 @@ class Detectron2Detection(Task):
         eval_mapper = DatasetMapper(is_train=False, image_format=self.image_format,
                                     augmentations=[T.ResizeShortestEdge(self.min_size_test, self.max_size, "choice")])
         self._datasets = {split: Detectron2Split(self.data.records[split],
-                                                 train_mapper if split in ("train", "meta") else eval_mapper, split)
+                                                 train_mapper if split in ("train", "meta") else eval_mapper, split,
+                                                 self.data.splits[split].corrupted)
                           for split in self.data.splits}
         self.info = TaskInfo(
             num_classes=self.data.num_classes, in_channels=3, image_size=(self.min_size_test, self.min_size_test),
