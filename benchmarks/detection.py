@@ -72,8 +72,8 @@ LABELS = {
     "fpn_kd": "FPN imitation + KD",
     "mc_distil_region": "MC-Distil, per-region weights",
 }
-DEFAULT_METHODS = ["alone", "kd", "mc_distil", "mc_distil_image_only", "fixed_mix", "fpn_kd"]
-KD_BETAS = [0.25, 0.5, 1.0, 2.0]
+DEFAULT_METHODS = ["alone", "kd", "mc_distil", "mc_distil_region", "mc_distil_image_only", "fixed_mix", "fpn_kd"]
+KD_BETAS = [0.25, 0.5, 1.0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,8 +111,9 @@ def method_files(adapter: str, beta: float, folder: Path) -> dict[str, list[Path
     args = _cnet(image_only["plugins"])["init_args"]
     for key in ("use_losses", "use_unit_losses", "use_logits", "use_label", "per_region", "hidden"):
         args.pop(key, None)
+    # the paper's g_phi(x): a small ResNet on the image, at the paper's Adam lr
     args.update(use_image=True, backbone={"class_path": "collab_distill.tasks.classification.ResNet",
-                                          "init_args": {"size": "s"}}, embedding_dim=64)
+                                          "init_args": {"size": "s"}}, embedding_dim=64, lr=1.0e-3)
     region = json.loads(json.dumps(shipped))
     _cnet(region["plugins"])["init_args"]["per_region"] = True
     fpn = [p if not p["class_path"].endswith(".FixedLossWeights") else _fixed(1.0, beta)

@@ -109,7 +109,7 @@ def test_tiny_cohort_fits_with_kd_and_with_mc_distil(tmp_path, cli_env, shapes):
     for r in results["students"].values():
         assert 0 <= r["last"]["test_AP"] <= 100 and "test_AP50" in r["last"] and "val_AP" in r["best_on_val"]
     run_cli(tiny_args(tmp_path, shapes, "mc", extra=(
-        "--config", str(REPO / "examples" / "methods" / "mc_distil.yaml"),
+        "--config", str(REPO / "examples" / "methods" / "mc_distil_detection.yaml"),
         "--meta.every_n_steps", "2", "--trainer.warmup_epochs", "0",
         "--trainer.loggers", "[csv]", "--trainer.log_every_n_steps", "1",
         "--cohort.teachers.teacher.checkpoint", str(tmp_path / "kd" / "version_0" / "teachers" / "teacher" / "teacher.pt"),
@@ -119,14 +119,14 @@ def test_tiny_cohort_fits_with_kd_and_with_mc_distil(tmp_path, cli_env, shapes):
     assert "train/meta/loss" in metrics and "train/xxs/gamma" in metrics
     assert (run / "plugins" / "cnet" / "val_extremes.png").is_file()
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
-    assert ckpt["meta_optimizers"]["cnet"]["state"], "the finite-difference meta step updated the C-Net"
+    assert ckpt["meta_optimizers"]["cnet"]["state"], "the exact meta step (through the detectors) updated the C-Net"
 
 
 @pytest.mark.slow
 @pytest.mark.ddp
 def test_two_process_ddp_detection_keeps_ranks_identical(tmp_path, cli_env, shapes):
     extra = ["--trainer.devices", "2", "--trainer.strategy", "ddp",
-             "--config", str(REPO / "examples" / "methods" / "mc_distil.yaml"),
+             "--config", str(REPO / "examples" / "methods" / "mc_distil_detection.yaml"),
              "--meta.every_n_steps", "2", "--trainer.warmup_epochs", "0",
              "--plugins+", json.dumps({"class_path": "support_plugins.WeightChecksums"})]
     run_cli(tiny_args(tmp_path, shapes, "ddp", extra=extra), cli_env, timeout=900)

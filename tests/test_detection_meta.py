@@ -46,17 +46,23 @@ def _batch(engine, split="train"):
 @pytest.mark.parametrize("adapter", ["torchvision", "detectron2"])
 def test_an_exact_detection_meta_step_changes_the_cnet_and_agrees_with_finite_differences(adapter, shapes, tmp_path):
     engine = _engine(adapter, shapes, tmp_path, "--meta.hypergradient", "second_order")
+    with torch.no_grad():  # a C-Net that already weighs images differently (its head starts at zero)
+        for p in engine.meta_modules["cnet"].parameters():
+            p.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(p.numel()))
     batch, meta_batch = _batch(engine), _batch(engine, "meta")
     context = engine.task.shared_context(batch, engine.teachers, engine.students)
     teachers = engine.teacher_records(batch, context)
     params, exact, _ = engine.meta_gradients(batch, teachers, context, meta_batch=meta_batch)
     engine.meta_config.hypergradient = "finite_difference"
+    # detectron2's box losses are L1 (SMOOTH_L1_BETA 0): a finite step crosses their kinks, so it
+    # needs a smaller one (cosine 0.89 at 1e-2 and 1e-3, 0.997 at 1e-4 on this cohort)
+    engine.meta_config.fd_epsilon = 1e-4 if adapter == "detectron2" else 1e-3
     _, fd, _ = engine.meta_gradients(batch, teachers, context, meta_batch=meta_batch)
     exact_flat, fd_flat = torch.cat([g.flatten() for g in exact]), torch.cat([g.flatten() for g in fd])
     assert exact_flat.norm() > 0 and torch.isfinite(exact_flat).all()
-    # the finite difference keeps what the C-Net reads at the unperturbed students (as the exact
-    # one does); what is left between them is the proposals' dependence on the students' weights
-    assert torch.nn.functional.cosine_similarity(exact_flat, fd_flat, dim=0) > 0.9
+    # the finite difference keeps what the C-Net reads and the regions each detector samples at the
+    # unperturbed students, as the exact one does (without that: cosine 0.70 on torchvision)
+    assert torch.nn.functional.cosine_similarity(exact_flat, fd_flat, dim=0) > 0.99
     engine.meta_config.hypergradient = "second_order"
     before = [p.detach().clone() for p in params]
     engine.meta_step_due = lambda: True  # type: ignore[method-assign]

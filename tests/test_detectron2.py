@@ -184,7 +184,7 @@ def test_tiny_detectron2_cohort_fits_with_a_weights_file_teacher_and_mc_distil(t
                     "--cohort.teachers.teacher.model.init_args.options", json.dumps(SMALL),
                     "--cohort.teachers.teacher.train_epochs", "0")
     run_cli(tiny_args(tmp_path, shapes, "mc", extra=(
-        *teacher_args, "--config", str(REPO / "examples" / "methods" / "mc_distil.yaml"),
+        *teacher_args, "--config", str(REPO / "examples" / "methods" / "mc_distil_detection.yaml"),
         "--meta.every_n_steps", "2", "--trainer.warmup_epochs", "0",
         "--trainer.loggers", "[csv]", "--trainer.log_every_n_steps", "1")), cli_env, timeout=900)
     run = tmp_path / "mc" / "version_0"
@@ -204,7 +204,7 @@ def test_tiny_detectron2_cohort_fits_with_a_weights_file_teacher_and_mc_distil(t
 @pytest.mark.ddp
 def test_two_process_ddp_through_detectron2_keeps_ranks_identical(tmp_path, cli_env, shapes):
     extra = ["--trainer.devices", "2", "--trainer.strategy", "ddp", "--cohort.teachers.teacher.train_epochs", "1",
-             "--config", str(REPO / "examples" / "methods" / "mc_distil.yaml"),
+             "--config", str(REPO / "examples" / "methods" / "mc_distil_detection.yaml"),
              "--meta.every_n_steps", "2", "--trainer.warmup_epochs", "0",
              "--plugins+", json.dumps({"class_path": "support_plugins.WeightChecksums"})]
     run_cli(tiny_args(tmp_path, shapes, "ddp", extra=extra), cli_env, timeout=900)
