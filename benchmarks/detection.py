@@ -348,6 +348,16 @@ def table(group: dict[str, Any]) -> dict[str, Any]:
     return rows
 
 
+def _corrupted_share(group: dict[str, Any]) -> Optional[tuple[int, int]]:
+    """(corrupted, all) training images, from a C-Net run's noise report."""
+    for runs in group["per_seed"].values():
+        for run in runs.values():
+            noise = ((run.get("cnet") or {}).get("train") or {}).get("label_noise") or {}
+            for entry in noise.values():
+                return int(entry["flipped"]), int(entry["images"])
+    return None
+
+
 def _pm(s: dict[str, float]) -> str:
     return f"{s['mean']:.1f} ± {s['std']:.1f}"
 
@@ -417,6 +427,10 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {LABELS[m]} | " + " | ".join(cells) + " |")
         aucs = [(s, row[f"{m}_alpha_auc"]) for m in report["methods"] for s, row in group["table"].items()
                 if f"{m}_alpha_auc" in row]
+        share = _corrupted_share(group)
+        if share is not None:
+            lines += ["", f"Training images with at least one corrupted box: {share[0]} of {share[1]} "
+                      f"({100 * share[0] / share[1]:.0f}%)."]
         if aucs:
             lines += ["", "C-Net alpha AUC, corrupted vs clean training images: " + "; ".join(
                 f"{LABELS[m]}: " + ", ".join(f"{s} {row[f'{m}_alpha_auc']['mean']:.2f}" for s, row in group["table"].items())
