@@ -148,7 +148,7 @@ def cifar_members(args, mode: str, work: Path) -> tuple[dict[str, Any], dict[str
 
 
 def detection_members(args, mode: str, work: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """examples/coco_tiny.yaml's cohort (KD, and MC-Distil via examples/methods/mc_distil.yaml) on shapes data."""
+    """examples/coco_tiny.yaml's cohort (KD, and MC-Distil via examples/methods/mc_distil_detection.yaml) on shapes data."""
     from collab_distill.cli import engine_from_args
     from collab_distill.tasks.detection.shapes import write_shapes_coco
 
@@ -162,9 +162,8 @@ def detection_members(args, mode: str, work: Path) -> tuple[dict[str, Any], dict
             *(["--trainer.compile", f["compile"]] if f["compile"] else [])]
     tiny = ["--config", str(REPO / "examples" / "coco_tiny.yaml")]
     kd = engine_from_args([*tiny, *over])
-    mc = engine_from_args([*tiny, "--config", str(REPO / "examples" / "methods" / "mc_distil.yaml"), *over,
-                           "--trainer.warmup_epochs", "0", "--meta.every_n_steps", "5",
-                           "--meta.hypergradient", "finite_difference"])  # roi_align has no double backward
+    mc = engine_from_args([*tiny, "--config", str(REPO / "examples" / "methods" / "mc_distil_detection.yaml"), *over,
+                           "--trainer.warmup_epochs", "0", "--meta.every_n_steps", "5"])
     for engine in (kd, mc):
         engine.setup()
         engine.prepare_training()  # randomly initialised teacher: only its cost matters here
@@ -247,12 +246,12 @@ def markdown(res: dict[str, Any]) -> str:
         "* img/s = batch x timed steps / their summed wall time: one full optimisation step of the whole cohort "
         "(teacher forward, every student's forward/backward, optimizer steps) on a fixed batch already on the device; "
         "no data loading except MC-Distil's meta batch. MC-Distil's steps span whole meta cycles (its bilevel meta "
-        "step on every 5th step, exact second-order hypergradient for classification, finite differences for "
-        "detection); the step-time IQR shows the spread between plain and meta steps.",
+        "step on every 5th step, exact second-order hypergradient, for detection through the twice-differentiable "
+        "RoIAlign); the step-time IQR shows the spread between plain and meta steps.",
         "* hand = `step_time.HandLoop`, KD math written directly in PyTorch on deep copies of the KD engine's "
         "students and the same teacher, under the same autocast / compile / memory format. For MC-Distil it is the "
         "same KD loop, so that ratio is MC-Distil's total cost over plain hand-written KD, not engine overhead. "
-        "Detection has no hand loop (its region-level KD needs the task's shared regions; see detection_tiny.py).",
+        "Detection has no hand loop (its region-level KD needs the shared regions; step costs: detection_meta_step.py).",
         "* engine/hand time = mean engine step time / mean hand step time (1.00: same speed, > 1: engine slower).",
         "* teacher share = median time of the teacher-only forward (the engine's own teacher records on the same "
         "batch: no grad, the mode's autocast, compiled when compiling; for detection also the teacher's RPN "
