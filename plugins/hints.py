@@ -21,7 +21,7 @@ count, as it does for the logits).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, Optional
 
 import torch.nn.functional as F
@@ -144,12 +144,17 @@ class _FeaturePairs(Plugin):
 
     @hookimpl
     def collab_distill_feature_requests(self, engine: Any) -> list[FeatureRequest]:
-        def when(engine: Any, phase: str) -> bool:
-            return phase != "meta" and not engine.in_warmup
+        # a student's features are captured once *it* is past its warm-up (per-student
+        # warmup_epochs), the teacher's while any selected student is
+        def student_done(student: str) -> Callable[[Any, str], bool]:
+            return lambda engine, phase: phase != "meta" and not engine.warming_up(student)
 
-        requests = [FeatureRequest(self.teacher, f, when) for f in self.teacher_features]  # type: ignore[arg-type]
+        def any_done(engine: Any, phase: str) -> bool:
+            return phase != "meta" and any(not engine.warming_up(s) for s in self._selected(engine))
+
+        requests = [FeatureRequest(self.teacher, f, any_done) for f in self.teacher_features]  # type: ignore[arg-type]
         for student in self._selected(engine):
-            requests += [FeatureRequest(student, f, when) for f in self.student_features]
+            requests += [FeatureRequest(student, f, student_done(student)) for f in self.student_features]
         return requests
 
     def pair_loss(self, engine: Any, student: str, index: int, feature: Tensor, target: Tensor) -> Tensor:

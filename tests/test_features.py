@@ -300,6 +300,26 @@ def test_every_term_is_logged_as_it_enters_the_loss_and_the_students_loss_is_the
         assert step["loss"] == pytest.approx(step["xxs/loss"] + step["xs/loss"], rel=1e-5)
 
 
+class EpochOfEachStep:
+    def __init__(self) -> None:
+        self.steps: list[tuple[int, set[str]]] = []
+
+    @hookimpl
+    def collab_distill_train_step_end(self, engine: Any, losses: Any) -> None:
+        self.steps.append((engine.epoch, {name for name, value in losses.items() if float(value) > 0}))
+
+
+def test_a_student_past_its_own_warm_up_gets_its_hint_while_another_still_warms_up(tmp_path):
+    probe = EpochOfEachStep()
+    tiny_fit([KD, FitNets(weight=10.0, normalize="channel"), probe], root_dir=tmp_path, steps=None, epochs=2,
+             batch_size=32, subset=200, warmup_epochs={"xs": 1})
+    first = [terms for epoch, terms in probe.steps if epoch == 0]
+    second = [terms for epoch, terms in probe.steps if epoch == 1]
+    assert first and second
+    assert all("xxs/hint" in terms and "xs/hint" not in terms for terms in first)  # xs: labels only in epoch 0
+    assert all({"xxs/hint", "xs/hint"} <= terms for terms in second)
+
+
 def test_channel_normalised_hint_is_scale_free_and_bounded():
     generator = torch.Generator().manual_seed(0)
     student, teacher = torch.randn(3, 4, 5, 5, generator=generator), torch.randn(3, 4, 5, 5, generator=generator)
