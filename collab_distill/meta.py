@@ -30,6 +30,8 @@ from typing import Literal, cast
 import torch
 from torch import Tensor, nn
 
+from collab_distill.task import ConfigError
+
 __all__ = ["MetaModule", "BilevelConfig", "Params", "hypergradient", "lookahead", "meta_summary"]
 
 #: ``{student name: {parameter name: tensor}}``
@@ -125,7 +127,12 @@ def lookahead(
         new[student] = {}
         for name, value in p.items():
             g = grads[student][name]
-            lr, momentum, wd, buf = terms.get(id(originals[student][name]), (1.0, 0.0, 0.0, None))
+            term = terms.get(id(originals[student][name]))
+            if term is None:  # no learning rate to look ahead with: a silent lr 1.0 would distort the step
+                raise ConfigError(
+                    f"meta lookahead: student {student!r} parameter {name!r} requires grad but is in none of "
+                    "its optimizer's param groups; add it to the optimizer or set requires_grad=False")
+            lr, momentum, wd, buf = term
             step = g
             if config.lookahead_weight_decay and wd:
                 step = step + wd * value.detach()

@@ -109,3 +109,17 @@ def test_momentum_and_weight_decay_change_the_hypergradient():
                              meta_loss=meta_loss, optimizers=optimizers, config=config)
         results.append(torch.cat([x.flatten() for x in g]))
     assert not torch.allclose(results[0], results[1])
+
+
+def test_a_trainable_parameter_outside_the_optimizer_is_an_error_not_lr_one():
+    from collab_distill import ConfigError
+    from collab_distill.meta import lookahead
+
+    students, _, optimizers, *_ = _problem()
+    optimizers["b"] = torch.optim.SGD(students["b"][0].parameters(), lr=0.1)  # the last layer left out
+    params = {n: dict(m.named_parameters()) for n, m in students.items()}
+    grads = {n: {k: torch.ones_like(v) for k, v in ps.items()} for n, ps in params.items()}
+    with pytest.raises(ConfigError, match=r"student 'b' parameter '2\.weight'.*none of its optimizer"):
+        lookahead(params, params, grads, optimizers, BilevelConfig())
+    ahead = lookahead({"a": params["a"]}, params, grads, optimizers, BilevelConfig())  # the complete one steps
+    assert torch.allclose(ahead["a"]["weight"], params["a"]["weight"] - 0.3)
