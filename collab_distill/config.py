@@ -6,7 +6,7 @@ import re
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, Literal, Optional, Union, get_args
 
 import torch
@@ -160,6 +160,15 @@ class TrainerConfig:
         for key, (ok, rule) in checks.items():
             if not ok:
                 raise ConfigError(f"trainer.{key}={getattr(self, key)!r} is out of range: it must be {rule}")
+        if self.gradient_clip is not None and not self.gradient_clip > 0:  # a negative norm reverses the gradients
+            raise ConfigError(f"trainer.gradient_clip={self.gradient_clip!r} must be > 0 (the largest gradient norm) "
+                              "or null (no clipping)")
+        if self.name is not None:
+            parts = PurePath(self.name).parts
+            if not self.name.strip() or PurePath(self.name).is_absolute() or ".." in parts or "\\" in self.name:
+                raise ConfigError(
+                    f"trainer.name={self.name!r} must name a folder inside trainer.root_dir (no absolute path, "
+                    "no '..'); put the run elsewhere with --trainer.root_dir")
         for key in ("max_steps", "checkpoint_every_n_steps", "limit_train_batches", "limit_eval_batches"):
             value = getattr(self, key)
             if value is not None and value < 1:

@@ -169,6 +169,12 @@ CASES = [
     ("value_out_of_range",
      ["--trainer.max_epochs", "0"],
      ["trainer.max_epochs=0", "must be >= 1"]),
+    ("run_name_escaping_root_dir",
+     ["--trainer.name", "../../escaped"],
+     ["trainer.name='../../escaped'", "inside trainer.root_dir", "--trainer.root_dir"]),
+    ("negative_gradient_clip",
+     ["--trainer.gradient_clip", "-1"],
+     ["trainer.gradient_clip=-1", "must be > 0", "null (no clipping)"]),
     ("misspelt_option_is_not_an_abbreviation",
      ["--trainer.max_epoch", "2"],
      ["--trainer.max_epoch", "did you mean `trainer.max_epochs`?"]),
@@ -290,6 +296,7 @@ def test_bad_input_stops_before_writing(capsys, files, tmp_path, extra, needles)
     assert rc == 2, err
     _assert_one_error(err, needles)
     assert _nothing_written(root), sorted(root.rglob("*"))
+    assert not (root / ".." / ".." / "escaped").exists(), "a run name must not reach outside root_dir"
 
 
 def _fill(text: str, fill: dict[str, str]) -> str:
