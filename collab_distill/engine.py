@@ -158,6 +158,8 @@ class Engine:
         self.optimizer_factory = optimizer
         self.schedule = schedule or Constant()
         self.meta_config = meta or BilevelConfig()
+        if not 0 <= seed < 2**32:  # numpy's (and Fabric's seed_everything's) range
+            raise ConfigError(f"seed={seed} must be between 0 and 4294967295 (2**32 - 1)")
         self.seed = seed
         self.config_text = config_text
         #: pluggy's plugin manager (plugins, hook implementations); call hooks through ``hook``
