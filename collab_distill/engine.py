@@ -215,10 +215,14 @@ class Engine:
 
     # ------------------------------------------------------------------ setup
 
+    def warming_up_until(self, student: str) -> int:
+        """The first epoch in which ``student`` leaves its supervised-only warm-up."""
+        epochs = self.trainer.warmup_epochs
+        return epochs.get(student, 0) if isinstance(epochs, dict) else epochs
+
     def warming_up(self, student: str) -> bool:
         """Whether ``student`` is still in its supervised-only warm-up."""
-        epochs = self.trainer.warmup_epochs
-        return self.epoch < (epochs.get(student, 0) if isinstance(epochs, dict) else epochs)
+        return self.epoch < self.warming_up_until(student)
 
     @property
     def in_warmup(self) -> bool:
@@ -259,6 +263,10 @@ class Engine:
                 f"trainer.warmup_epochs names {sorted(set(epochs) - set(self.cohort.students))}, "
                 f"which are not students ({sorted(self.cohort.students)})"
             )
+        never = [s for s in self.cohort.students if self.warming_up_until(s) >= t.max_epochs]
+        if never:
+            console.plain(self.fabric, f"[warning] trainer.warmup_epochs >= trainer.max_epochs ({t.max_epochs}) for {never}: "
+                         "they train on their labels only and the method never applies; lower warmup_epochs")
         self.hook.collab_distill_configure(engine=self)
         self._setup_features()
         self._collect_plugin_modules()
@@ -899,7 +907,7 @@ class Engine:
             results["meta"] = meta_summary(self.meta_history)
             if results["meta"]["zero_grad_share"] == 1.0:
                 steps = len(self.meta_history)
-                console.info(self.fabric, f"[warning] the meta modules' gradient was exactly zero at all {steps} "
+                console.plain(self.fabric, f"[warning] the meta modules' gradient was exactly zero at all {steps} "
                                           "meta steps: the meta objective does not reach them, so they never learned")
         if self.teachers:
             teacher_test = self.evaluate("test", self.teachers)

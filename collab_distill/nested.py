@@ -100,7 +100,7 @@ def teacher_cache_path(engine: Engine, name: str) -> Optional[Path]:
     if folder is None:
         return None
     if engine.config_text is None:
-        console.info(engine.fabric, f"[warning] cohort.teachers.{name}.cache_dir needs the run's config (a CLI run); not cached")
+        console.plain(engine.fabric, f"[warning] cohort.teachers.{name}.cache_dir needs the run's config (a CLI run); not cached")
         return None
     inputs = json.dumps(_teacher_training_inputs(engine, name), sort_keys=True, default=str)
     return Path(folder) / f"{name}-{hashlib.sha256(inputs.encode()).hexdigest()[:16]}.pt"

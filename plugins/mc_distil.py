@@ -474,7 +474,7 @@ class CNet(Plugin):
                 f"every image alike after {len(engine.meta_history)} meta steps. Give it more meta steps "
                 "(meta.every_n_steps), a larger CNet.lr, or per-image signals (CNet.use_losses).")
             warnings.warn(message, stacklevel=1)
-            console.info(engine.fabric, f"[warning] {message}")
+            console.plain(engine.fabric, f"[warning] {message}")
 
     @hookimpl
     def collab_distill_report_sections(self, engine: Any) -> Optional[list[ReportSection]]:

@@ -242,3 +242,11 @@ def test_step_logs_are_detailed_only_on_logging_steps(tmp_path, teacher_file):
     loud = engine.training_step(batch)
     assert set(quiet) == {"loss", "xxs/loss", "xs/loss"}
     assert {"xs/supervised", "xs/distill", "xs/loss", "xs/alpha"} <= set(loud)
+
+
+def test_a_warm_up_as_long_as_the_run_is_one_warning_naming_the_students(tmp_path, teacher_file, capsys):
+    engine = make_engine(tmp_path, teacher_file, warmup_epochs={"xxs": 2}, max_epochs=2)
+    engine.setup()
+    out = capsys.readouterr().out
+    assert "[warning] trainer.warmup_epochs >= trainer.max_epochs (2) for ['xxs']" in " ".join(out.split())
+    assert "'xs'" not in out  # xs has no warm-up
