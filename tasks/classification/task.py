@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -46,20 +46,30 @@ class ImageClassification(Task):
 
     Args:
         data: the data set (``Digits``, ``CIFAR100``, ``CIFAR10``, ``TinyImageNet``, ``ImageFolderData``).
-        topk: the top-k accuracies to report (in percent).
+        topk: the top-k accuracies to report (in percent); each k below the number of classes
+            (top-k over all classes is always 100 %). Default: top-1 and, with more than 5
+            classes, top-5.
     """
 
     selection_metric = "top1"
 
-    def __init__(self, data: ClassificationData, topk: Sequence[int] = (1, 5)) -> None:
-        if not topk or any(k < 1 for k in topk):
+    def __init__(self, data: ClassificationData, topk: Optional[Sequence[int]] = None) -> None:
+        if topk is not None and (not topk or any(k < 1 for k in topk)):
             raise ConfigError(f"task.topk={list(topk)} must be positive integers")
         self.data = data
-        self.topk = tuple(sorted(set(int(k) for k in topk)))
+        self.requested_topk = None if topk is None else tuple(sorted(set(int(k) for k in topk)))
+        self.topk = self.requested_topk or (1, 5)
         self.info: TaskInfo | None = None
 
     def setup(self, seed: int) -> TaskInfo:
         self.data.setup(seed)
+        classes = self.data.num_classes
+        if self.requested_topk is None:
+            self.topk = tuple(k for k in (1, 5) if k == 1 or k < classes)
+        elif any(k > 1 and k >= classes for k in self.requested_topk):
+            raise ConfigError(
+                f"task.topk={list(self.requested_topk)}: the data has {classes} classes, so top-k for k >= {classes} "
+                f"is always 100 %; give values below {classes}")
         self.info = TaskInfo(
             num_classes=self.data.num_classes,
             in_channels=self.data.in_channels,
