@@ -205,6 +205,12 @@ def check_accelerator(trainer: TrainerConfig) -> None:
         raise ConfigError(
             f"trainer.accelerator={accelerator}: this machine has no {kind}; use --trainer.accelerator cpu or auto"
         )
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not cuda and not mps)
+    if on_cpu and str(trainer.precision) in ("16-mixed", "16", "16-true"):
+        # Fabric would quietly run bf16 instead, and config.yaml would record what did not run
+        raise ConfigError(
+            f"trainer.precision={trainer.precision} needs a GPU; this run is on the CPU: use bf16-mixed or 32-true"
+        )
 
 
 def fabric_refused(trainer: TrainerConfig, err: Exception) -> ConfigError:
