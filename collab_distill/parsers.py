@@ -109,6 +109,13 @@ def check_config_files(argv: list[str]) -> None:
                 f"{path}: YAML syntax error at {_syntax_message(err)}; fix the YAML there (an unclosed bracket "
                 "or quote, a missing ':', or wrong indentation)"
             ) from None
+        if node is None:
+            raise ConfigError(f"{path}: the config file is empty; give its settings as `key: value` lines "
+                              "(e.g. `trainer:` with `max_epochs: 2` indented below it)")
+        if not isinstance(node, yaml.MappingNode):
+            kind = {yaml.SequenceNode: "a list"}.get(type(node), "a single value")
+            raise ConfigError(f"{path}: the config's top level is {kind}, not a mapping of sections; give "
+                              "`section: ...` lines (task, cohort, trainer, plugins, ...)")
         for key, first, second in _duplicate_keys(node):
             raise ConfigError(f"{path}: {_duplicate_message(key, first, second)}")
 

@@ -89,6 +89,10 @@ def files(tmp_path_factory) -> dict[str, Path]:
     out["empty_dir"].mkdir()
     out["broken"] = d / "broken.yaml"  # the '[' of line 2 is never closed
     out["broken"].write_text("trainer:\n  max_epochs: [1\nseed: 0\n")
+    out["empty_yaml"] = d / "empty.yaml"
+    out["empty_yaml"].write_text("# nothing but a comment\n")
+    out["list_yaml"] = d / "list.yaml"
+    out["list_yaml"].write_text("- trainer\n- seed\n")
     out["one_class"] = _image_folder(d / "one_class", ("cat",))
     out["three_classes"] = _image_folder(d / "three_classes", ("cat", "dog", "eel"))
     out["corrupt"] = _image_folder(d / "corrupt", ("cat", "dog"))
@@ -181,6 +185,12 @@ CASES = [
     ("fp16_on_the_cpu",
      ["--trainer.precision", "16-mixed", "--trainer.accelerator", "cpu"],
      ["trainer.precision=16-mixed needs a GPU", "bf16-mixed or 32-true"]),
+    ("empty_config_file",
+     ["--config", "{empty_yaml}"],
+     ["{empty_yaml}", "the config file is empty"]),
+    ("config_file_whose_top_level_is_a_list",
+     ["--config", "{list_yaml}"],
+     ["{list_yaml}", "top level is a list, not a mapping"]),
     ("negative_seed",
      ["--seed", "-5"],
      ["seed=-5", "between 0 and 4294967295"]),
