@@ -113,7 +113,7 @@ def check_config_files(argv: list[str]) -> None:
             raise ConfigError(f"{path}: the config file is empty; give its settings as `key: value` lines "
                               "(e.g. `trainer:` with `max_epochs: 2` indented below it)")
         if not isinstance(node, yaml.MappingNode):
-            kind = {yaml.SequenceNode: "a list"}.get(type(node), "a single value")
+            kind = "a list" if isinstance(node, yaml.SequenceNode) else "a single value"
             raise ConfigError(f"{path}: the config's top level is {kind}, not a mapping of sections; give "
                               "`section: ...` lines (task, cohort, trainer, plugins, ...)")
         for key, first, second in _duplicate_keys(node):
