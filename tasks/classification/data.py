@@ -707,6 +707,10 @@ class ClassificationData(abc.ABC):
 
 def _check_root(cls_name: str, root: str, expected: str) -> str:
     root = os.path.expanduser(str(root))
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise ConfigError(
+            f"{cls_name}.root: {root!r} is a file, not a folder. Set root to the folder that contains {expected}."
+        )
     if not os.path.isdir(root):
         raise ConfigError(
             f"{cls_name}.root: folder {root!r} does not exist. Set root to the folder that contains {expected}."
@@ -1160,8 +1164,9 @@ class ImageFolderData(ClassificationData):
         folder = os.path.join(root, sub)
         layout = f"root/{self.train_dir}/<class>/*.jpg and root/{self.test_dir}/<class>/*.jpg"
         if not os.path.isdir(folder):
+            problem = "is a file, not a folder" if os.path.exists(folder) else "does not exist"
             raise ConfigError(
-                f"ImageFolderData.{field}: {folder!r} does not exist. Expected layout: {layout}. "
+                f"ImageFolderData.{field}: {folder!r} {problem}. Expected layout: {layout}. "
                 f"Set {field} (or root) to match the folders on disk."
             )
         with os.scandir(folder) as it:

@@ -50,7 +50,8 @@ class CocoIndex:
         if not document["images"]:
             raise ConfigError(f"{field}: {str(path)!r} lists no images; the split would be empty")
         if not image_root.is_dir():
-            raise ConfigError(f"{field}: image folder {str(image_root)!r} does not exist")
+            problem = "is a file, not a folder" if image_root.exists() else "does not exist"
+            raise ConfigError(f"{field}: image folder {str(image_root)!r} {problem}")
         missing = [im["file_name"] for im in document["images"] if not (image_root / im["file_name"]).is_file()]
         if missing:
             raise ConfigError(
