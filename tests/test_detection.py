@@ -186,6 +186,34 @@ def test_bad_detection_input_fails_before_training(tmp_path, capsys, shapes):
                          "--cohort.teachers.teacher.train_epochs", "0"))
 
 
+@pytest.mark.parametrize(("change", "fragments"), [
+    ({"bbox": [1.0, 2.0, 3.0]}, ["bbox [1.0, 2.0, 3.0]", "four finite numbers"]),
+    ({"bbox": [1.0, 2.0, "wide", 4.0]}, ["four finite numbers"]),
+    ({"bbox": None}, ["bbox None", "four finite numbers"]),
+    ({"bbox": [10.0, 10.0, -5.0, 8.0]}, ["negative width or height", "not corners"]),
+    ({"bbox": [900.0, 900.0, 20.0, 20.0]}, ["entirely outside its 96x96 image"]),
+    ({"bbox": ...}, ["has no ['bbox'] key(s)", "image_id, category_id and bbox"]),
+])
+def test_a_malformed_coco_annotation_is_one_error_naming_it(tmp_path, shapes, change, fragments):
+    from collab_distill.tasks.detection.data import CocoIndex
+
+    doc = json.loads((shapes / "annotations" / "instances_train2017.json").read_text())
+    first = doc["annotations"][0]
+    for key, value in change.items():
+        if value is ...:
+            del first[key]
+        else:
+            first[key] = value
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ConfigError) as err:
+        CocoIndex.load(path, shapes / "train2017", "CocoDetection.train_annotations")
+    message = str(err.value)
+    assert message.startswith(f"CocoDetection.train_annotations: annotation {first['id']} in {str(path)!r}")
+    for fragment in fragments:
+        assert fragment in message, message
+
+
 def test_detector_factory_rejects_unknown_backbones():
     with pytest.raises(ConfigError, match="resnet18"):
         FasterRCNN("resnet19")

@@ -8,6 +8,7 @@ the task is set up, before any model is built, so a bad path fails in a second, 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -59,8 +60,11 @@ class CocoIndex:
                 f"{str(image_root)!r} (first: {missing[:3]}); fix the image folder or the annotation file"
             )
         known = {c["id"] for c in document["categories"]}
+        sizes = {im["id"]: (im.get("width"), im.get("height")) for im in document["images"]}
         boxes: dict[int, list[tuple[list[float], int, int]]] = {im["id"]: [] for im in document["images"]}
         for position, a in enumerate(document["annotations"]):
+            name = a.get("id", f"#{position}") if isinstance(a, dict) else f"#{position}"
+            _check_annotation(a, sizes, f"{field}: annotation {name} in {str(path)!r}")
             if a["category_id"] not in known:
                 raise ConfigError(f"{field}: annotation {a.get('id')} in {str(path)!r} has category_id {a['category_id']}, "
                                   f"which is not among the file's categories {sorted(known)}")
@@ -72,6 +76,31 @@ class CocoIndex:
                 continue
             boxes[a["image_id"]].append(([float(x), float(y), float(w), float(h)], a["category_id"], position))
         return cls(path, image_root, list(document["images"]), boxes, list(document["categories"]), document)
+
+
+def _check_annotation(a: Any, sizes: dict[Any, tuple[Any, Any]], where: str) -> None:
+    """One clear error for an annotation a detector could not use: keys missing, a bbox that is
+    not four finite numbers ``[x, y, width, height]``, a negative size, or a box entirely outside
+    its image (when the image lists its width and height)."""
+    fix = "fix or remove it in the annotation file"
+    if not isinstance(a, dict):
+        raise ConfigError(f"{where} is {type(a).__name__}, not an object with image_id, category_id and bbox; {fix}")
+    missing = [k for k in ("image_id", "category_id", "bbox") if k not in a]
+    if missing:
+        raise ConfigError(f"{where} has no {missing} key(s); COCO annotations need image_id, category_id and "
+                          f"bbox [x, y, width, height]; {fix}")
+    box = a["bbox"]
+    if (not isinstance(box, (list, tuple)) or len(box) != 4
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box)):
+        raise ConfigError(f"{where} has bbox {box!r}; it must be four finite numbers [x, y, width, height]; {fix}")
+    x, y, w, h = box
+    if w < 0 or h < 0:
+        raise ConfigError(f"{where} has bbox {box!r} with a negative width or height (COCO boxes are "
+                          f"[x, y, width, height], not corners); {fix}")
+    width, height = sizes.get(a["image_id"], (None, None))
+    if isinstance(width, (int, float)) and isinstance(height, (int, float)):
+        if x >= width or y >= height or x + w <= 0 or y + h <= 0:
+            raise ConfigError(f"{where} has bbox {box!r}, entirely outside its {width}x{height} image; {fix}")
 
 
 class CocoSplit(IndexedDataset):
