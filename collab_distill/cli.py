@@ -380,7 +380,7 @@ def _export(cfg: Namespace) -> None:
 
     paths = export_student(
         cfg.ckpt_path, cfg.student, output=cfg.output, weights=cfg.weights,
-        torchscript=cfg.torchscript, exported_program=cfg.exported_program,
+        torchscript=cfg.torchscript, exported_program=cfg.exported_program, overwrite=cfg.overwrite,
     )
     for p in paths:
         print(p)

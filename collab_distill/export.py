@@ -14,6 +14,7 @@ A model decides how it is exported through optional attributes (none of them nee
 
 from __future__ import annotations
 
+import glob
 import sys
 import warnings
 from pathlib import Path
@@ -97,12 +98,14 @@ def export_student(
     weights: str = "last",
     torchscript: Optional[bool] = None,
     exported_program: Optional[bool] = None,
+    overwrite: bool = False,
 ) -> list[Path]:
     """Write the student's weights file (``<student>-<weights>.pt``, a plain state dict, unless the
     model names its own format), and a TorchScript file (``.torchscript.pt``) and a
     ``torch.export`` program (``.pt2``, torch's successor to TorchScript). For those two, ``True``
     requires the file, ``False`` skips it, ``None`` writes it when the model supports it and it
-    can be produced (otherwise a note on stderr says why). Returns the written paths."""
+    can be produced (otherwise a note on stderr says why). Files of an earlier export of the same
+    student and weights are never replaced unless ``overwrite``. Returns the written paths."""
     state = load_checkpoint(ckpt_path, field="--ckpt_path")
     if student not in state["students"]:
         raise ConfigError(f"--student {student!r}: the checkpoint has students {sorted(state['students'])}")
@@ -113,8 +116,13 @@ def export_student(
             raise ConfigError(f"--weights best: no best-on-val weights recorded for {student!r} (was val ever run?)")
         tensors = best["state"]
     out = Path(output) if output else Path(ckpt_path).resolve().parent.parent / "exports"
-    out.mkdir(parents=True, exist_ok=True)
     stem = out / f"{student}-{weights}"
+    earlier = sorted(p for p in out.glob(f"{glob.escape(stem.name)}.*") if p.is_file()) if out.is_dir() else []
+    if earlier and not overwrite:
+        names = ", ".join(p.name for p in earlier)
+        raise ConfigError(f"--output: {str(out)!r} already holds an export of {student!r} ({names}); "
+                          "give another --output folder, or --overwrite true to replace them")
+    out.mkdir(parents=True, exist_ok=True)
     requested = {"torchscript": torchscript, "exported_program": exported_program}
     if not state.get("config") or not state.get("task_info"):
         if any(requested.values()):

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, NamedTuple, Optional, Union
+from typing import Any, Literal, NamedTuple, Optional, Union
 
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, get_loader, set_loader
 
@@ -207,7 +207,10 @@ def build_parsers() -> Parsers:
     export.add_argument("--ckpt_path", type=str, required=True, help="a run checkpoint (last.ckpt)")
     export.add_argument("--student", type=str, required=True, help="the student to export")
     export.add_argument("--output", type=Optional[str], default=None, help="folder (default: the run's exports/)")
-    export.add_argument("--weights", type=str, default="last", choices=["last", "best"])
+    export.add_argument("--weights", type=Literal["last", "best"], default="last",
+                        help="the last weights or the best-on-val ones")
+    export.add_argument("--overwrite", type=bool, default=False,
+                        help="replace files an earlier export wrote in --output (default: stop and name them)")
     # None: when the model supports it (a detector does not; a note says so), true: required, false: never
     export.add_argument("--torchscript", type=Optional[bool], default=None,
                         help="write a TorchScript file (default: when the model supports it)")

@@ -120,6 +120,20 @@ def test_export_writes_state_dict_and_torchscript(finished_run, tmp_path):
         assert torch.equal(model.state_dict()[key], value)
 
 
+def test_export_never_replaces_an_earlier_export_unless_asked(finished_run, tmp_path):
+    run, _, env = finished_run
+    args = ["export", "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), "--student", "xs",
+            "--output", str(tmp_path), "--torchscript", "false", "--exported_program", "false"]
+    run_cli(args, env)
+    (tmp_path / "xs-last.pt").write_bytes(b"an earlier export the user kept")
+    proc = run_cli(args, env, check=False)
+    assert proc.returncode == 2
+    assert "already holds an export of 'xs' (xs-last.pt)" in proc.stderr and "--overwrite true" in proc.stderr
+    assert (tmp_path / "xs-last.pt").read_bytes() == b"an earlier export the user kept"
+    run_cli([*args, "--overwrite", "true"], env)
+    assert torch.load(tmp_path / "xs-last.pt", weights_only=True)  # replaced by the real state dict
+
+
 def test_test_command_reproduces_the_runs_test_metrics(finished_run):
     run, _, env = finished_run
     results = json.loads((run / "results.json").read_text())
