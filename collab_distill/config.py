@@ -206,7 +206,7 @@ def check_accelerator(trainer: TrainerConfig) -> None:
             f"trainer.accelerator={accelerator}: this machine has no {kind}; use --trainer.accelerator cpu or auto"
         )
     on_cpu = accelerator == "cpu" or (accelerator == "auto" and not cuda and not mps)
-    if on_cpu and str(trainer.precision) in ("16-mixed", "16", "16-true"):
+    if on_cpu and str(trainer.precision) in ("16-mixed", "16"):
         # Fabric would quietly run bf16 instead, and config.yaml would record what did not run
         raise ConfigError(
             f"trainer.precision={trainer.precision} needs a GPU; this run is on the CPU: use bf16-mixed or 32-true"

@@ -9,18 +9,26 @@ pixels do not depend on the number of loader workers, on the process rank, or on
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Optional
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-__all__ = ["SeededSampler", "SeededSample", "augment_seeded", "make_loader", "PlainIndices", "Cycle"]
+__all__ = ["SeededSampler", "SeededSample", "augment_seeded", "make_loader", "PlainIndices", "Cycle", "folder_problem"]
 
 #: what :class:`SeededSampler` yields: ``(dataset index, augmentation seed)``
 SeededSample = tuple[int, int]
 
 _MIX = 0x9E3779B97F4A7C15
+
+
+def folder_problem(path: str | os.PathLike[str]) -> str:
+    """Why ``path`` is not a usable folder, for an error message ("" when it is one)."""
+    if os.path.isdir(path):
+        return ""
+    return "is a file, not a folder" if os.path.exists(path) else "does not exist"
 
 
 def _sample_seed(seed: int, epoch: int, index: int) -> int:

@@ -49,7 +49,7 @@ from torch.utils.data import Dataset
 from torchvision import datasets
 from torchvision.transforms import v2
 
-from collab_distill.data import IndexedDataset, SeededSample, augment_seeded
+from collab_distill.data import IndexedDataset, SeededSample, augment_seeded, folder_problem
 from collab_distill.task import ConfigError, TaskInfo
 
 __all__ = [
@@ -707,14 +707,9 @@ class ClassificationData(abc.ABC):
 
 def _check_root(cls_name: str, root: str, expected: str) -> str:
     root = os.path.expanduser(str(root))
-    if os.path.exists(root) and not os.path.isdir(root):
-        raise ConfigError(
-            f"{cls_name}.root: {root!r} is a file, not a folder. Set root to the folder that contains {expected}."
-        )
-    if not os.path.isdir(root):
-        raise ConfigError(
-            f"{cls_name}.root: folder {root!r} does not exist. Set root to the folder that contains {expected}."
-        )
+    problem = folder_problem(root)
+    if problem:
+        raise ConfigError(f"{cls_name}.root: {root!r} {problem}. Set root to the folder that contains {expected}.")
     return root
 
 
@@ -1163,8 +1158,8 @@ class ImageFolderData(ClassificationData):
     def _scan(self, root: str, field: str, sub: str, allow_empty: bool) -> tuple[list[str], list[str], list[int]]:
         folder = os.path.join(root, sub)
         layout = f"root/{self.train_dir}/<class>/*.jpg and root/{self.test_dir}/<class>/*.jpg"
-        if not os.path.isdir(folder):
-            problem = "is a file, not a folder" if os.path.exists(folder) else "does not exist"
+        problem = folder_problem(folder)
+        if problem:
             raise ConfigError(
                 f"ImageFolderData.{field}: {folder!r} {problem}. Expected layout: {layout}. "
                 f"Set {field} (or root) to match the folders on disk."

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from collab_distill.data import IndexedDataset, SeededSample, augment_seeded
+from collab_distill.data import IndexedDataset, SeededSample, augment_seeded, folder_problem
 from collab_distill.task import ConfigError
 from collab_distill.tasks.detection.noise import AnnotationNoise, Corruption, corrupt_boxes, crop_features
 
@@ -50,8 +50,8 @@ class CocoIndex:
             raise ConfigError(f"{field}: {str(path)!r} is not a COCO instances file: no {missing_keys} key(s)")
         if not document["images"]:
             raise ConfigError(f"{field}: {str(path)!r} lists no images; the split would be empty")
-        if not image_root.is_dir():
-            problem = "is a file, not a folder" if image_root.exists() else "does not exist"
+        problem = folder_problem(image_root)
+        if problem:
             raise ConfigError(f"{field}: image folder {str(image_root)!r} {problem}")
         missing = [im["file_name"] for im in document["images"] if not (image_root / im["file_name"]).is_file()]
         if missing:
