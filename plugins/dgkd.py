@@ -17,10 +17,11 @@ students of earlier stages become the assistants of later ones: teacher -> s; {t
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 
+from collab_distill.engine_view import EngineView
 from collab_distill.hookspecs import hookimpl
 from collab_distill.plugin_manager import Plugin
 from collab_distill.records import Knowledge, SoftTarget, TargetSet
@@ -62,14 +63,14 @@ class DGKD(Plugin):
         return f"DGKD(drop_rate={self.drop_rate}, reduction={self.reduction!r})"
 
     @hookimpl
-    def collab_distill_configure(self, engine: Any) -> None:
+    def collab_distill_configure(self, engine: EngineView) -> None:
         if not engine.cohort.teachers:
             raise ConfigError("DGKD distils from teachers and assistants: add cohort.teachers "
                               "(or stages whose teachers are earlier students)")
 
     @hookimpl
     def collab_distill_soft_targets(
-        self, engine: Any, records: Mapping[str, Knowledge], teacher_records: Mapping[str, Knowledge], temperature: float
+        self, engine: EngineView, records: Mapping[str, Knowledge], teacher_records: Mapping[str, Knowledge], temperature: float
     ) -> dict[str, SoftTarget]:
         names = list(teacher_records)
         self.last_kept = kept_guides(names, self.drop_rate, engine.seed, engine.global_step)

@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from collab_distill.engine_view import EngineView
 from collab_distill.hookspecs import hookimpl
 from collab_distill.plugin_manager import Plugin
 from collab_distill.records import Knowledge, SoftTarget, mean_of_teachers
@@ -144,13 +145,13 @@ class DKD(Plugin):
         return min((epoch + 1) / self.warmup_epochs, 1.0)
 
     @hookimpl
-    def collab_distill_configure(self, engine: Any) -> None:
+    def collab_distill_configure(self, engine: EngineView) -> None:
         if not (engine.teachers or engine.cohort.teachers):
             raise ConfigError("DKD needs a teacher to distil from: add cohort.teachers (DKD has no teacher-free variant)")
 
     @hookimpl
     def collab_distill_soft_targets(
-        self, engine: Any, records: Mapping[str, Knowledge], teacher_records: Mapping[str, Knowledge], temperature: float
+        self, engine: EngineView, records: Mapping[str, Knowledge], teacher_records: Mapping[str, Knowledge], temperature: float
     ) -> Optional[dict[str, SoftTarget]]:
         if not teacher_records:
             return None

@@ -15,11 +15,12 @@ convexity never larger than the per-peer mean). With two students both forms are
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
+from collab_distill.engine_view import EngineView
 from collab_distill.hookspecs import hookimpl
 from collab_distill.plugin_manager import Plugin
 from collab_distill.records import Knowledge, SoftTarget, TargetSet
@@ -67,12 +68,12 @@ class DML(Plugin):
         return f"DML(target={self.target!r})"
 
     @hookimpl
-    def collab_distill_configure(self, engine: Any) -> None:
+    def collab_distill_configure(self, engine: EngineView) -> None:
         if len(engine.cohort.students) < 2:
             raise ConfigError("DML needs at least two students: each one learns from its peers")
 
     @hookimpl
-    def collab_distill_consensus_targets(self, records: Mapping[str, Knowledge], temperature: float) -> dict[str, SoftTarget]:
+    def collab_distill_consensus_targets(self, records: Mapping[str, Knowledge], temperature: float) -> Mapping[str, SoftTarget]:
         if self.target == "peers_mean":
             return peer_mean_targets(records, temperature)
         return per_peer_targets(records, temperature)

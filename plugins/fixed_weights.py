@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Optional
 
+from collab_distill.engine_view import EngineView
 from collab_distill.hookspecs import hookimpl
 from collab_distill.plugin_manager import Plugin
 from collab_distill.records import Knowledge, LossWeights
@@ -47,14 +48,14 @@ class FixedLossWeights(Plugin):
                 )
 
     @hookimpl
-    def collab_distill_configure(self, engine) -> None:
+    def collab_distill_configure(self, engine: EngineView) -> None:
         unknown = set(self.per_student) - set(engine.cohort.students)
         if unknown:
             raise ConfigError(f"FixedLossWeights.per_student names {sorted(unknown)}, not students of the cohort")
         if any(w[1] > 0 for w in [self.default, *self.per_student.values()]) and not engine.cohort.teachers:
             # without teachers the default soft target is empty: beta would silently do nothing
-            plugins = [p for p in engine.pm.get_plugins() if p is not self]
-            if not any(hasattr(p, "collab_distill_soft_targets") and not _is_default(p) for p in plugins):
+            providers = engine.hook_implementers("collab_distill_soft_targets")
+            if not any(p is not self and not _is_default(p) for p in providers):
                 raise ConfigError(
                     "FixedLossWeights.beta > 0 but the cohort has no teacher and no plugin provides soft "
                     "targets: add `cohort.teachers` or a soft-target plugin, or set beta: 0"

@@ -22,11 +22,12 @@ count, as it does for the logits).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal, Optional
+from typing import Literal, Optional
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from collab_distill.engine_view import EngineView
 from collab_distill.features import FeatureRequest, parse_feature
 from collab_distill.hookspecs import hookimpl
 from collab_distill.plugin_manager import Plugin
@@ -81,9 +82,9 @@ def attention_loss_per_image(student: Tensor, teacher: Tensor, p: float = 2.0) -
     smaller one's size first (as RepDistiller does)."""
     hs, ht = student.shape[-2:], teacher.shape[-2:]
     if hs[0] > ht[0]:
-        student = F.adaptive_avg_pool2d(student, ht)
+        student = F.adaptive_avg_pool2d(student, (ht[0], ht[1]))
     elif ht[0] > hs[0]:
-        teacher = F.adaptive_avg_pool2d(teacher, hs)
+        teacher = F.adaptive_avg_pool2d(teacher, (hs[0], hs[1]))
     return (attention_map(student, p) - attention_map(teacher.detach(), p)).pow(2).mean(dim=1)
 
 
@@ -122,11 +123,11 @@ class _FeaturePairs(Plugin):
         self.weight = float(weight)
         self.per_image_weight = per_image_weight
 
-    def _selected(self, engine: Any) -> list[str]:
+    def _selected(self, engine: EngineView) -> list[str]:
         return self.students if self.students is not None else list(engine.cohort.students)
 
     @hookimpl
-    def collab_distill_configure(self, engine: Any) -> None:
+    def collab_distill_configure(self, engine: EngineView) -> None:
         name = type(self).__name__
         teachers = list(engine.cohort.teachers)
         if not teachers:
@@ -143,27 +144,29 @@ class _FeaturePairs(Plugin):
                               f"not students of the cohort ({sorted(engine.cohort.students)})")
 
     @hookimpl
-    def collab_distill_feature_requests(self, engine: Any) -> list[FeatureRequest]:
+    def collab_distill_feature_requests(self, engine: EngineView) -> list[FeatureRequest]:
         # a student's features are captured once *it* is past its warm-up (per-student
         # warmup_epochs), the teacher's while any selected student is
-        def student_done(student: str) -> Callable[[Any, str], bool]:
+        def student_done(student: str) -> Callable[[EngineView, str], bool]:
             return lambda engine, phase: phase != "meta" and not engine.warming_up(student)
 
-        def any_done(engine: Any, phase: str) -> bool:
+        def any_done(engine: EngineView, phase: str) -> bool:
             return phase != "meta" and any(not engine.warming_up(s) for s in self._selected(engine))
 
-        requests = [FeatureRequest(self.teacher, f, any_done) for f in self.teacher_features]  # type: ignore[arg-type]
+        teacher = self.teacher
+        assert teacher is not None  # chosen at configure
+        requests = [FeatureRequest(teacher, f, any_done) for f in self.teacher_features]
         for student in self._selected(engine):
             requests += [FeatureRequest(student, f, student_done(student)) for f in self.student_features]
         return requests
 
-    def pair_loss(self, engine: Any, student: str, index: int, feature: Tensor, target: Tensor) -> Tensor:
+    def pair_loss(self, engine: EngineView, student: str, index: int, feature: Tensor, target: Tensor) -> Tensor:
         """``[B]`` loss of one feature pair."""
         raise NotImplementedError
 
     @hookimpl
     def collab_distill_auxiliary_losses(
-        self, engine: Any, records: Mapping[str, Knowledge], teacher_records: Mapping[str, Knowledge],
+        self, engine: EngineView, records: Mapping[str, Knowledge], teacher_records: Mapping[str, Knowledge],
         weights: Mapping[str, LossWeights], phase: str,
     ) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
@@ -223,7 +226,8 @@ class FitNets(_FeaturePairs):
         self.normalize = normalize
 
     @hookimpl
-    def collab_distill_student_modules(self, engine: Any) -> dict[str, dict[str, nn.Module]]:
+    def collab_distill_student_modules(self, engine: EngineView) -> dict[str, dict[str, nn.Module]]:
+        assert self.teacher is not None  # chosen at configure
         shapes = engine.feature_shapes
         modules: dict[str, dict[str, nn.Module]] = {}
         for student in self._selected(engine):
@@ -242,7 +246,7 @@ class FitNets(_FeaturePairs):
                 modules.setdefault(student, {})[f"fitnets_regressor_{i}"] = make_regressor(s_shape[0], t_shape[0], self.adaptor)
         return modules
 
-    def pair_loss(self, engine: Any, student: str, index: int, feature: Tensor, target: Tensor) -> Tensor:
+    def pair_loss(self, engine: EngineView, student: str, index: int, feature: Tensor, target: Tensor) -> Tensor:
         if self.adaptor != "none":
             feature = engine.student_module(student, f"fitnets_regressor_{index}")(feature)
         return hint_loss_per_image(feature, target, self.normalize)
@@ -283,8 +287,9 @@ class AttentionTransfer(_FeaturePairs):
         self.p = float(p)
 
     @hookimpl
-    def collab_distill_student_modules(self, engine: Any) -> None:
+    def collab_distill_student_modules(self, engine: EngineView) -> None:
         # no parameters; check the shapes once the features are measured
+        assert self.teacher is not None  # chosen at configure
         for student in self._selected(engine):
             for fs, ft in zip(self.student_features, self.teacher_features):
                 s_shape, t_shape = engine.feature_shapes[student][fs], engine.feature_shapes[self.teacher][ft]
@@ -295,7 +300,7 @@ class AttentionTransfer(_FeaturePairs):
                     )
         return None
 
-    def pair_loss(self, engine: Any, student: str, index: int, feature: Tensor, target: Tensor) -> Tensor:
+    def pair_loss(self, engine: EngineView, student: str, index: int, feature: Tensor, target: Tensor) -> Tensor:
         return attention_loss_per_image(feature, target, self.p)
 
     def __repr__(self) -> str:

@@ -26,14 +26,15 @@ students (``examples/methods/kdcl_views.yaml``); the engine feeds view ``i`` to 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, Literal
+from collections.abc import Mapping, Sized
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
+from collab_distill.engine_view import EngineView
 from collab_distill.hookspecs import hookimpl
 from collab_distill.plugin_manager import Plugin
 from collab_distill.records import Knowledge, SoftTarget
@@ -250,7 +251,7 @@ class KDCL(Plugin):
         return f"KDCL(variant={self.variant!r})"
 
     @hookimpl
-    def collab_distill_configure(self, engine: Any) -> None:
+    def collab_distill_configure(self, engine: EngineView) -> None:
         students = list(engine.cohort.students)
         if len(students) < 2:
             raise ConfigError("KDCL needs at least two students: the target is their ensemble")
@@ -289,27 +290,31 @@ class KDCL(Plugin):
     # ------------------------------------------------------------ general: eq. 10-11 per epoch
 
     @hookimpl
-    def collab_distill_epoch_end(self, engine: Any, epoch: int) -> None:
+    def collab_distill_epoch_end(self, engine: EngineView, epoch: int) -> None:
         if self.variant != "general":
             return
         names = list(engine.students)
         errors = error_matrix(self._true_class_probs(engine, names))
+        assert engine.fabric is not None  # set before configure
         if engine.fabric.world_size > 1:
             # every rank measured its shard: combine sums, not means
             count = torch.tensor([float(self._measured)], device=errors.device, dtype=errors.dtype)
-            errors = engine.fabric.all_reduce(errors * count, reduce_op="sum")
-            count = engine.fabric.all_reduce(count, reduce_op="sum")
+            errors = cast(Tensor, engine.fabric.all_reduce(errors * count, reduce_op="sum"))
+            count = cast(Tensor, engine.fabric.all_reduce(count, reduce_op="sum"))
             errors = errors / count.clamp_min(1)
         w = general_weights(errors, self.nonnegative)
         self.weights = dict(zip(names, w.tolist()))
         engine.log_dict({f"kdcl/weight/{n}": v for n, v in self.weights.items()}, step=engine.global_step)
 
     @torch.no_grad()
-    def _true_class_probs(self, engine: Any, names: list[str]) -> Tensor:
+    def _true_class_probs(self, engine: EngineView, names: list[str]) -> Tensor:
         """``[S, N]``: each student's probability of the true class on this rank's meta shard."""
         dataset = engine.task.dataset("meta")
-        rank, world = engine.fabric.global_rank, engine.fabric.world_size
-        shard = Subset(dataset, list(range(rank, len(dataset), world)))
+        fabric = engine.fabric
+        assert fabric is not None  # set before configure
+        rank, world = fabric.global_rank, fabric.world_size
+        # a map-style data set: Dataset's stubs lack __len__
+        shard = Subset(dataset, list(range(rank, len(cast(Sized, dataset)), world)))
         loader = DataLoader(shard, batch_size=self.measure_batch_size, collate_fn=engine.task.collate)
         modes = {n: engine.students[n].training for n in names}
         for n in names:
@@ -320,7 +325,7 @@ class KDCL(Plugin):
                 batch = engine.task.move_batch(batch, engine.fabric)
                 rows = []
                 for n in names:
-                    with engine.fabric.autocast():
+                    with fabric.autocast():
                         rec = engine.task.knowledge(engine.students[n], batch)
                     keep = rec.unit_labels >= 0
                     probs = F.softmax(rec.logits.float()[keep], dim=-1)

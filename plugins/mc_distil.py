@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from collab_distill import console
+from collab_distill.engine_view import EngineView
 from collab_distill.hookspecs import hookimpl
 from collab_distill.meta import MetaModule
 from collab_distill.plugin_manager import Plugin
@@ -78,6 +79,8 @@ class CoordinatorNetwork(nn.Module):
     With ``region_inputs`` a second head reads per-unit (per-region) signals and gives each region
     a factor on beta and gamma (:meth:`region_factors`).
     """
+
+    mix: Tensor  # ``[S, 3]``, a (non-persistent) buffer: see ``__init__``
 
     def __init__(
         self,
@@ -236,12 +239,11 @@ class CNet(Plugin):
                               "use_losses, use_unit_losses")
         if per_region and normalize == "none":
             raise ConfigError("CNet.per_region needs normalize: batch or term (its factors are relative to the image's weight)")
-        mix = tuple(float(m) for m in (mix if mix is not None else _kd_mix(gamma)))  # type: ignore[assignment]
-        if len(mix) != 3 or not all(m >= 0 for m in mix) or sum(mix) <= 0:
-            raise ConfigError(f"CNet.mix={list(mix)} must be [alpha, beta, gamma], each >= 0, not all 0")
-        if not gamma:
-            mix = (mix[0], mix[1], 0.0)
-        elif normalize != "none" and mix[2] == 0:
+        shares = tuple(float(m) for m in (mix if mix is not None else _kd_mix(gamma)))
+        if len(shares) != 3 or not all(m >= 0 for m in shares) or sum(shares) <= 0:
+            raise ConfigError(f"CNet.mix={list(shares)} must be [alpha, beta, gamma], each >= 0, not all 0")
+        mix = (shares[0], shares[1], shares[2] if gamma else 0.0)
+        if gamma and normalize != "none" and mix[2] == 0:
             raise ConfigError(
                 "CNet: gamma is on but mix gives it 0, and in the normalised form a term that starts at 0 "
                 "stays 0: give gamma a share (e.g. mix: [0.3, 0.5, 0.2]) or set gamma: false")
@@ -290,8 +292,9 @@ class CNet(Plugin):
                                   region_inputs=members + 1 if self.per_region else 0)
 
     @hookimpl
-    def collab_distill_configure(self, engine: Any) -> None:
+    def collab_distill_configure(self, engine: EngineView) -> None:
         info = engine.info
+        assert info is not None  # set before configure
         self.students = list(engine.cohort.students)
         self.num_classes = info.num_classes
         torch.manual_seed(engine.seed * 1_000 + 7)  # the C-Net's initialisation depends on the seed only
@@ -303,7 +306,7 @@ class CNet(Plugin):
         self.module = nn.ModuleDict(nets)
 
     @hookimpl
-    def collab_distill_meta_modules(self, engine: Any) -> list[MetaModule]:
+    def collab_distill_meta_modules(self, engine: EngineView) -> list[MetaModule]:
         assert self.module is not None
         return [MetaModule("cnet", self.module, lambda p: torch.optim.Adam(p, lr=self.lr, weight_decay=self.weight_decay))]
 
@@ -341,16 +344,17 @@ class CNet(Plugin):
         return torch.cat([losses, _background(members[0]).float()[:, None]], dim=1)
 
     def weights(
-        self, engine: Any, batch: Any, records: Mapping[str, Knowledge], teacher_records: Mapping[str, Knowledge] = {}
+        self, engine: EngineView, batch: Any, records: Mapping[str, Knowledge], teacher_records: Mapping[str, Knowledge] = {}
     ) -> dict[str, Tensor]:
         """``{student: [B, 3]}`` from the (possibly looked-ahead) C-Net."""
         return self._weights(engine, batch, records, teacher_records)[0]
 
     def _weights(
-        self, engine: Any, batch: Any, records: Mapping[str, Knowledge], teacher_records: Mapping[str, Knowledge]
+        self, engine: EngineView, batch: Any, records: Mapping[str, Knowledge], teacher_records: Mapping[str, Knowledge]
     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Per student the ``[B, 3]`` image weights and (``per_region``) the ``[U, 2]`` region factors."""
         nets = engine.meta_modules["cnet"]
+        assert isinstance(nets, nn.ModuleDict)  # self.module, which collab_distill_meta_modules declared
         images = engine.task.images(batch) if self.use_image else None
         teachers = teacher_records if self.uses_records else {}
         factors: dict[str, Tensor] = {}
@@ -358,15 +362,15 @@ class CNet(Plugin):
             out = {s: nets[s](images, self._extras([s], records, teachers))[:, 0] for s in self.students}
             if self.per_region:
                 first = records[self.students[0]]
-                factors = {s: nets[s].region_factors(self._unit_inputs([s], records, teachers), first.unit_image,
-                                                     first.num_images)[:, 0] for s in self.students}
+                factors = {s: _coordinator(nets, s).region_factors(self._unit_inputs([s], records, teachers), first.unit_image,
+                                                                  first.num_images)[:, 0] for s in self.students}
         else:
             w = nets["shared"](images, self._extras(self.students, records, teachers))
             out = {s: w[:, i] for i, s in enumerate(self.students)}
             if self.per_region:
                 first = records[self.students[0]]
-                f = nets["shared"].region_factors(self._unit_inputs(self.students, records, teachers), first.unit_image,
-                                                  first.num_images)
+                f = _coordinator(nets, "shared").region_factors(self._unit_inputs(self.students, records, teachers),
+                                                                first.unit_image, first.num_images)
                 factors = {s: f[:, i] for i, s in enumerate(self.students)}
         if not self.gamma:
             out = {s: torch.cat([w[:, :2], torch.zeros_like(w[:, 2:])], dim=1) for s, w in out.items()}
@@ -374,7 +378,7 @@ class CNet(Plugin):
 
     @hookimpl
     def collab_distill_loss_weights(
-        self, engine: Any, batch: Any, records: Mapping[str, Knowledge], teacher_records: Mapping[str, Knowledge]
+        self, engine: EngineView, batch: Any, records: Mapping[str, Knowledge], teacher_records: Mapping[str, Knowledge]
     ) -> dict[str, LossWeights]:
         weights, factors = self._weights(engine, batch, records, teacher_records)
         out = {}
@@ -386,12 +390,12 @@ class CNet(Plugin):
 
     # -- applying the C-Net to a data set --------------------------------------------------
 
-    def apply(self, engine: Any, split: str) -> list[tuple[int, int, str, float, float, float]]:
+    def apply(self, engine: EngineView, split: str) -> list[tuple[int, int, str, float, float, float]]:
         """The C-Net's weights for every image of ``split`` (this rank's shard) as rows
         ``(index, label, student, alpha, beta, gamma)``; every module is left in its previous mode.
         With ``normalize: batch`` the weights are those of the split's batches."""
         assert self.module is not None
-        loader, _ = engine.loaders[split]
+        loader = engine.batches(split)
         # the C-Net and the students whose losses it may read, in eval mode (BatchNorm's running
         # statistics), so that applying it after a fit and from a checkpoint give the same weights
         modules = [self.module, *engine.students.values()]
@@ -420,13 +424,14 @@ class CNet(Plugin):
                 m.training = mode
         return rows
 
-    def write_weights(self, engine: Any, split: str, per_side: int = 8) -> Path:
+    def write_weights(self, engine: EngineView, split: str, per_side: int = 8) -> Path:
         """``plugins/cnet/<split>_weights.csv`` and ``<split>_extremes.png`` in the run folder: the
         weights of every image, and per student the ``per_side`` images whose loss leans most on
         the teacher (largest beta / (alpha + beta)) and most on the label (smallest). Also adds
         the split's weight statistics (and, for a training split with label noise, how well
         alpha separates clean from flipped labels) to ``plugins/cnet/summary.json``."""
         rows = self.apply(engine, split)
+        assert engine.run_dir is not None  # called inside a fit or on a finished run's folder
         folder = engine.run_dir / "plugins" / "cnet"
         folder.mkdir(parents=True, exist_ok=True)
         flipped = _flipped_flags(engine, split)
@@ -437,14 +442,15 @@ class CNet(Plugin):
         else:
             table.write_text("index,label,student,alpha,beta,gamma,flipped\n"
                              + "".join(f"{i},{y},{s},{a:.6g},{b:.6g},{g:.6g},{int(flipped[i])}\n" for i, y, s, a, b, g in rows))
-        summary = {"students": weight_statistics(rows, self.students)}
-        if flipped is not None:
-            summary["label_noise"] = noise_separation(rows, self.students, flipped)
+        summary: dict[str, Mapping[str, Any]] = {"students": weight_statistics(rows, self.students)}
+        noise = noise_separation(rows, self.students, flipped) if flipped is not None else None
+        if noise is not None:
+            summary["label_noise"] = noise
         _update_summary(folder / "summary.json", split, summary)
         try:
             _extremes_grid(engine, split, rows, self.students, per_side, folder / f"{split}_extremes.png")
-            if flipped is not None:
-                _clean_vs_flipped_histogram(rows, self.students, flipped, summary["label_noise"],
+            if noise is not None:
+                _clean_vs_flipped_histogram(rows, self.students, flipped, noise,
                                             folder / f"{split}_alpha_clean_vs_flipped.png")
         except ImportError:  # matplotlib is a dependency, but a figure is never worth failing a run for
             pass
@@ -456,14 +462,16 @@ class CNet(Plugin):
         return largest_spread(statistics) <= self.inert_threshold
 
     @hookimpl
-    def collab_distill_fit_end(self, engine: Any) -> None:
+    def collab_distill_fit_end(self, engine: EngineView) -> None:
         """Apply the trained C-Net to the val split (and to a training split with label noise)
         for ``collab-distill report``; warn when its weights stayed inert."""
+        assert engine.fabric is not None
         if not engine.fabric.is_global_zero or self.module is None:
             return
         self.write_weights(engine, "val")
         if _flipped_flags(engine, "train") is not None:
             self.write_weights(engine, "train")
+        assert engine.run_dir is not None  # write_weights wrote there
         summary = json.loads((engine.run_dir / "plugins" / "cnet" / "summary.json").read_text())
         val = summary["val"]["students"]
         if self.inert(val):
@@ -477,12 +485,15 @@ class CNet(Plugin):
             console.plain(engine.fabric, f"[warning] {message}")
 
     @hookimpl
-    def collab_distill_report_sections(self, engine: Any) -> Optional[list[ReportSection]]:
+    def collab_distill_report_sections(self, engine: EngineView) -> Optional[list[ReportSection]]:
         """The report's C-Net section: how the learned weights spread over the val images (and,
         with label noise, how alpha separates clean from flipped training labels), the weights'
         distribution per student and term (``plugins/cnet/val_weights_distribution.png``, drawn
         here from ``val_weights.csv``) and the figures ``fit_end`` wrote."""
-        if self.module is None or engine.run_dir is None or not engine.fabric.is_global_zero:
+        if self.module is None or engine.run_dir is None:
+            return None
+        assert engine.fabric is not None
+        if not engine.fabric.is_global_zero:
             return None
         folder = engine.run_dir / "plugins" / "cnet"
         table, summary_path = folder / "val_weights.csv", folder / "summary.json"
@@ -523,10 +534,12 @@ class CNet(Plugin):
         return "\n".join(lines)
 
     @hookimpl
-    def collab_distill_evaluation_end(self, engine: Any, split: str) -> None:
+    def collab_distill_evaluation_end(self, engine: EngineView, split: str) -> None:
         """``collab-distill validate|test`` of a finished run: apply its C-Net to that split too."""
-        if (not engine.fitting and engine.run_dir is not None and engine.fabric.is_global_zero
-                and engine.meta_modules.get("cnet") is not None):
+        if engine.fitting or engine.run_dir is None:
+            return
+        assert engine.fabric is not None
+        if engine.fabric.is_global_zero and engine.meta_modules.get("cnet") is not None:
             self.write_weights(engine, split)
 
     def __repr__(self) -> str:
@@ -587,7 +600,14 @@ def noise_separation(rows: WeightRows, students: list[str], flipped: Any) -> dic
     return out
 
 
-def _flipped_flags(engine: Any, split: str) -> Optional[Any]:
+def _coordinator(nets: nn.ModuleDict, key: str) -> CoordinatorNetwork:
+    """The C-Net ``key`` (a student's, or ``shared``) of the meta module ``cnet``."""
+    net = nets[key]
+    assert isinstance(net, CoordinatorNetwork)
+    return net
+
+
+def _flipped_flags(engine: EngineView, split: str) -> Optional[Any]:
     """Which samples of ``split`` a noise option corrupted (indexed like the split): flipped
     labels (classification), images with any corrupted box (detection); ``None`` when the
     split's data set has no such record."""
@@ -648,7 +668,7 @@ class PooledStudent(Plugin):
         return {name: target for name in records}
 
 
-def _extremes_grid(engine: Any, split: str, rows: list[tuple[int, int, str, float, float, float]],
+def _extremes_grid(engine: EngineView, split: str, rows: list[tuple[int, int, str, float, float, float]],
                    students: list[str], per_side: int, path: Path) -> None:
     """Two rows of images per student: most teacher-weighted, then most label-weighted."""
     import matplotlib

@@ -81,12 +81,13 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from collab_distill.engine_view import EngineView
 from collab_distill.hookspecs import hookimpl
 from collab_distill.meta import MetaModule
 from collab_distill.plugins.self_distillation import EXIT_LOGITS, ExitSupervision
@@ -164,6 +165,13 @@ class TopDownLabelGenerator(nn.Module):
         return deep_to_shallow[::-1]
 
 
+def _generators(engine: EngineView) -> nn.ModuleDict:
+    """The meta module ``label_generator``: one :class:`TopDownLabelGenerator` per student."""
+    generators = engine.meta_modules[META_MODULE]
+    assert isinstance(generators, nn.ModuleDict)  # MetaDistiller.module, which collab_distill_meta_modules declared
+    return generators
+
+
 class MetaDistiller(ExitSupervision):
     """Early exits learn from labels and from a meta-learned top-down label generator.
 
@@ -221,7 +229,7 @@ class MetaDistiller(ExitSupervision):
         self.last_statistics: dict[str, Any] = {}
 
     @hookimpl
-    def collab_distill_configure(self, engine: Any) -> None:
+    def collab_distill_configure(self, engine: EngineView) -> None:
         ExitSupervision.collab_distill_configure(self, engine)
         if engine.meta_config.hypergradient != "second_order":
             # a central difference in the students' parameters also moves the generator's input
@@ -231,6 +239,7 @@ class MetaDistiller(ExitSupervision):
                 "the generator reads detached stage maps, which a finite-difference hypergradient "
                 "cannot hold fixed; set meta.hypergradient: second_order"
             )
+        assert engine.info is not None  # set before configure
         generators = {}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(engine.seed * 1_000 + 11)  # the generators' initialisation depends on the seed only
@@ -248,25 +257,26 @@ class MetaDistiller(ExitSupervision):
         self.module = nn.ModuleDict(generators)
 
     @hookimpl
-    def collab_distill_meta_modules(self, engine: Any) -> list[MetaModule]:
+    def collab_distill_meta_modules(self, engine: EngineView) -> list[MetaModule]:
         assert self.module is not None
         lr, wd = self.lr, self.weight_decay
         return [MetaModule(META_MODULE, self.module, lambda p: torch.optim.Adam(p, lr=lr, weight_decay=wd))]
 
-    def generated_logits(self, engine: Any, name: str, record: Knowledge, phase: str = "train") -> list[Tensor]:
+    def generated_logits(self, engine: EngineView, name: str, record: Knowledge, phase: str = "train") -> list[Tensor]:
         """``T_1 .. T_{K-1}`` of student ``name`` from its record's (detached) stage maps.
 
         In the bilevel step's lookahead they keep the generator's graph (the meta-gradient flows
         through them); in the real step they are computed without one, so the students' loss
         leaves no gradient on the generator, which only the meta step updates.
         """
-        generator = engine.meta_modules[META_MODULE][name]
+        generator = _generators(engine)[name]
+        assert isinstance(generator, TopDownLabelGenerator)
         dtype = next(generator.parameters()).dtype
         stages = [record.features[f"stage_{k}"].detach().to(dtype) for k in range(1, generator.num_stages + 1)]
         with torch.set_grad_enabled(phase == "lookahead" and torch.is_grad_enabled()):
             return generator(stages)
 
-    def exit_targets(self, engine: Any, name: str, record: Knowledge, phase: str) -> list[Optional[SoftTarget]]:
+    def exit_targets(self, engine: EngineView, name: str, record: Knowledge, phase: str) -> list[Optional[SoftTarget]]:
         tau = self.tau(engine)
         probs = [F.softmax(_wide(t) / tau, dim=-1) for t in self.generated_logits(engine, name, record, phase)]
         if phase == "lookahead":  # what the meta step sees, logged at its end (no host sync here)
@@ -275,7 +285,7 @@ class MetaDistiller(ExitSupervision):
         return [SoftTarget(probs=p) for p in probs]
 
     @hookimpl
-    def collab_distill_meta_objective(self, engine: Any, batch: Any, records: Mapping[str, Knowledge]) -> Optional[Tensor]:
+    def collab_distill_meta_objective(self, engine: EngineView, batch: Any, records: Mapping[str, Knowledge]) -> Optional[Tensor]:
         """L^val on the meta batch: the students' CE (final exit, or every exit) plus
         ``target_ce`` times the generators' CE to the labels. ``None`` (the engine's default,
         the final exits' CE) in the paper's form."""
@@ -304,8 +314,8 @@ class MetaDistiller(ExitSupervision):
         return students
 
     @hookimpl
-    def collab_distill_fit_start(self, engine: Any) -> None:
-        generators = engine.meta_modules[META_MODULE]
+    def collab_distill_fit_start(self, engine: EngineView) -> None:
+        generators = _generators(engine)
 
         def record_norms(optimizer: Any, args: Any, kwargs: Any) -> None:
             self._grad_norms = {  # on the device: read with the other statistics in one transfer
@@ -318,7 +328,7 @@ class MetaDistiller(ExitSupervision):
         engine.meta_optimizers[META_MODULE].register_step_pre_hook(record_norms)
 
     @hookimpl
-    def collab_distill_meta_step_end(self, engine: Any, step: int, meta_loss: float) -> None:
+    def collab_distill_meta_step_end(self, engine: EngineView, step: int, meta_loss: float) -> None:
         named: dict[str, Tensor] = {}
         for name, stats in self._step_stats.items():
             for k, (h, acc) in enumerate(stats, start=1):
@@ -338,14 +348,14 @@ class MetaDistiller(ExitSupervision):
             engine.log_dict(logs, step=engine.global_step + 1)
 
     @torch.no_grad()
-    def target_statistics(self, engine: Any, split: str = "val") -> dict[str, Any]:
+    def target_statistics(self, engine: EngineView, split: str = "val") -> dict[str, Any]:
         """Per student and early exit, on ``split`` (students and generators in eval mode): the mean
         entropy of the generated targets ``softmax(T_k / tau)`` (nats; uniform = ``log K``), their
         top-1 agreement with the labels and with the student's final exit. Exact under DDP (sums
         are all-reduced; a sample a distributed sampler pads in twice counts twice)."""
-        generators = engine.meta_modules[META_MODULE]
+        generators = _generators(engine)
         tau = self.tau(engine)
-        loader, _ = engine.loaders[split]
+        loader = engine.batches(split)
         names = list(engine.students)
         sums: Optional[Tensor] = None  # [S, E, 3]: entropy, label agreement, final-exit agreement
         count = 0
@@ -378,9 +388,10 @@ class MetaDistiller(ExitSupervision):
         if sums is None:
             return {}
         total = torch.tensor([float(count)], device=sums.device)
+        assert engine.fabric is not None and engine.info is not None  # both set before configure
         if engine.fabric.world_size > 1:
-            sums = engine.fabric.all_reduce(sums, reduce_op="sum")
-            total = engine.fabric.all_reduce(total, reduce_op="sum")
+            sums = cast(Tensor, engine.fabric.all_reduce(sums, reduce_op="sum"))
+            total = cast(Tensor, engine.fabric.all_reduce(total, reduce_op="sum"))
         means = (sums / total).cpu()
         log_k = math.log(engine.info.num_classes)
         students = {}
@@ -400,23 +411,27 @@ class MetaDistiller(ExitSupervision):
                 "temperature": tau, "students": students}
 
     @hookimpl
-    def collab_distill_fit_end(self, engine: Any) -> None:
+    def collab_distill_fit_end(self, engine: EngineView) -> None:
         """``plugins/metadistiller/targets.json`` in the run folder: :meth:`target_statistics` on val."""
         if self.module is None or "val" not in getattr(engine, "loaders", {}):
             return
         stats = self.target_statistics(engine, "val")  # every rank (the sums are all-reduced)
         self.last_statistics = stats
+        assert engine.fabric is not None
         if engine.fabric.is_global_zero and engine.run_dir is not None:
             folder = engine.run_dir / "plugins" / "metadistiller"
             folder.mkdir(parents=True, exist_ok=True)
             (folder / "targets.json").write_text(json.dumps(stats, indent=1) + "\n")
 
     @hookimpl
-    def collab_distill_report_sections(self, engine: Any) -> Optional[list[ReportSection]]:
+    def collab_distill_report_sections(self, engine: EngineView) -> Optional[list[ReportSection]]:
         """The report's section: ``plugins/metadistiller/targets.json`` as a table (per student and
         exit, the generated targets' entropy and their agreement with the label and the final exit)."""
         stats = self.last_statistics
-        if not stats or engine.run_dir is None or not engine.fabric.is_global_zero:
+        if not stats or engine.run_dir is None:
+            return None
+        assert engine.fabric is not None
+        if not engine.fabric.is_global_zero:
             return None
         lines = [f"The label generator's targets on the {stats['split']} split ({stats['images']} images, temperature "
                  f"{stats['temperature']:g}; entropy in units of log K = {stats['log_k']:.3f}, uniform = 1), "

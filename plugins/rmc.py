@@ -22,12 +22,12 @@ It answers the soft-target (beta) hook; use it with KD's weights (``examples/met
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from collab_distill.engine_view import EngineView
 from collab_distill.hookspecs import hookimpl
 from collab_distill.plugin_manager import Plugin
 from collab_distill.records import Knowledge, SoftTarget, mean_of_teachers
@@ -67,7 +67,7 @@ class RMC(Plugin):
         return f"RMC(strength={self.strength})"
 
     @hookimpl
-    def collab_distill_configure(self, engine: Any) -> None:
+    def collab_distill_configure(self, engine: EngineView) -> None:
         if not engine.cohort.teachers:
             raise ConfigError("RMC softens a teacher's target: add cohort.teachers")
         if len(engine.cohort.students) < 2:

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from collab_distill.engine_view import EngineView
 from collab_distill.features import FeatureRequest
 from collab_distill.hookspecs import hookimpl
 from collab_distill.plugin_manager import Plugin
@@ -126,16 +127,16 @@ class ExitSupervision(Plugin):
         self.alpha = alpha
         self.temperature = temperature
 
-    def tau(self, engine: Any) -> float:
+    def tau(self, engine: EngineView) -> float:
         return float(self.temperature if self.temperature is not None else engine.trainer.temperature)
 
-    def exit_targets(self, engine: Any, name: str, record: Knowledge, phase: str) -> list[Optional[SoftTarget]]:
+    def exit_targets(self, engine: EngineView, name: str, record: Knowledge, phase: str) -> list[Optional[SoftTarget]]:
         """One soft target per early exit of student ``name`` (``None``: labels only); ``phase``
         is the cohort loss's (``train`` or ``lookahead``)."""
         raise NotImplementedError
 
     @hookimpl
-    def collab_distill_configure(self, engine: Any) -> None:
+    def collab_distill_configure(self, engine: EngineView) -> None:
         plain = [n for n, m in engine.students.items() if not is_multi_exit(m)]
         if plain:
             described = ", ".join(f"{n} ({engine.cohort.students[n].describe()})" for n in plain)
@@ -147,7 +148,7 @@ class ExitSupervision(Plugin):
 
     @hookimpl
     def collab_distill_auxiliary_losses(
-        self, engine: Any, records: Mapping[str, Knowledge], phase: str = "train"
+        self, engine: EngineView, records: Mapping[str, Knowledge], phase: str = "train"
     ) -> dict[str, Tensor]:
         tau = self.tau(engine)
         out = {}
@@ -172,7 +173,7 @@ class DeepSupervision(ExitSupervision):
     def __init__(self) -> None:
         super().__init__(alpha=1.0)
 
-    def exit_targets(self, engine: Any, name: str, record: Knowledge, phase: str) -> list[Optional[SoftTarget]]:
+    def exit_targets(self, engine: EngineView, name: str, record: Knowledge, phase: str) -> list[Optional[SoftTarget]]:
         return [None] * (record.features[EXIT_LOGITS].shape[0] - 1)
 
     def __repr__(self) -> str:
@@ -199,12 +200,12 @@ class SelfDistillation(ExitSupervision):
             raise ConfigError(f"SelfDistillation.hint_weight={hint_weight} must be >= 0 (0 turns the feature hint off)")
         self.hint_weight = float(hint_weight)
 
-    def exit_targets(self, engine: Any, name: str, record: Knowledge, phase: str) -> list[Optional[SoftTarget]]:
+    def exit_targets(self, engine: EngineView, name: str, record: Knowledge, phase: str) -> list[Optional[SoftTarget]]:
         exits = record.features[EXIT_LOGITS]
         target = SoftTarget.from_logits(exits[-1], self.tau(engine))
         return [target] * (exits.shape[0] - 1)
 
-    def _hinted(self, engine: Any) -> dict[str, tuple[tuple[str, ...], str]]:
+    def _hinted(self, engine: EngineView) -> dict[str, tuple[tuple[str, ...], str]]:
         """``{student: (head body paths, final stage path)}`` of the students the hint applies to."""
         if not self.hint_weight > 0:
             return {}
@@ -215,8 +216,8 @@ class SelfDistillation(ExitSupervision):
         }
 
     @hookimpl
-    def collab_distill_feature_requests(self, engine: Any) -> list[FeatureRequest]:
-        def when(engine: Any, phase: str) -> bool:
+    def collab_distill_feature_requests(self, engine: EngineView) -> list[FeatureRequest]:
+        def when(engine: EngineView, phase: str) -> bool:
             return phase != "meta"
 
         return [
@@ -226,7 +227,7 @@ class SelfDistillation(ExitSupervision):
         ]
 
     @hookimpl
-    def collab_distill_student_modules(self, engine: Any) -> None:
+    def collab_distill_student_modules(self, engine: EngineView) -> None:
         # no parameters: the first hook where the measured feature shapes are known
         for student, (heads, deepest) in self._hinted(engine).items():
             shapes = engine.feature_shapes[student]
@@ -242,7 +243,7 @@ class SelfDistillation(ExitSupervision):
 
     @hookimpl
     def collab_distill_auxiliary_losses(
-        self, engine: Any, records: Mapping[str, Knowledge], phase: str = "train"
+        self, engine: EngineView, records: Mapping[str, Knowledge], phase: str = "train"
     ) -> dict[str, Tensor]:
         out = super().collab_distill_auxiliary_losses(engine, records, phase)
         for student, (heads, deepest) in self._hinted(engine).items():

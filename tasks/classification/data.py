@@ -128,7 +128,7 @@ class _FileSource(_Source):
             with Image.open(path) as img:
                 img = img.convert("RGB")
                 if img.size != (self.size[1], self.size[0]):
-                    img = img.resize((self.size[1], self.size[0]), Image.BILINEAR)
+                    img = img.resize((self.size[1], self.size[0]), Image.BILINEAR)  # type: ignore[attr-defined]  # set by setattr; Pillow's types lack it
                 return v2.functional.pil_to_tensor(img)
         except OSError as err:
             raise ConfigError(f"cannot read image {path!r} ({err}). Remove or replace the file.") from err
@@ -231,7 +231,7 @@ def instance_dependent_noise(
     Returns ``(noisy_labels, flipped)``, int64 and bool arrays of shape ``[N]``.
     """
     labels = np.asarray(labels, dtype=np.int64)
-    n, d = labels.shape[0], int(images_flat.shape[1])
+    n, d = int(labels.shape[0]), int(images_flat.shape[1])
     q = _truncated_normal(rate, std, n, rng)
     flipped = rng.random(n) < q
     pick = 1.0 - rng.random(n)  # in (0, 1]: the inverse-CDF draw below never lands on a zero-probability class
@@ -329,10 +329,11 @@ class SplitDataset(IndexedDataset):
         return self.clean_targets if self.targets_override is None else self.targets_override.copy()
 
     def _augmented(self, img: Tensor, seed: int | None) -> Tensor:
-        assert self.augment_transform is not None
+        transform = self.augment_transform
+        assert transform is not None
         if seed is None:
-            return self.augment_transform(img)
-        return augment_seeded(seed % (2**63), lambda: self.augment_transform(img))
+            return transform(img)
+        return augment_seeded(seed % (2**63), lambda: transform(img))
 
     def __getitem__(self, key: int | SeededSample) -> dict[str, Any]:
         i, seed = self.split_key(key)
@@ -820,8 +821,8 @@ class _UncheckedCIFAR100(datasets.CIFAR100):
 
 
 class _CIFARBase(ClassificationData):
-    _tv_cls: type = datasets.CIFAR10
-    _unchecked_cls: type = _UncheckedCIFAR10
+    _tv_cls: type[Any] = datasets.CIFAR10
+    _unchecked_cls: type[Any] = _UncheckedCIFAR10
     _folder: str = ""
     _files: str = ""
     _archive: str = ""

@@ -293,6 +293,7 @@ class TorchvisionModel(ModelFactory):
         setattr(parent, attr, _conv_like(conv, in_channels))
 
     def _load_weights(self, model: nn.Module) -> None:
+        assert self.weights is not None
         where = f"TorchvisionModel({self.name}).weights ({self.weights})"
         try:
             state = torch.load(self.weights, map_location="cpu", weights_only=True)

@@ -73,7 +73,7 @@ class ImageClassification(Task):
         self.info = TaskInfo(
             num_classes=self.data.num_classes,
             in_channels=self.data.in_channels,
-            image_size=tuple(self.data.image_size),  # type: ignore[arg-type]
+            image_size=tuple(self.data.image_size),
         )
         return self.info
 

@@ -28,7 +28,7 @@ import math
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import numpy as np
 import torch
@@ -57,6 +57,10 @@ from collab_distill.tasks.detection.task import (
     region_context,
     region_knowledge,
 )
+
+if TYPE_CHECKING:  # detectron2 ships no type information: these are Any to mypy
+    from detectron2.modeling import GeneralizedRCNN
+    from detectron2.modeling.poolers import ROIPooler
 
 __all__ = ["Detectron2RCNN", "Detectron2Detector", "Detectron2Coco", "Detectron2Detection", "Detectron2CocoEvaluator",
            "DistillingRCNN", "detectron2_available", "load_detectron2_weights"]
@@ -189,9 +193,9 @@ def _detectron2_layout(content: Any, model: nn.Module, where: str, member: Optio
     run checkpoint gives its ``member``, a plain state dict is wrapped, and keys that equal the
     model's once a prefix common to all of them is removed or added (collab-distill's ``model.``)
     are mapped."""
-    from collab_distill.checkpoint import CHECKPOINT_FORMAT
+    from collab_distill.checkpoint import READABLE_FORMATS
 
-    if isinstance(content, Mapping) and content.get("format") == CHECKPOINT_FORMAT and "students" in content:
+    if isinstance(content, Mapping) and content.get("format") in READABLE_FORMATS and "students" in content:
         pool = {**content.get("teachers", {}), **content.get("students", {})}
         if member is None and len(pool) == 1:
             member = next(iter(pool))
@@ -347,7 +351,7 @@ class Detectron2Detector(nn.Module):
     export_note = ("a detectron2 detector takes a list of image dicts and returns Instances, which tracing a tensor "
                    "example cannot capture; detectron2's own detectron2.export (TracingAdapter) makes graphs from the .pth")
 
-    def __init__(self, model: nn.Module, cfg: Any = None, input_format: Optional[str] = None) -> None:
+    def __init__(self, model: GeneralizedRCNN, cfg: Any = None, input_format: Optional[str] = None) -> None:
         super().__init__()
         self.model = model
         self.input_format = input_format or (str(cfg.INPUT.FORMAT) if cfg is not None else "BGR")
@@ -418,11 +422,12 @@ class Detectron2Detector(nn.Module):
         if supervised:
             gt = [x["instances"].to(device) for x in inputs]
             proposals, rpn_loss = self._rpn(images, features, gt)
-            sampled = samples.get(id(self)) if samples is not None else None
-            if sampled is None:
-                sampled = heads.label_and_sample_proposals(proposals, gt)
+            drawn = samples.get(id(self)) if samples is not None else None
+            if drawn is None:
+                drawn = heads.label_and_sample_proposals(proposals, gt)
                 if samples is not None:
-                    samples[id(self)] = sampled
+                    samples[id(self)] = drawn
+            sampled = drawn
         # one RoI pass over [own sampled regions, shared regions] per image
         boxes = [Boxes(torch.cat([sampled[i].proposal_boxes.tensor, shared[i]]) if sampled else shared[i])
                  for i in range(num_images)]
@@ -445,7 +450,7 @@ class Detectron2Detector(nn.Module):
 
 
 @contextlib.contextmanager
-def _twice_differentiable(pooler: nn.Module) -> Any:
+def _twice_differentiable(pooler: ROIPooler) -> Any:
     """detectron2's ``ROIPooler`` with its per-level RoIAlign modules swapped for ones with a
     double backward (same output size, scale, sampling ratio and alignment) inside the block."""
     levels = pooler.level_poolers
@@ -482,7 +487,7 @@ class DistillingRCNN(nn.Module):
             student's; the teacher's channels are reordered if it differs).
     """
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, *, alpha: float = 1.0, beta: float = 0.5,
+    def __init__(self, student: GeneralizedRCNN, teacher: GeneralizedRCNN, *, alpha: float = 1.0, beta: float = 0.5,
                  temperature: float = 2.0, regions_per_image: int = 64, regions_include_gt: bool = True,
                  student_format: str = "BGR", teacher_format: str = "BGR") -> None:
         super().__init__()

@@ -247,6 +247,7 @@ class RegionDetector(nn.Module):
         shared_logits = torch.cat([p[n:] for p, n in zip(pieces_logits, own_counts)])
         out: dict[str, Any] = {"region_logits": torch.cat([shared_logits[:, 1:], shared_logits[:, :1]], dim=1)}
         if targets is not None:
+            assert rpn_loss is not None  # the RPN's losses come with targets
             per_image = []
             for i in range(num_images):
                 n = own_counts[i]

@@ -65,7 +65,7 @@ class AnnotationNoise:
     def check(self, field_name: str) -> None:
         """One :class:`ConfigError` naming the field when a setting is out of range."""
         for name in ("class_flip", "drop", "jitter"):
-            value = getattr(self, name)
+            value: float = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:
                 raise ConfigError(f"{field_name}.{name}={value!r} must be a fraction in [0, 1)")
         if self.kind not in ("symmetric", "instance"):
@@ -168,6 +168,6 @@ def crop_features(image: Any, boxes: list[Box]) -> np.ndarray:
     rows = []
     for _, (x, y, w, h), _ in boxes:
         crop = image.crop((int(x), int(y), int(np.ceil(x + w)), int(np.ceil(y + h)))).resize(
-            (BOX_FEATURE_SIZE, BOX_FEATURE_SIZE), Image.BILINEAR)
+            (BOX_FEATURE_SIZE, BOX_FEATURE_SIZE), Image.BILINEAR)  # type: ignore[attr-defined]  # set by setattr; Pillow's types lack it
         rows.append(np.asarray(crop, dtype=np.float64).transpose(2, 0, 1).reshape(-1))
     return np.stack(rows) if rows else np.zeros((0, 3 * BOX_FEATURE_SIZE**2))

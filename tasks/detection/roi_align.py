@@ -24,10 +24,13 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections.abc import Iterator, Sequence
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:  # torchvision ships no type information: Any to mypy
+    from torchvision.ops import MultiScaleRoIAlign
 
 __all__ = ["roi_align", "multiscale_roi_align", "TwiceDifferentiableROIAlign", "twice_differentiable_pooling",
            "exact_pooling_enabled"]
@@ -151,7 +154,7 @@ class TwiceDifferentiableROIAlign(nn.Module):
         return roi_align(input, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned)
 
 
-def multiscale_roi_align(pool: nn.Module, features: dict[str, Tensor], boxes: list[Tensor],
+def multiscale_roi_align(pool: MultiScaleRoIAlign, features: dict[str, Tensor], boxes: list[Tensor],
                          image_sizes: list[tuple[int, int]]) -> Tensor:
     """What torchvision's ``MultiScaleRoIAlign`` module ``pool`` returns, through :func:`roi_align`
     (each box on the FPN level its size maps to, with the module's scales and level mapper)."""
