@@ -46,10 +46,10 @@ def _engine(adapter: str, data: Path, workdir: Path, *extra: str) -> Any:
     if teacher_run is not None:
         args += ["--cohort.teachers.teacher.checkpoint", str(teacher_run / "checkpoints" / "last.ckpt")]
     else:
-        args += ["--cohort.teachers.teacher.train_epochs", "1"]  # not trained: prepare_training() skips it
+        args += ["--cohort.teachers.teacher.train_epochs", "1"]  # not trained: ready_training() skips it
     engine = engine_from_args([*args, *extra])
-    engine.setup()
-    engine.prepare_training()
+    engine.build()
+    engine.ready_training()
     return engine, teacher_run is not None
 
 
@@ -72,7 +72,7 @@ def hypergradients(adapter: str, data: Path, workdir: Path, pairs: int, warm_ste
     for i, batch in enumerate(train[:warm_steps]):  # move the C-Net off its zero-initialised head
         engine.meta_step_due = lambda i=i: i % 2 == 0  # type: ignore[method-assign]
         engine.training_step(batch)
-        engine.global_step += 1
+        engine.loop.global_step += 1
     rows = []
     for batch, meta_batch in zip(train[warm_steps:], meta):
         context = engine.task.shared_context(batch, engine.teachers, engine.students)
@@ -84,7 +84,7 @@ def hypergradients(adapter: str, data: Path, workdir: Path, pairs: int, warm_ste
             if eps is not None:
                 engine.meta_config.fd_epsilon = eps
             start = time.perf_counter()
-            _, g, _ = engine.meta_gradients(batch, teachers, context, meta_batch=meta_batch)
+            _, g, _ = engine.bilevel.gradients(engine.fabric, batch, teachers, context, meta_batch=meta_batch)
             seconds[name] = time.perf_counter() - start
             grads[name] = torch.cat([x.flatten() for x in g]).double()
         exact = grads["exact"]

@@ -104,7 +104,7 @@ def first_batch(engine) -> Any:
 def engine_step(engine, batch):
     def run():
         logs = engine.training_step(batch)
-        engine.global_step += 1  # what the fit loop does: meta_step_due() sees every 5th step
+        engine.loop.global_step += 1  # what the fit loop does: meta_step_due() sees every 5th step
         return logs
     return run
 
@@ -132,8 +132,8 @@ def cifar_members(args, mode: str, work: Path) -> tuple[dict[str, Any], dict[str
     copies = [copy.deepcopy(m).to(device, memory_format=layout) for m in kd.students.values()]  # before Fabric wraps
     if fields["compile"]:
         copies = [torch.compile(m, backend=fields["compile"]) for m in copies]
-    kd.prepare_training()
-    mc.prepare_training()
+    kd.ready_training()
+    mc.ready_training()
     bf16 = fields["precision"] == "bf16-mixed"
     # the very same frozen teacher module as the KD engine's (compiled in place there when compiling)
     hand = st.HandLoop([Autocast(m, args.device, bf16) for m in copies], Autocast(kd.teachers["teacher"], args.device, bf16))
@@ -165,8 +165,8 @@ def detection_members(args, mode: str, work: Path) -> tuple[dict[str, Any], dict
     mc = engine_from_args([*tiny, "--config", str(REPO / "examples" / "methods" / "mc_distil_detection.yaml"), *over,
                            "--trainer.warmup_epochs", "0", "--meta.every_n_steps", "5"])
     for engine in (kd, mc):
-        engine.setup()
-        engine.prepare_training()  # randomly initialised teacher: only its cost matters here
+        engine.build()
+        engine.ready_training()  # randomly initialised teacher: only its cost matters here
     batch, mc_batch = first_batch(kd), first_batch(mc)
     fns = {"kd": engine_step(kd, batch), "mc_distil": engine_step(mc, mc_batch), "teacher": teacher_only(kd, batch)}
     return fns, {"batch": len(batch["images"])}

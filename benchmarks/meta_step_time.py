@@ -54,7 +54,7 @@ def bench(setup: str, hypergradient: str, c_net: str, workdir: Path, steps: int,
     }
     batches = {}
     for name, engine in engines.items():
-        engine.prepare_training()
+        engine.ready_training()
         loader, sampler = engine.loaders["train"]
         sampler.select_epoch(0)
         batches[name] = engine.task.move_batch(next(iter(loader)), engine.fabric)

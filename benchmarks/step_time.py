@@ -113,7 +113,7 @@ def make_engine(data: ClassificationData, students: dict[str, str], teacher: str
         meta=meta,
         seed=seed,
     )
-    engine.setup()
+    engine.build()
     return engine
 
 
@@ -156,7 +156,7 @@ def build_pair(data_factory: Callable[[], ClassificationData], students: dict[st
     """An engine ready for ``training_step``, a hand loop on identical copies, and a fixed batch."""
     engine = make_engine(data_factory(), students, teacher, workdir, alpha=alpha, beta=beta)
     copies = [copy.deepcopy(m) for m in engine.students.values()]  # before Fabric wraps them
-    engine.prepare_training()
+    engine.ready_training()
     hand = HandLoop(copies, engine.teachers["teacher"], alpha, beta)  # the very same (frozen, eval) teacher
     loader, sampler = engine.loaders["train"]
     sampler.select_epoch(0)
@@ -270,7 +270,7 @@ def bench_features(name: str, data_factory, students, teacher, workdir, steps, w
     engines, batch = {}, None
     for key, plugins in variants.items():
         engine = make_engine(data_factory(), students, teacher, workdir, plugins=plugins)
-        engine.prepare_training()
+        engine.ready_training()
         if batch is None:
             loader, sampler = engine.loaders["train"]
             sampler.select_epoch(0)
@@ -345,7 +345,7 @@ def bench_loader(name: str, data_factory, workdir: Path, epochs: int) -> dict[st
     import collab_distill.tasks.classification.data as data_module
 
     engine = make_engine(data_factory(), {"xxs": "xxs"}, "xxs", workdir)
-    engine.prepare_training()
+    engine.ready_training()
     loader, sampler = engine.loaders["train"]
     current = data_module.augment_seeded
     per_batch: dict[str, list[float]] = {"current": [], "torch_manual_seed": []}

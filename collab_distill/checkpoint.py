@@ -24,7 +24,7 @@ __all__ = [
     "load_checkpoint",
     "new_run_dir",
     "versions",
-    "rng_state",
+    "rng_state", "READABLE_FORMATS",
     "set_rng_state",
     "load_weights",
     "prefix_mapped",
@@ -32,7 +32,9 @@ __all__ = [
     "write_json",
 ]
 
-CHECKPOINT_FORMAT = 1
+#: 2: ``best``, ``history`` and ``meta_history`` moved into ``loop`` (the loop state); 1 is read too
+CHECKPOINT_FORMAT = 2
+READABLE_FORMATS = (1, 2)
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
@@ -79,11 +81,13 @@ def load_checkpoint(path: str | Path, field: str | None = None) -> dict[str, Any
             f"{where} cannot be read ({type(err).__name__}: {err}); it is not a torch file, or it is "
             f"truncated. {fix}"
         ) from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or "students" not in state:
+    if not isinstance(state, dict) or state.get("format") not in READABLE_FORMATS or "students" not in state:
         raise ConfigError(
             f"{where} is not a collab-distill checkpoint (no 'format'/'students' keys); "
             "to load plain weights use cohort.student_checkpoints or a teacher's `checkpoint`"
         )
+    if state["format"] == 1:  # the loop state was spread over the top level
+        state["loop"] = {**state["loop"], **{k: state.pop(k) for k in ("best", "history", "meta_history") if k in state}}
     return state
 
 
@@ -116,7 +120,7 @@ def load_weights(model: torch.nn.Module, path: str | Path, *, member: str, field
             "written by torch.save: a state dict, a `collab-distill export` or a run's last.ckpt."
         ) from None
     detectron2_format = False
-    if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
+    if isinstance(obj, dict) and obj.get("format") in READABLE_FORMATS:
         pool = {**obj.get("teachers", {}), **obj.get("students", {})}
         if member not in pool:
             if len(pool) == 1:

@@ -13,14 +13,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sized
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 from collab_distill import console
 from collab_distill.data import SeededSampler
 from collab_distill.run_folder import check_run_target
-
-if TYPE_CHECKING:
-    from collab_distill.engine import Engine
 
 __all__ = ["dry_run"]
 
@@ -39,14 +36,15 @@ def _world_size(devices: Any, num_nodes: int) -> int:
     return num_nodes  # "auto": at least one device per node; unknown until launched there
 
 
-def dry_run(engine: Engine) -> dict[str, Any]:
-    """Set ``engine`` up on this machine's CPU in one process and return (and print) the plan of
-    the run its trainer settings describe."""
+def dry_run(engine: Any) -> dict[str, Any]:
+    """Set up a copy of ``engine`` (an unset engine) on this machine's CPU in one process and
+    return (and print) the plan of the run its trainer settings describe."""
     planned = engine.trainer
     world = _world_size(planned.devices, planned.num_nodes)
-    engine.trainer = replace(planned, accelerator="cpu", devices=1, num_nodes=1, strategy="auto", precision="32-true")
-    engine.setup()
-    check_run_target(engine, None)
+    local = replace(planned, accelerator="cpu", devices=1, num_nodes=1, strategy="auto", precision="32-true")
+    engine = type(engine)(**engine.spec.derive(trainer=local).arguments())
+    engine.build()
+    check_run_target(local, None)
     task = engine.task
     splits: dict[str, dict[str, int]] = {}
     for split in ("train", "meta", "val", "test"):

@@ -28,7 +28,7 @@ __all__ = ["EngineView"]
 class EngineView(Protocol):
     """The engine as plugins see it.
 
-    Read-only attributes (plugins must not reassign them):
+    Read-only properties (plugins cannot reassign them) and methods:
 
     * ``task`` (:class:`~collab_distill.task.Task`), ``info`` (its :class:`~collab_distill.task.TaskInfo`),
       ``cohort`` (the configured students and teachers), ``trainer`` (loop settings: ``temperature``,
@@ -36,7 +36,9 @@ class EngineView(Protocol):
     * ``fabric``: the Lightning ``Fabric`` (device, ``world_size``, ``is_global_zero``, ``all_reduce``,
       ``autocast``); log through ``engine.log_dict``, which writes to the run's own loggers;
     * ``students`` / ``teachers``: ``{name: module}`` (students wrapped by Fabric once training is
-      set up; :func:`collab_distill.unwrap` gives the user's module); ``meta_modules``;
+      set up; :func:`collab_distill.unwrap` gives the user's module); ``meta_modules`` and their
+      ``meta_optimizers``; ``meta_history`` (one ``{"step", "loss", "grad_norm"}`` per meta step,
+      complete at logging steps, epoch ends and checkpoints);
     * ``epoch`` (0-based, the epoch being trained), ``global_step``, ``batch_in_epoch``;
     * ``run_dir``: the run folder (``None`` before the fit opens it); write plugin files under
       ``run_dir / "plugins" / <your name>`` on rank 0 only;
@@ -50,23 +52,43 @@ class EngineView(Protocol):
       ``collab_distill_feature_requests``); available from ``collab_distill_student_modules`` on.
     """
 
-    task: Task
-    info: Optional[TaskInfo]
-    cohort: Cohort
-    trainer: TrainerConfig
-    meta_config: BilevelConfig
-    seed: int
+    @property
+    def task(self) -> Task: ...
+    @property
+    def info(self) -> Optional[TaskInfo]: ...
+    @property
+    def cohort(self) -> Cohort: ...
+    @property
+    def trainer(self) -> TrainerConfig: ...
+    @property
+    def meta_config(self) -> BilevelConfig: ...
+    @property
+    def seed(self) -> int: ...
+    @property
+    def role(self) -> str: ...
+    @property
+    def students(self) -> dict[str, nn.Module]: ...
+    @property
+    def teachers(self) -> dict[str, nn.Module]: ...
+    @property
+    def meta_modules(self) -> dict[str, nn.Module]: ...
+    @property
+    def meta_optimizers(self) -> dict[str, Any]: ...
+    @property
+    def epoch(self) -> int: ...
+    @property
+    def global_step(self) -> int: ...
+    @property
+    def batch_in_epoch(self) -> int: ...
+    @property
+    def meta_history(self) -> list[dict[str, float]]: ...
+    @property
+    def run_dir(self) -> Optional[Path]: ...
+    @property
+    def feature_shapes(self) -> dict[str, dict[str, tuple[int, ...]]]: ...
+
     fabric: Optional[Fabric]
-    students: dict[str, nn.Module]
-    teachers: dict[str, nn.Module]
-    meta_modules: dict[str, nn.Module]
-    epoch: int
-    global_step: int
-    batch_in_epoch: int
-    run_dir: Optional[Path]
     fitting: bool
-    role: str
-    feature_shapes: dict[str, dict[str, tuple[int, ...]]]
 
     def warming_up(self, student: str) -> bool:
         """Whether ``student`` is still in its supervised-only warm-up."""
@@ -90,6 +112,27 @@ class EngineView(Protocol):
 
     def log_dict(self, metrics: Mapping[str, float], step: int) -> None:
         """Log numbers to the run's loggers (CSV, TensorBoard, any configured Logger); rank 0 writes."""
+        ...
+
+    def evaluate(self, split: str, members: Optional[Mapping[str, nn.Module]] = None) -> dict[str, dict[str, float]]:
+        """Metrics of every student (or of ``members``) on ``split`` (``val`` or ``test``; also
+        ``train`` and ``meta`` once training is prepared), gathered over ranks; calls every
+        plugin's ``evaluation_end``."""
+        ...
+
+    def batches(self, split: str) -> Any:
+        """The data loader of ``split`` (each rank's share, in eval order), for plugins that
+        measure something of their own on a split."""
+        ...
+
+    def splits(self) -> list[str]:
+        """The splits :meth:`batches` serves now: ``train``, ``meta``, ``val``, ``test`` once
+        training is prepared; only the evaluated one in ``collab-distill validate|test``."""
+        ...
+
+    def hook_implementers(self, hook: str) -> list[Any]:
+        """The plugin objects that implement ``hook`` (e.g. ``"collab_distill_soft_targets"``):
+        to check at ``configure`` that something provides what this plugin relies on."""
         ...
 
     def teacher_records(self, batch: Any, context: Any = None) -> Mapping[str, Knowledge]:

@@ -111,7 +111,7 @@ def export_student(
         raise ConfigError(f"--student {student!r}: the checkpoint has students {sorted(state['students'])}")
     tensors = state["students"][student]
     if weights == "best":
-        best = state.get("best", {}).get(student)
+        best = state["loop"].get("best", {}).get(student)
         if best is None:
             raise ConfigError(f"--weights best: no best-on-val weights recorded for {student!r} (was val ever run?)")
         tensors = best["state"]

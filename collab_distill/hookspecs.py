@@ -334,6 +334,16 @@ def collab_distill_evaluation_end(engine: Engine, split: str, metrics: Mapping[s
 
 
 @hookspec
+def collab_distill_fit_stopped(engine: Engine, results: Mapping[str, Any]) -> None:
+    """``trainer.max_steps`` stopped the fit before ``max_epochs``; ``results`` (``status:
+    stopped``, the step and epoch) is what goes into ``results.json``. The built-in checkpointing
+    writes the checkpoint a ``--resume`` continues from; ``fit_end`` is not called.
+
+    Roles ``fit``, ``stage``; every rank.
+    """
+
+
+@hookspec
 def collab_distill_fit_end(engine: Engine, results: Mapping[str, Any]) -> None:
     """Training finished; ``results`` is what goes into ``results.json``.
 

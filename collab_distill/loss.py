@@ -15,13 +15,13 @@ terms, auxiliary terms as the plugin returned them; ``<s>/loss`` is their sum, e
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Iterator, Mapping, Sized
-from typing import TYPE_CHECKING, Any, Optional, cast
+from typing import TYPE_CHECKING, Any, Optional, Protocol, cast
 
 import torch
 from torch import Tensor, nn
 
+from collab_distill.engine_view import EngineView
 from collab_distill.plugin_manager import PluginError
 from collab_distill.records import Knowledge, LossWeights, SoftTarget
 from collab_distill.task import ConfigError
@@ -29,16 +29,18 @@ from collab_distill.task import ConfigError
 if TYPE_CHECKING:
     from pluggy import HookImpl
 
-    from collab_distill.engine import Engine
-
 __all__ = ["cohort_loss", "untrained_leaves", "check_loss_weight_providers"]
 
 
 _HOOK = "collab_distill_loss_weights"
 
 
-#: engines whose loss-weight providers were checked for conflicts on a real training step
-_checked_engines: weakref.WeakSet[Any] = weakref.WeakSet()
+class Engine(EngineView, Protocol):
+    """What the cohort loss uses of the engine: the plugins' view, its plugin manager and hooks."""
+
+    pm: Any
+    hook: Any
+    flags: Any  # ``flags.providers_checked``: the conflict check ran on a real training step
 
 
 class _ProviderConflict(ConfigError):
@@ -112,9 +114,10 @@ def check_loss_weight_providers(engine: Engine) -> None:
             teacher_records = engine.teacher_records(batch, context)
             _only_answer(engine, impls, dict(engine=engine, batch=batch, records=records, teacher_records=teacher_records,
                                              phase="train"))
-    except _ProviderConflict:
-        raise
-    except Exception:  # noqa: BLE001 - a provider that cannot answer yet: checked at the first step
+    except PluginError:
+        # a provider that cannot answer before training is prepared (it reads a meta module's
+        # placed copy, say): the first training step asks every provider again, where the same
+        # exception stops the run naming the plugin
         pass
     finally:
         for m, training in modes.items():
@@ -133,10 +136,10 @@ def _provided_weights(engine: Engine, batch: Any, records: Mapping[str, Knowledg
         kwargs = dict(engine=engine, batch=batch, records=records, teacher_records=teacher_records, phase=phase)
         # two providers: ask each of them (not only the first that answers) to find a conflict, on
         # the first training step only (later steps ask pluggy's first answer, as without a check)
-        impls = None if engine in _checked_engines else _weight_providers(engine)
+        impls = None if engine.flags.providers_checked else _weight_providers(engine)
         provided = engine.hook.collab_distill_loss_weights(**kwargs) if impls is None else _only_answer(engine, impls, kwargs)
         if impls is not None and phase == "train":
-            _checked_engines.add(engine)
+            engine.flags.providers_checked = True
     if provided is None:
         raise ConfigError("no plugin provides loss weights (the built-in `defaults` plugin is disabled?)")
     missing = set(records) - set(provided)

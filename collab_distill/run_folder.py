@@ -1,4 +1,4 @@
-"""The run folder: where a run writes, what a checkpoint holds, and how a run resumes.
+"""The run folder: where a run writes and how a run resumes.
 
 ``root_dir/name/version_N/`` holds ``config.yaml``, ``versions.json``, ``models.json``,
 ``checkpoints/last.ckpt`` (everything needed to continue bit for bit), ``logs/`` and
@@ -11,7 +11,6 @@ import csv
 import json
 import os
 import re
-import socket
 import time
 import warnings
 from collections.abc import Mapping
@@ -21,23 +20,10 @@ from typing import TYPE_CHECKING, Any, Optional, cast
 
 import yaml
 
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - Windows: run folders are not locked
-    fcntl = None  # type: ignore[assignment]
-
 from collab_distill import console
-from collab_distill.checkpoint import (
-    CHECKPOINT_FORMAT,
-    load_checkpoint,
-    new_run_dir,
-    rng_state,
-    set_rng_state,
-    state_dict_mismatch,
-    versions,
-    write_json,
-)
+from collab_distill.checkpoint import load_checkpoint, new_run_dir, state_dict_mismatch, versions, write_json
 from collab_distill.config import check_writable_folder
+from collab_distill.run_lock import RunFolderBusy, RunLock, lock_holder, remove_partial_files
 from collab_distill.task import ConfigError
 from collab_distill.wrapping import unwrap
 
@@ -45,12 +31,14 @@ if TYPE_CHECKING:
     from lightning_fabric.loggers import Logger
 
     from collab_distill.config import TrainerConfig
-    from collab_distill.engine import Engine
 
 __all__ = [
     "ResumePoint", "RunLock", "RunFolderBusy", "lock_holder", "check_run_target", "RESUMABLE_CHANGES", "config_changes",
-    "resolve_resume", "open_run_dir", "make_loggers", "checkpoint_state", "restore",
+    "resolve_resume", "open_run_dir", "open_for_fit", "RunFolder", "make_loggers", "Members",
 ]
+
+#: ``(students, teachers)``: ``{name: module}`` each, as built for this config
+Members = tuple[Mapping[str, Any], Mapping[str, Any]]
 
 
 def run_name(trainer: TrainerConfig) -> str:
@@ -147,11 +135,11 @@ def _version_folders(base: Path) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
-def _latest_matching_run(engine: Engine, allow: bool) -> Path:
+def _latest_matching_run(trainer: TrainerConfig, config_text: Optional[str], allow: bool) -> Path:
     """``--resume last``: the newest run folder of this experiment whose config equals this one
     (up to :data:`RESUMABLE_CHANGES`); never a run of another seed or config, never a finished run
     that this config would not extend, never a run another process is training."""
-    base = Path(engine.trainer.root_dir) / run_name(engine.trainer)
+    base = Path(trainer.root_dir) / run_name(trainer)
     runs = [r for r in _version_folders(base) if (r / "checkpoints" / "last.ckpt").is_file() or (r / "config.yaml").is_file()]
     if not runs:
         raise ConfigError(
@@ -161,8 +149,8 @@ def _latest_matching_run(engine: Engine, allow: bool) -> Path:
     others: list[str] = []
     for run in runs:
         text = _run_config(run)
-        if engine.config_text is not None and text is not None:
-            wrong = disallowed_changes(config_changes(text, engine.config_text))
+        if config_text is not None and text is not None:
+            wrong = disallowed_changes(config_changes(text, config_text))
             if wrong:
                 others.append(f"{run.name} ({_describe(wrong, 3)})")
                 continue
@@ -173,7 +161,7 @@ def _latest_matching_run(engine: Engine, allow: bool) -> Path:
                 f"({holder}); wait for it to finish (or stop it), or start a new run without --resume"
             )
         epochs = _finished_epochs(run)
-        if epochs is not None and epochs >= engine.trainer.max_epochs:
+        if epochs is not None and epochs >= trainer.max_epochs:
             unfinished = [r.name for r in runs if r != run and _finished_epochs(r) is None]
             raise ConfigError(
                 f"--resume last: the newest run with this config, {run}, has finished all {epochs} epochs; "
@@ -188,15 +176,16 @@ def _latest_matching_run(engine: Engine, allow: bool) -> Path:
     )
 
 
-def _check_fits(engine: Engine, state: Mapping[str, Any], path: Path) -> None:
+def _check_fits(members: Members, state: Mapping[str, Any], path: Path) -> None:
     """Every student and teacher of the checkpoint has the built model's keys and shapes."""
-    missing = set(engine.students) - set(state["students"])
+    students, teachers = members
+    missing = set(students) - set(state["students"])
     if missing:
         raise ConfigError(f"--resume {path}: the checkpoint has no student(s) {sorted(missing)}; "
                           f"it has {sorted(state['students'])}")
-    pools = [("student", engine.students, state["students"]), ("teacher", engine.teachers, state.get("teachers", {}))]
-    for kind, members, saved in pools:
-        for name, model in members.items():
+    pools = [("student", students, state["students"]), ("teacher", teachers, state.get("teachers", {}))]
+    for kind, group, saved in pools:
+        for name, model in group.items():
             if name not in saved:
                 continue
             mismatch = state_dict_mismatch(unwrap(model).state_dict(), saved[name], limit=3)
@@ -208,16 +197,18 @@ def _check_fits(engine: Engine, state: Mapping[str, Any], path: Path) -> None:
 
 
 def resolve_resume(
-    engine: Engine, resume: Optional[str], allow_changes: bool = False, nested: bool = False
+    trainer: TrainerConfig, config_text: Optional[str], members: Members, resume: Optional[str],
+    allow_changes: bool = False, nested: bool = False,
 ) -> Optional[ResumePoint]:
     """What ``--resume`` names (a checkpoint, a run folder, or ``last``), checked against this
-    config and cohort before anything is written. ``nested``: the engine is a run inside another
-    run's folder (its teacher training, a stage), which its parent resumes."""
+    config (``trainer``, ``config_text``) and the built ``members`` (students, teachers) before
+    anything is written. ``nested``: a run inside another run's folder (its teacher training, a
+    stage), which its parent resumes."""
     if resume is None:
         return None
     run_dir: Optional[Path]
     if resume == "last":
-        run_dir = _latest_matching_run(engine, allow_changes)
+        run_dir = _latest_matching_run(trainer, config_text, allow_changes)
         path = run_dir / "checkpoints" / "last.ckpt"
     else:
         given = Path(resume)
@@ -241,8 +232,8 @@ def resolve_resume(
         state["_path"] = path
     saved_text = state.get("config") if state is not None else _run_config(run_dir) if run_dir is not None else None
     changes: dict[str, tuple[Any, Any]] = {}
-    if engine.config_text is not None and saved_text:
-        changes = config_changes(saved_text, engine.config_text)
+    if config_text is not None and saved_text:
+        changes = config_changes(saved_text, config_text)
         wrong = disallowed_changes(changes)
         if wrong and not allow_changes:
             raise ConfigError(
@@ -252,91 +243,23 @@ def resolve_resume(
                 "the differences with --resume_changes allow (they are recorded in the run's resumes.json)"
             )
     if state is not None:
-        _check_fits(engine, state, path)
+        _check_fits(members, state, path)
         epochs = int(state["loop"]["epoch"])
-        if epochs > engine.trainer.max_epochs:
+        if epochs > trainer.max_epochs:
             raise ConfigError(
                 f"--resume {resume}: the checkpoint is at epoch {epochs}, past trainer.max_epochs="
-                f"{engine.trainer.max_epochs}; raise --trainer.max_epochs"
+                f"{trainer.max_epochs}; raise --trainer.max_epochs"
             )
     return ResumePoint(run_dir=run_dir, state=state, changes=changes)
 
 
-def check_run_target(engine: Engine, point: Optional[ResumePoint]) -> None:
+def check_run_target(trainer: TrainerConfig, point: Optional[ResumePoint]) -> None:
     """The folder the run will write in (the resumed run's, else ``trainer.root_dir``) takes new
     files: checked before any work, with nothing created."""
     if point is not None and point.run_dir is not None:
         check_writable_folder(str(point.run_dir), "resume")
     else:
-        check_writable_folder(engine.trainer.root_dir, "trainer.root_dir")
-
-
-class RunFolderBusy(ConfigError):
-    """Another process holds the run folder's lock."""
-
-
-class RunLock:
-    """An exclusive lock on a run folder (``run_dir/.lock``) while a process trains in it.
-
-    ``fcntl.flock``: the kernel drops the lock when its process ends, however it ends (SIGKILL
-    included), so a killed run never leaves a stale lock behind; probing a lock changes no file.
-    The file names the holder. On systems without ``fcntl`` (Windows) folders are not locked.
-    """
-
-    def __init__(self, run_dir: Path) -> None:
-        self.path = Path(run_dir) / ".lock"
-        self._fd: Optional[int] = None
-
-    def acquire(self) -> None:
-        if fcntl is None:
-            return
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 4096).decode(errors="replace").strip()
-            os.close(fd)
-            raise RunFolderBusy(
-                f"the run folder {self.path.parent} is being trained by another process ({holder or 'unknown'}); "
-                "wait for it to finish (or stop it), or start a new run without --resume"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                 "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
-        self._fd = fd
-
-    def release(self) -> None:
-        if self._fd is not None and fcntl is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
-
-
-def lock_holder(run_dir: Path) -> Optional[str]:
-    """Who holds ``run_dir``'s lock (``None``: nobody); reads, never creates, the lock file."""
-    path = Path(run_dir) / ".lock"
-    if fcntl is None or not path.is_file():
-        return None
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return os.read(fd, 4096).decode(errors="replace").strip() or "unknown"
-    finally:
-        os.close(fd)  # closing drops a shared lock taken here
-    return None
-
-
-#: files ``atomic_save`` and ``write_json`` write before renaming them into place
-_PARTIAL = re.compile(r".+\.(ckpt|pt|pth|json)(\.[A-Za-z0-9_]+)?\.tmp")
-
-
-def _remove_partial_files(run_dir: Path) -> list[Path]:
-    """Files a killed writer left half-written (the lock guarantees no writer is running)."""
-    removed = [p for p in run_dir.rglob("*.tmp") if p.is_file() and _PARTIAL.fullmatch(p.name)]
-    for path in removed:
-        path.unlink()
-    return removed
+        check_writable_folder(trainer.root_dir, "trainer.root_dir")
 
 
 def _record_resume(run_dir: Path, point: ResumePoint, config_text: Optional[str]) -> list[dict[str, Any]]:
@@ -365,15 +288,32 @@ def _record_resume(run_dir: Path, point: ResumePoint, config_text: Optional[str]
     return resumes
 
 
-def open_run_dir(engine: Engine, point: Optional[ResumePoint], folder: Optional[Path] = None, lock: bool = True) -> Path:
+@dataclass
+class RunFolder:
+    """An open run folder: its path, rank 0's lock on it (``None`` for a run nested in a locked
+    folder, and on other ranks), the run's ``resumes.json`` entries and its loggers."""
+
+    path: Path
+    lock: Optional[RunLock] = None
+    resumes: list[dict[str, Any]] = field(default_factory=list)
+    loggers: list[Any] = field(default_factory=list)
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+
+def open_run_dir(
+    fabric: Any, trainer: TrainerConfig, config_text: Optional[str], model_summary: Mapping[str, Any],
+    point: Optional[ResumePoint], folder: Optional[Path] = None, lock: bool = True,
+) -> RunFolder:
     """Create (or, resuming, reuse) the run folder on rank 0 and tell every rank where it is.
 
     A new run writes its config, versions and model summary; a resumed one keeps them (they
     describe how the run started) and appends to ``resumes.json``. With ``lock`` (a run of its own,
-    not one nested in a locked run's folder) rank 0 first locks the folder as ``engine.run_lock``
-    and removes what killed writers left; a folder in use is an error raised on every rank."""
-    fabric = engine.fabric
-    assert fabric is not None
+    not one nested in a locked run's folder) rank 0 first locks the folder and removes what killed
+    writers left; a folder in use is an error raised on every rank."""
     if folder is not None:
         run_dir = Path(folder)
         if fabric.is_global_zero:
@@ -381,34 +321,35 @@ def open_run_dir(engine: Engine, point: Optional[ResumePoint], folder: Optional[
     elif point is not None and point.run_dir is not None:
         run_dir = point.run_dir
     else:
-        created = new_run_dir(engine.trainer.root_dir, run_name(engine.trainer)) if fabric.is_global_zero else None
+        created = new_run_dir(trainer.root_dir, run_name(trainer)) if fabric.is_global_zero else None
         # rank 0's path on every rank (None only on the other ranks' side of the broadcast)
         run_dir = Path(cast(Path, fabric.broadcast(created, src=0)))
+    opened = RunFolder(run_dir)
     problem: Optional[str] = None
     if fabric.is_global_zero:
         try:
             if lock:
-                engine.run_lock = RunLock(run_dir)
-                engine.run_lock.acquire()
-                for path in _remove_partial_files(run_dir):
+                opened.lock = RunLock(run_dir)
+                opened.lock.acquire()
+                for path in remove_partial_files(run_dir):
                     console.info(fabric, f"removed {path}: a file a killed run left half-written")
             resumed = (run_dir / "config.yaml").is_file() or (run_dir / "models.json").is_file()
             (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
             if point is not None and point.run_dir is not None and lock:
-                engine.resumes = _record_resume(run_dir, point, engine.config_text)
-            if engine.config_text is not None and not (run_dir / "config.yaml").exists():
-                (run_dir / "config.yaml").write_text(engine.config_text)
+                opened.resumes = _record_resume(run_dir, point, config_text)
+            if config_text is not None and not (run_dir / "config.yaml").exists():
+                (run_dir / "config.yaml").write_text(config_text)
             if not resumed:
                 write_json(versions(), run_dir / "versions.json")
-                write_json(engine.model_summary, run_dir / "models.json")
+                write_json(dict(model_summary), run_dir / "models.json")
         except ConfigError as err:
             problem = str(err)
     problem = fabric.broadcast(problem, src=0)
     if problem is not None:
         raise ConfigError(problem)
     fabric.barrier()
-    console.model_table(fabric, engine.model_summary)
-    return run_dir
+    console.model_table(fabric, model_summary)
+    return opened
 
 
 def make_loggers(kinds: list[Any], run_dir: Path, resume_step: Optional[int] = None) -> list[Logger]:
@@ -453,65 +394,20 @@ def _carry_over(logger: Any, resume_step: int) -> None:
         logger.save()
 
 
-def checkpoint_state(engine: Engine) -> dict[str, Any]:
-    """Everything a resumed run needs to continue exactly where this one is."""
-    info = engine.info
-    state: dict[str, Any] = {
-        "format": CHECKPOINT_FORMAT,
-        "students": {n: unwrap(m).state_dict() for n, m in engine.students.items()},
-        "teachers": {n: m.state_dict() for n, m in engine.teachers.items()},
-        "optimizers": {n: o.state_dict() for n, o in engine.optimizers.items()},
-        "schedulers": {n: s.state_dict() for n, s in engine.schedulers.items()},
-        "meta_modules": {n: m.state_dict() for n, m in engine.meta_modules.items()},
-        "plugin_modules": {s: {k: unwrap(m).state_dict() for k, m in mods.items()} for s, mods in engine.plugin_modules.items()},
-        "meta_optimizers": {n: o.state_dict() for n, o in engine.meta_optimizers.items()},
-        "meta_batches": engine.meta_batches.state_dict(),
-        "loop": {"epoch": engine.epoch, "batch_in_epoch": engine.batch_in_epoch, "global_step": engine.global_step},
-        "best": engine.best,
-        "history": engine.history,
-        "meta_history": engine.meta_history,
-        "rng": rng_state(),
-        "model_summary": engine.model_summary,
-        "task_info": None if info is None else {
-            "num_classes": info.num_classes, "in_channels": info.in_channels, "image_size": list(info.image_size),
-        },
-        "config": engine.config_text,
-        "versions": versions(),
-        "plugins": {},
-    }
-    engine.hook.collab_distill_save_state(engine=engine, state=state["plugins"])
-    return state
-
-
-def restore(engine: Engine, state: Mapping[str, Any]) -> None:
-    """Put a checkpoint's state back into a prepared engine (models, optimizers, loop, RNG, plugins)."""
-    for name, model in engine.students.items():
-        unwrap(model).load_state_dict(state["students"][name])
-        engine.optimizers[name].load_state_dict(state["optimizers"][name])
-        engine.schedulers[name].load_state_dict(state["schedulers"][name])
-    for name, model in engine.teachers.items():
-        if name in state["teachers"]:
-            model.load_state_dict(state["teachers"][name])
-    saved_modules = state.get("plugin_modules", {})
-    for student, modules in engine.plugin_modules.items():
-        for key, module in modules.items():
-            if key not in saved_modules.get(student, {}):
-                raise ConfigError(
-                    f"--resume: the checkpoint has no plugin module {key!r} of student {student!r} "
-                    f"(it has {sorted(saved_modules.get(student, {}))}); was it written with the same plugins?"
-                )
-            unwrap(module).load_state_dict(saved_modules[student][key])
-    for name, module in engine.meta_modules.items():
-        if name not in state["meta_modules"]:
-            raise ConfigError(f"--resume: the checkpoint has no meta module {name!r}; was it written with the same plugins?")
-        module.load_state_dict(state["meta_modules"][name])
-        engine.meta_optimizers[name].load_state_dict(state["meta_optimizers"][name])
-    engine.meta_batches.load_state_dict(state["meta_batches"])
-    loop = state["loop"]
-    engine.epoch, engine.batch_in_epoch, engine.global_step = loop["epoch"], loop["batch_in_epoch"], loop["global_step"]
-    engine.best = dict(state["best"])
-    engine.history = list(state["history"])
-    engine.meta_history = list(state.get("meta_history", []))
-    set_rng_state(state["rng"])
-    engine.hook.collab_distill_load_state(engine=engine, state=state.get("plugins", {}))
-    console.info(engine.fabric, f"resumed from {state['_path']} at epoch {engine.epoch}, step {engine.global_step}")
+def open_for_fit(
+    trainer: TrainerConfig, config_text: Optional[str], fabric: Any, model_summary: Mapping[str, Any], members: Members,
+    resume: Optional[str], allow_changes: bool, nested_in: Optional[str] = None,
+) -> tuple[RunFolder, Optional[dict[str, Any]]]:
+    """The run folder a fit writes in (new, or the resumed run's, checked before anything is
+    written) with its loggers, and the checkpoint state to restore (``None``: start afresh).
+    ``nested_in``: a run inside its parent's locked folder (in-run teacher training, a stage)."""
+    point = resolve_resume(trainer, config_text, members, resume, allow_changes, nested=nested_in is not None)
+    if nested_in is None:
+        check_run_target(trainer, point)
+    folder = open_run_dir(fabric, trainer, config_text, model_summary, point,
+                          Path(nested_in) if nested_in is not None else None, lock=nested_in is None)
+    saved = point.state if point is not None else None
+    # no checkpoint yet (killed while training teachers): the run's own steps start again
+    resume_step = saved["loop"]["global_step"] if saved is not None else (0 if point is not None else None)
+    folder.loggers = make_loggers(list(trainer.loggers), folder.path, resume_step)
+    return folder, saved

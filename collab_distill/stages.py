@@ -3,8 +3,8 @@ earlier stages become frozen teachers of later ones.
 
 This is how teacher-assistant chains are expressed (TAKD: teacher -> s -> xs -> xxs; DGKD: every
 later student learns from the teacher and all trained assistants) without anything
-method-specific in the engine: each stage is an ordinary :class:`~collab_distill.engine.Engine`
-fit with a sub-cohort and the run's plugins, written to ``stages/<i>-<name>/`` inside the run
+method-specific in the engine: each stage is an ordinary engine fit with a sub-cohort and the
+run's plugins, written to ``stages/<i>-<name>/`` inside the run
 folder. A student hands down its best-on-validation weights (never chosen on test), as a teacher
 trained inside a run does. Cohort teachers with ``train_epochs`` are trained once, before the
 first stage, and shared by every stage that names them.
@@ -18,20 +18,23 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
+from torch import nn
+
 from collab_distill import console
 from collab_distill.checkpoint import atomic_save, write_json
 from collab_distill.config import Cohort, Teacher
-from collab_distill.nested import nested_fit, train_teachers
-from collab_distill.run_folder import check_run_target, open_run_dir, resolve_resume
+from collab_distill.nested import MakeEngine, nested_fit, train_teachers
+from collab_distill.run_folder import RunFolder, check_run_target, open_run_dir, resolve_resume
 from collab_distill.task import ConfigError
 from collab_distill.wrapping import unwrap
 
 if TYPE_CHECKING:
-    from collab_distill.engine import Engine
+    from collab_distill.training.spec import RunSpec
 
 __all__ = ["Stage", "check_stages", "fit_stages"]
 
@@ -89,33 +92,42 @@ def _stage_dir(run_dir: Path, index: int, stage: Stage) -> Path:
     return run_dir / "stages" / f"{index + 1}-{stage.name}"
 
 
-def fit_stages(engine: Engine, resume: Optional[str] = None, allow_changes: bool = False) -> dict[str, Any]:
-    """Run ``engine.stages`` one after the other; returns (and writes) the merged results."""
-    engine.fitting = True
-    engine.setup()
-    stages = engine.stages
-    assert stages and engine.fabric is not None
-    check_stages(stages, engine.cohort)
-    point = resolve_resume(engine, resume, allow_changes)
+def fit_stages(spec: RunSpec, fabric: Any, model_summary: Mapping[str, Any], teachers: Mapping[str, nn.Module],
+               make_engine: MakeEngine, resume: Optional[str] = None, allow_changes: bool = False) -> dict[str, Any]:
+    """Run ``spec.stages`` one after the other in a run folder of their own (locked while they
+    run); returns (and writes) the merged results. The caller has set the run up (``fabric``,
+    the members' ``model_summary``)."""
+    stages = spec.stages
+    assert stages
+    check_stages(stages, spec.cohort)
+    point = resolve_resume(spec.trainer, spec.config_text, ({}, {}), resume, allow_changes)
     if point is not None and point.state is not None:
         raise ConfigError(
             f"--resume {resume}: a staged run resumes from its run folder (the one holding stages/) or `last`, "
             "not from a checkpoint file"
         )
-    check_run_target(engine, point)
-    engine.run_dir = open_run_dir(engine, point)
-    train_teachers(engine)
-    run_dir, fabric, cohort = engine.run_dir, engine.fabric, engine.cohort
-    assert run_dir is not None
+    check_run_target(spec.trainer, point)
+    folder = open_run_dir(fabric, spec.trainer, spec.config_text, model_summary, point)
+    try:
+        return _fit_stages(spec, fabric, folder, teachers, make_engine)
+    finally:
+        folder.release()
+
+
+def _fit_stages(spec: RunSpec, fabric: Any, folder: RunFolder, teachers: Mapping[str, nn.Module],
+                make_engine: MakeEngine) -> dict[str, Any]:
+    stages, cohort, run_dir = spec.stages, spec.cohort, folder.path
+    assert stages
+    train_teachers(spec, fabric, run_dir, teachers, make_engine)
     handed_down: dict[str, Path] = {}
     stage_results: list[dict[str, Any]] = []
     students: dict[str, Any] = {}
-    teachers: dict[str, Any] = {}
+    teachers_results: dict[str, Any] = {}
     history: list[dict[str, Any]] = []
     for index, stage in enumerate(stages):
-        folder = _stage_dir(run_dir, index, stage)
-        weights = {s: folder / "students" / f"{s}.pt" for s in stage.students}
-        done = folder / "results.json"
+        stage_folder = _stage_dir(run_dir, index, stage)
+        weights = {s: stage_folder / "students" / f"{s}.pt" for s in stage.students}
+        done = stage_folder / "results.json"
         results: Optional[dict[str, Any]] = None
         if done.is_file() and all(p.is_file() for p in weights.values()):
             results = json.loads(done.read_text())
@@ -134,42 +146,42 @@ def fit_stages(engine: Engine, resume: Optional[str] = None, allow_changes: bool
                                                  train_epochs=0 if checkpoint else own.train_epochs)
                 else:
                     sub_teachers[name] = Teacher(model=cohort.students[name], checkpoint=str(handed_down[name]))
-            last = folder / "checkpoints" / "last.ckpt"
+            last = stage_folder / "checkpoints" / "last.ckpt"
             sub, results = nested_fit(
-                engine,
+                spec, fabric, make_engine,
                 Cohort(
                     students={s: cohort.students[s] for s in stage.students},
                     teachers=sub_teachers,
                     student_checkpoints={s: p for s, p in cohort.student_checkpoints.items() if s in stage.students},
                 ),
-                folder, role="stage", plugins=engine.plugin_objects, disable_plugins=engine.disabled_plugins,
-                resume=str(last) if last.is_file() else None, config_text=engine.config_text,
+                stage_folder, role="stage", plugins=spec.plugins, disable_plugins=spec.disable_plugins,
+                resume=str(last) if last.is_file() else None, config_text=spec.config_text,
             )
             if fabric.is_global_zero:
                 for s in stage.students:
-                    state = sub.best.get(s, {}).get("state") or unwrap(sub.students[s]).state_dict()
+                    state = sub.loop.best.get(s, {}).get("state") or unwrap(sub.students[s]).state_dict()
                     atomic_save(state, weights[s])
             fabric.barrier()
         handed_down.update(weights)
         students.update(results["students"])
         for name, info in results.get("teachers", {}).items():
-            teachers.setdefault(name, info)
+            teachers_results.setdefault(name, info)
         seconds = sum(row.get("seconds", 0.0) for row in results.get("history", []))
         history += [{"stage": stage.name, **row} for row in results.get("history", [])]
         stage_results.append({
             "name": stage.name, "students": stage.students, "teachers": stage.teachers,
-            "folder": str(folder.relative_to(run_dir)), "train_seconds": round(seconds, 3),
+            "folder": str(stage_folder.relative_to(run_dir)), "train_seconds": round(seconds, 3),
         })
     merged = {
         "status": "finished",
-        "seed": engine.seed,
-        "epochs": engine.trainer.max_epochs,
-        "selection_metric": engine.task_selection_metric,
+        "seed": spec.seed,
+        "epochs": spec.trainer.max_epochs,
+        "selection_metric": getattr(spec.task, "selection_metric", "top1"),
         "students": {s: students[s] for s in cohort.students},
-        "teachers": teachers,
+        "teachers": teachers_results,
         "stages": stage_results,
         "history": history,
-        **({"resumes": engine.resumes} if engine.resumes else {}),
+        **({"resumes": folder.resumes} if folder.resumes else {}),
     }
     if fabric.is_global_zero:
         write_json(merged, run_dir / "results.json")

@@ -413,7 +413,7 @@ class MetaDistiller(ExitSupervision):
     @hookimpl
     def collab_distill_fit_end(self, engine: EngineView) -> None:
         """``plugins/metadistiller/targets.json`` in the run folder: :meth:`target_statistics` on val."""
-        if self.module is None or "val" not in getattr(engine, "loaders", {}):
+        if self.module is None or "val" not in engine.splits():
             return
         stats = self.target_statistics(engine, "val")  # every rank (the sums are all-reduced)
         self.last_statistics = stats

@@ -11,32 +11,32 @@ from conftest import REPO
 CORE = REPO / "collab_distill"
 
 
+def _module_name(path) -> str:
+    """``engine``, ``training.state``: a core module's name below ``collab_distill``."""
+    return ".".join(path.relative_to(CORE).with_suffix("").parts)
+
+
+MODULES = {_module_name(p) for p in CORE.rglob("*.py")} - {"__init__", "__main__"}
+
+
 def _imports(path) -> set[str]:
-    """Every ``collab_distill.<module>`` a file imports, at module level or inside functions."""
+    """Every core module a file imports, at module level, inside functions or only for type
+    annotations (``if TYPE_CHECKING:``): a cycle of type-only imports is still a cycle."""
     found = set()
-    tree = ast.parse(path.read_text())
-    typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If) and ast.unparse(block.test) == "TYPE_CHECKING"
-                   for n in ast.walk(block)}
-    for node in ast.walk(tree):
-        if id(node) in typing_only:  # annotations only: no import at run time
-            continue
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("collab_distill"):
-            parts = node.module.split(".")
-            if len(parts) == 1:  # from collab_distill import x
-                found |= {a.name for a in node.names if (CORE / f"{a.name}.py").is_file()}
-            elif parts[1] in {p.stem for p in CORE.glob("*.py")}:
-                found.add(parts[1])
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "collab_distill":
+            base = node.module.split(".", 1)[1] if "." in node.module else ""
+            for alias in node.names:  # `from collab_distill.training import build` imports a module
+                candidate = f"{base}.{alias.name}" if base else alias.name
+                found.add(candidate if candidate in MODULES else base)
         elif isinstance(node, ast.Import):
-            for alias in node.names:
-                parts = alias.name.split(".")
-                if parts[0] == "collab_distill" and len(parts) > 1 and (CORE / f"{parts[1]}.py").is_file():
-                    found.add(parts[1])
-    return found
+            found |= {a.name.split(".", 1)[1] for a in node.names if a.name.startswith("collab_distill.")}
+    return {m for m in found if m in MODULES}
 
 
 def test_core_import_graph_has_no_cycles():
-    graph = {p.stem: _imports(p) - {p.stem} for p in CORE.glob("*.py") if p.stem not in ("__init__", "__main__")}
-    # the package root only re-exports; no core module imports it except for re-exported names
+    graph = {_module_name(p): _imports(p) - {_module_name(p)} for p in CORE.rglob("*.py")
+             if _module_name(p) in MODULES and not p.name == "__init__.py"}
     state: dict[str, int] = {}
 
     def visit(node, path):
@@ -53,9 +53,33 @@ def test_core_import_graph_has_no_cycles():
         visit(module, [])
 
 
+def test_the_engine_is_small_and_nothing_else_reaches_into_it():
+    """engine.py <= 350 lines, Engine <= 20 instance attributes, no core file over 450 lines; only
+    the two modules that build an engine (cli, testing) import it; nothing assigns to an engine's
+    attributes outside its class."""
+    engine = CORE / "engine.py"
+    assert len(engine.read_text().splitlines()) <= 350
+    tree = ast.parse(engine.read_text())
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Engine")
+    attributes = {t.attr for n in ast.walk(cls) for t in getattr(n, "targets", [getattr(n, "target", None)])
+                  if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self"}
+    assert len(attributes) <= 20, sorted(attributes)
+    too_long = {p.name: n for p in CORE.rglob("*.py") if (n := len(p.read_text().splitlines())) > 450}
+    assert too_long == {}
+    importers = [p.name for p in CORE.rglob("*.py") if p != engine
+                 and re.search(r"from collab_distill\.engine import[^\n]*\bEngine\b", p.read_text())]
+    assert sorted(importers) == ["cli.py", "testing.py"]
+    writes = []
+    for path in [*CORE.rglob("*.py"), *(REPO / "plugins").glob("*.py"), *(REPO / "tasks").rglob("*.py")]:
+        if path == engine:
+            continue
+        writes += [f"{path.name}: {m}" for m in re.findall(r"\b(?:engine|parent|sub)\.\w+ *(?:=|\+=)(?!=)", path.read_text())]
+    assert writes == []
+
+
 def test_no_private_names_across_modules_and_no_private_library_attributes():
     offenders = []
-    for path in [*CORE.glob("*.py"), *(REPO / "plugins").glob("*.py"), *(REPO / "tasks").rglob("*.py")]:
+    for path in [*CORE.rglob("*.py"), *(REPO / "plugins").glob("*.py"), *(REPO / "tasks").rglob("*.py")]:
         text = path.read_text()
         for node in ast.walk(ast.parse(text)):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("collab_distill"):
@@ -68,7 +92,7 @@ def test_no_private_names_across_modules_and_no_private_library_attributes():
 
 def test_no_method_names_in_the_core():
     methods = ("mc_distil", "cnet", "kdcl", "dml", "fitnets", "metadistiller", "takd", "dgkd", "rmc", "dkd")
-    for path in CORE.glob("*.py"):
+    for path in CORE.rglob("*.py"):
         if path.stem in ("testing",):  # the kit's docstring examples may name a plugin
             continue
         code = "\n".join(line for line in path.read_text().splitlines() if not line.strip().startswith("#"))

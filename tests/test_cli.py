@@ -116,7 +116,7 @@ def test_export_writes_state_dict_and_torchscript(finished_run, tmp_path):
     program = torch.export.load(str(tmp_path / "xs-best.pt2"))
     torch.testing.assert_close(program.module()(x), model(x))
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
-    for key, value in ckpt["best"]["xs"]["state"].items():
+    for key, value in ckpt["loop"]["best"]["xs"]["state"].items():
         assert torch.equal(model.state_dict()[key], value)
 
 
@@ -169,7 +169,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, cli_env):
     assert any(key.startswith("plugins") for key in changes), changes
     a = torch.load(tmp_path / "whole" / "version_0" / "checkpoints" / "last.ckpt", weights_only=False)
     b = torch.load(tmp_path / "cut" / "version_0" / "checkpoints" / "last.ckpt", weights_only=False)
-    assert a["loop"] == b["loop"]
+    assert _position(a) == _position(b)
     for name in a["students"]:
         for key, value in a["students"][name].items():
             assert torch.equal(value, b["students"][name][key]), f"{name}.{key} differs after resume"
@@ -197,3 +197,8 @@ def test_disable_plugins_takes_one_name_as_the_readme_writes_it(tmp_path, cli_en
     assert json.loads((tmp_path / "off" / "version_0" / "results.json").read_text())["status"] == "finished"
     wrong = run_cli([*args, "--disable_plugins", "no_such_plugin"], cli_env, check=False)
     assert wrong.returncode != 0 and "no_such_plugin" in wrong.stderr and "defaults" in wrong.stderr
+
+
+def _position(checkpoint):
+    """Where a checkpoint's loop stands (its history holds wall-clock seconds, which differ)."""
+    return {k: checkpoint["loop"][k] for k in ("epoch", "batch_in_epoch", "global_step")}

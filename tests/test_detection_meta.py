@@ -31,8 +31,8 @@ def _engine(adapter, shapes, tmp_path, *extra):
         "--task.init_args.data.init_args.root", str(shapes), "--task.init_args.min_size", "64",
         "--task.init_args.max_size", "64", "--trainer.root_dir", str(tmp_path), "--trainer.loggers", "[]",
         "--trainer.progress_bar", "false", *extra])
-    engine.setup()
-    engine.prepare_training()  # the teacher keeps its initial weights (it is never trained here)
+    engine.build()
+    engine.ready_training()  # the teacher keeps its initial weights (it is never trained here)
     return engine
 
 
@@ -52,12 +52,12 @@ def test_an_exact_detection_meta_step_changes_the_cnet_and_agrees_with_finite_di
     batch, meta_batch = _batch(engine), _batch(engine, "meta")
     context = engine.task.shared_context(batch, engine.teachers, engine.students)
     teachers = engine.teacher_records(batch, context)
-    params, exact, _ = engine.meta_gradients(batch, teachers, context, meta_batch=meta_batch)
+    params, exact, _ = engine.bilevel.gradients(engine.fabric, batch, teachers, context, meta_batch=meta_batch)
     engine.meta_config.hypergradient = "finite_difference"
     # detectron2's box losses are L1 (SMOOTH_L1_BETA 0): a finite step crosses their kinks, so it
     # needs a smaller one (cosine 0.89 at 1e-2 and 1e-3, 0.997 at 1e-4 on this cohort)
     engine.meta_config.fd_epsilon = 1e-4 if adapter == "detectron2" else 1e-3
-    _, fd, _ = engine.meta_gradients(batch, teachers, context, meta_batch=meta_batch)
+    _, fd, _ = engine.bilevel.gradients(engine.fabric, batch, teachers, context, meta_batch=meta_batch)
     exact_flat, fd_flat = torch.cat([g.flatten() for g in exact]), torch.cat([g.flatten() for g in fd])
     assert exact_flat.norm() > 0 and torch.isfinite(exact_flat).all()
     # the finite difference keeps what the C-Net reads and the regions each detector samples at the

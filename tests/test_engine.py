@@ -15,12 +15,12 @@ from collab_distill.tasks.classification import Digits, ImageClassification, Res
 from support_plugins import ConstantConsensus, CountingPlugin, LearnedImageWeights
 
 
-def make_engine(tmp_path, teacher_file=None, plugins=(), students=("xxs", "xs"), meta=None, subset=400, **trainer):
+def make_engine(tmp_path, teacher_file=None, plugins=(), students=("xxs", "xs"), meta=None, subset=400, task=None, **trainer):
     settings = dict(accelerator="cpu", root_dir=str(tmp_path), progress_bar=False, loggers=[], max_epochs=1)
     settings.update(trainer)
     teachers = {"t": Teacher(model=ResNet("s"), checkpoint=str(teacher_file))} if teacher_file else {}
     return Engine(
-        task=ImageClassification(Digits(batch_size=32, subset=subset)),
+        task=task or ImageClassification(Digits(batch_size=32, subset=subset)),
         cohort=Cohort(students={s: ResNet(s) for s in students}, teachers=teachers),
         trainer=TrainerConfig(**settings),
         plugins=list(plugins),
@@ -30,8 +30,8 @@ def make_engine(tmp_path, teacher_file=None, plugins=(), students=("xxs", "xs"),
 
 
 def ready(engine):
-    engine.setup()
-    engine.prepare_training()
+    engine.build()
+    engine.ready_training()
     loader, sampler = engine.loaders["train"]
     sampler.select_epoch(0)
     return next(iter(loader))
@@ -70,12 +70,12 @@ def test_gamma_zero_removes_the_consensus_term_exactly(tmp_path, teacher_file):
     loss_g, logs = with_term.cohort_loss(batch, students, teachers)
     assert "xxs/consensus" in logs
     no_gamma = make_engine(tmp_path, teacher_file, [FixedLossWeights(0.3, 0.5, 0.0), ConstantConsensus()])
-    no_gamma.setup()
-    no_gamma.prepare_training()
+    no_gamma.build()
+    no_gamma.ready_training()
     off, _ = no_gamma.cohort_loss(batch, students, teachers)
     without = make_engine(tmp_path, teacher_file, [FixedLossWeights(0.3, 0.5, 0.0)])
-    without.setup()
-    without.prepare_training()
+    without.build()
+    without.ready_training()
     base, logs_base = without.cohort_loss(batch, students, teachers)
     assert "xxs/consensus" not in logs_base
     assert torch.equal(off, base)
@@ -91,7 +91,7 @@ def test_warmup_epochs_train_on_labels_only(tmp_path, teacher_file):
     loss, _ = engine.cohort_loss(batch, students, teachers)
     expected = sum(F.cross_entropy(r.logits, batch["targets"]) for r in students.values())
     torch.testing.assert_close(loss, expected)
-    engine.epoch = 1
+    engine.loop.epoch = 1
     assert not torch.allclose(engine.cohort_loss(batch, students, teachers)[0], expected)
 
 
@@ -157,9 +157,9 @@ def test_meta_gradient_points_downhill_on_the_meta_objective(tmp_path, teacher_f
     engine = make_engine(tmp_path, teacher_file, [plugin], meta=BilevelConfig(every_n_steps=1, hypergradient=mode))
     batch = ready(engine)
     _, teachers = records_of(engine, batch)
-    engine.meta_batches.load_state_dict({"epoch": 0, "position": 0})
+    engine.bilevel.meta_batches.load_state_dict({"epoch": 0, "position": 0})
     first = float(engine.meta_step(batch, teachers, None)["meta/loss"])
-    engine.meta_batches.load_state_dict({"epoch": 0, "position": 0})  # same meta batch again
+    engine.bilevel.meta_batches.load_state_dict({"epoch": 0, "position": 0})  # same meta batch again
     second = float(engine.meta_step(batch, teachers, None)["meta/loss"])
     assert second < first
 
@@ -167,8 +167,8 @@ def test_meta_gradient_points_downhill_on_the_meta_objective(tmp_path, teacher_f
 def test_fit_on_digits_learns(tmp_path, teacher_file):
     # the teacher here is untrained, so the students learn from labels (CE)
     engine = make_engine(tmp_path, teacher_file, [FixedLossWeights(1.0, 0.0)], max_epochs=3, subset=None)
-    engine.setup()
-    engine.prepare_training()
+    engine.build()
+    engine.ready_training()
     untrained = engine.evaluate("test")
     engine = make_engine(tmp_path, teacher_file, [FixedLossWeights(1.0, 0.0)], max_epochs=3, subset=None)
     results = engine.fit()
@@ -194,14 +194,14 @@ def test_checkpoint_restores_meta_modules_optimizers_and_plugin_state(tmp_path, 
 
     weights, counting2 = LearnedImageWeights(64), CountingPlugin()
     second = build([weights, counting2])
-    second.prepare(resume=str(first.run_dir / "checkpoints" / "last.ckpt"))
+    second.open_run(resume=str(first.run_dir / "checkpoints" / "last.ckpt"))
     for a, b in zip(weights.net.state_dict().values(), saved["meta_modules"]["image_weights"].values()):
         assert torch.equal(a, b)
     opt_state = second.meta_optimizers["image_weights"].state_dict()
     assert opt_state["param_groups"][0]["lr"] == saved["meta_optimizers"]["image_weights"]["param_groups"][0]["lr"]
     assert counting2.events == counting.events
     assert counting.events["train_step_end"] == 5
-    assert second.global_step == 5 and second.meta_batches.state_dict() == saved["meta_batches"]
+    assert second.global_step == 5 and second.bilevel.meta_batches.state_dict() == saved["meta_batches"]
 
 
 def test_per_student_warmup(tmp_path, teacher_file):
@@ -212,7 +212,7 @@ def test_per_student_warmup(tmp_path, teacher_file):
     assert float(logs["xxs/alpha"]) == 1.0 and float(logs["xxs/beta"]) == 0.0  # still warming up
     assert float(logs["xs/alpha"]) == pytest.approx(0.3) and float(logs["xs/beta"]) == pytest.approx(0.7)
     assert engine.in_warmup  # meta steps wait for every student
-    engine.epoch = 2
+    engine.loop.epoch = 2
     _, logs = engine.cohort_loss(batch, students, teachers)
     assert float(logs["xxs/beta"]) == pytest.approx(0.7) and not engine.in_warmup
 
@@ -220,7 +220,7 @@ def test_per_student_warmup(tmp_path, teacher_file):
 def test_warmup_naming_an_unknown_student_is_a_config_error(tmp_path, teacher_file):
     engine = make_engine(tmp_path, teacher_file, warmup_epochs={"nobody": 1})
     with pytest.raises(ConfigError, match="trainer.warmup_epochs names"):
-        engine.setup()
+        engine.build()
 
 
 @pytest.mark.parametrize("weights,teacher_calls", [((1.0, 0.0), 0), ((0.5, 0.5), 1)])
@@ -238,7 +238,7 @@ def test_step_logs_are_detailed_only_on_logging_steps(tmp_path, teacher_file):
     engine = make_engine(tmp_path, teacher_file, [FixedLossWeights(0.5, 0.5)], log_every_n_steps=2)
     batch = ready(engine)
     quiet = engine.training_step(batch)
-    engine.global_step += 1
+    engine.loop.global_step += 1
     loud = engine.training_step(batch)
     assert set(quiet) == {"loss", "xxs/loss", "xs/loss"}
     assert {"xs/supervised", "xs/distill", "xs/loss", "xs/alpha"} <= set(loud)
@@ -246,7 +246,7 @@ def test_step_logs_are_detailed_only_on_logging_steps(tmp_path, teacher_file):
 
 def test_a_warm_up_as_long_as_the_run_is_one_warning_naming_the_students(tmp_path, teacher_file, capsys):
     engine = make_engine(tmp_path, teacher_file, warmup_epochs={"xxs": 2}, max_epochs=2)
-    engine.setup()
+    engine.build()
     out = capsys.readouterr().out
     assert "[warning] trainer.warmup_epochs >= trainer.max_epochs (2) for ['xxs']" in " ".join(out.split())
     assert "'xs'" not in out  # xs has no warm-up

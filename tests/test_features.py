@@ -68,7 +68,7 @@ def test_make_records_is_seeded():
 def test_misspelled_module_path_names_the_nearest_valid_paths(tmp_path):
     engine = tiny_engine([KD, FitNets(student_features=["layr3"])], root_dir=tmp_path)
     with pytest.raises(ConfigError) as err:
-        engine.setup()
+        engine.build()
     message = str(err.value)
     assert "'layr3'" in message and "'teacher'" in message and "layer3" in message and "nearest valid paths" in message
     assert not (tmp_path / "tiny").exists(), "nothing is written before the error"
@@ -77,7 +77,7 @@ def test_misspelled_module_path_names_the_nearest_valid_paths(tmp_path):
 def test_feature_shape_mismatch_without_adaptor_names_both_sides(tmp_path):
     engine = tiny_engine([KD, FitNets(student_features=["layer3"], adaptor="none")], root_dir=tmp_path)
     with pytest.raises(ConfigError) as err:
-        engine.setup()
+        engine.build()
     message = str(err.value)
     # xxs's layer3 is narrower than the teacher's (ResNet10-s)
     assert "student 'xxs' feature 'layer3' (" in message and "teacher 'teacher' feature 'layer3' (" in message
@@ -147,7 +147,7 @@ def test_features_are_captured_only_on_steps_that_want_them(tmp_path):
 
 def test_no_request_means_no_hook(tmp_path):
     run = tiny_fit([KD], root_dir=tmp_path, steps=1)
-    assert run.engine.features is None
+    assert run.engine.forward.features is None
     assert not any(m._forward_hooks for model in run.engine.students.values() for m in unwrap(model).modules())
 
 
@@ -177,7 +177,7 @@ def test_fitnets_regressors_train_with_their_student_and_resume_bit_identically(
         ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
         assert all(id(p) in ids for p in unwrap(whole.engine.plugin_modules[name]["fitnets_regressor_0"]).parameters())
     fresh = tiny_engine([KD, FitNets(weight=10.0)], root_dir=tmp_path / "fresh", **options)
-    fresh.setup()
+    fresh.build()
     fresh_weight = fresh.plugin_modules["xs"]["fitnets_regressor_0"][0].weight
     assert not torch.equal(modules["xs/fitnets_regressor_0"]["0.weight"], fresh_weight)
     assert all(0 < step["xs/hint"] < 1e4 for step in whole.losses)

@@ -53,14 +53,14 @@ def counting_reads(counter: Counter):
 
 
 def steps_without_reads(engine, steps: int) -> Counter:
-    engine.prepare_training()
+    engine.ready_training()
     loader, sampler = engine.loaders["train"]
     sampler.select_epoch(0)
     batches = iter(loader)
     counter: Counter = Counter()
     for i in range(steps):
         batch = engine.task.move_batch(next(batches), engine.fabric)
-        engine.global_step = i
+        engine.loop.global_step = i
         if i == 0:  # the first step checks the loss's graph once, and warms caches
             engine.training_step(batch)
             continue

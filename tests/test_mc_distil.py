@@ -127,7 +127,7 @@ def test_cnet_started_at_the_kd_mix_gives_kds_steps_exactly(tmp_path, teacher_fi
     KD mix (0.3, 0.7), and the batch rescaling leaves it unchanged."""
     plugin = cnet(gamma=False)
     engine = make_engine(tmp_path, teacher_file, [plugin], meta=BilevelConfig(every_n_steps=4), name="c")
-    engine.setup()
+    engine.build()
     plugin.module.requires_grad_(False)  # frozen: the engine skips its meta steps
     learned = fit_weights(engine)
     fixed = fit_weights(make_engine(tmp_path, teacher_file, [FixedLossWeights(0.3, 0.7, 0.0)], name="d"))
@@ -159,8 +159,8 @@ def test_inert_weights_warn_and_trained_weights_do_not(tmp_path, teacher_file):
 def test_short_mc_distil_fit_on_digits_learns(tmp_path, teacher_file):
     engine = make_engine(tmp_path, teacher_file, [cnet(), PooledStudent()], meta=BilevelConfig(every_n_steps=5),
                          max_epochs=3, subset=None)
-    engine.setup()
-    engine.prepare_training()
+    engine.build()
+    engine.ready_training()
     untrained = engine.evaluate("test")
     engine = make_engine(tmp_path, teacher_file, [cnet(), PooledStudent()], meta=BilevelConfig(every_n_steps=5),
                          max_epochs=3, subset=None)
@@ -185,7 +185,7 @@ def test_resume_restores_cnet_and_its_optimizer(tmp_path, teacher_file):
     # restoring the step-7 file puts back exactly the saved C-Net and its Adam state
     third_plugin = cnet()
     third = make_engine(tmp_path, teacher_file, [third_plugin, PooledStudent()], meta=meta, max_epochs=2, name="r2")
-    third.prepare(resume=str(step7))
+    third.open_run(resume=str(step7))
     for key, value in saved["meta_modules"]["cnet"].items():
         assert torch.equal(third_plugin.module.state_dict()[key], value)
     assert third.meta_optimizers["cnet"].state_dict()["state"].keys() == saved["meta_optimizers"]["cnet"]["state"].keys()
@@ -282,8 +282,8 @@ def test_with_label_noise_the_cnet_reports_clean_vs_flipped_weights(tmp_path, te
 
     # no teacher: the C-Net reweighs each image's label loss (mix 1/0/0), as Meta-Weight-Net does
     plugin = cnet(gamma=False, use_image=False, use_losses=True, hidden=16, mix=(1.0, 0.0, 0.0), lr=1e-2)
-    engine = make_engine(tmp_path, None, [plugin], meta=BilevelConfig(every_n_steps=1), name="noisy", max_epochs=3, subset=None)
-    engine.task = ImageClassification(Digits(batch_size=32, label_noise=LabelNoise(kind="symmetric", rate=0.4)))
+    noisy = ImageClassification(Digits(batch_size=32, label_noise=LabelNoise(kind="symmetric", rate=0.4)))
+    engine = make_engine(tmp_path, None, [plugin], meta=BilevelConfig(every_n_steps=1), name="noisy", max_epochs=3, task=noisy)
     engine.fit()
     folder = engine.run_dir / "plugins" / "cnet"
     with (folder / "train_weights.csv").open() as f:

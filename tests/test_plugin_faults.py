@@ -16,9 +16,10 @@ import pytest
 from collab_distill import ConfigError, Plugin, PluginError, hookimpl, testing
 from collab_distill.cli import main
 from collab_distill.engine import Engine
-from collab_distill.plugin_manager import NamedHookRelay, PluginWarning, hook_problems, make_plugin_manager, summarise
+from collab_distill.plugin_manager import NamedHookRelay, PluginWarning, hook_problems, make_plugin_manager
 from collab_distill.stages import Stage
 from collab_distill.testing import make_records
+from collab_distill.tracing import summarise
 from support_plugins import FailingLossWeights, MisspelledArgument, RoleRecorder, UndecoratedHooks
 
 Installer = Callable[[dict[str, str], dict[str, str]], None]

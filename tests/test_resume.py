@@ -214,7 +214,7 @@ def test_a_run_killed_while_training_its_teacher_resumes_to_the_same_bits(capsys
     assert all(torch.equal(v, b[k]) for k, v in a.items()), "the teacher differs after the resume"
     a = torch.load(ref / "checkpoints" / "last.ckpt", weights_only=False)
     b = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
-    assert a["loop"] == b["loop"]
+    assert _position(a) == _position(b)
     for key, value in a["students"]["s"].items():
         assert torch.equal(value, b["students"]["s"][key]), f"s.{key} differs after resume"
     ra, rb = (json.loads((r / "results.json").read_text()) for r in (ref, run))
@@ -236,6 +236,11 @@ def test_a_run_killed_after_its_teacher_phase_restarts_the_cohort_from_the_same_
     rc, err = _fit(capsys, config, root, "--resume", "last")
     assert rc == 0, err
     resumed = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
-    assert whole["loop"] == resumed["loop"]
+    assert _position(whole) == _position(resumed)
     for key, value in whole["students"]["s"].items():
         assert torch.equal(value, resumed["students"]["s"][key]), f"s.{key} differs"
+
+
+def _position(checkpoint):
+    """Where a checkpoint's loop stands (its history holds wall-clock seconds, which differ)."""
+    return {k: checkpoint["loop"][k] for k in ("epoch", "batch_in_epoch", "global_step")}

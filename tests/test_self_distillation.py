@@ -211,7 +211,7 @@ def test_metadistiller_targets_come_from_the_generator_with_graph_only_in_the_lo
 def test_self_boosting_needs_multi_exit_students(tmp_path):
     engine = _engine(tmp_path, [SelfDistillation()], multi_exit=False)
     with pytest.raises(ConfigError, match="SelfDistillation needs multi-exit students: wrap them in MultiExit.*xxs"):
-        engine.setup()
+        engine.build()
 
 
 # ---------------------------------------------------------------------------- the engine
@@ -242,7 +242,7 @@ def test_generator_learns_only_in_the_meta_step(tmp_path):
     generators = engine.meta_modules[META_MODULE]
     assert set(generators) == {"xxs", "xs"}
 
-    engine.epoch = 1  # not a meta epoch: a plain training step
+    engine.loop.epoch = 1  # not a meta epoch: a plain training step
     assert not engine.meta_step_due()
     before, student = _snapshot(generators), _snapshot(unwrap(engine.students["xxs"]))
     logs = engine.training_step(batch)
@@ -251,7 +251,7 @@ def test_generator_learns_only_in_the_meta_step(tmp_path):
     assert all(p.grad is None for p in generators.parameters())
     assert any(not torch.equal(v, student[k]) for k, v in unwrap(engine.students["xxs"]).named_parameters())
 
-    engine.epoch = 2  # a meta epoch: the bilevel step runs first and updates the generators
+    engine.loop.epoch = 2  # a meta epoch: the bilevel step runs first and updates the generators
     assert engine.meta_step_due()
     before = _snapshot(generators)
     logs = engine.training_step(batch)
@@ -273,12 +273,12 @@ def test_generator_meta_gradient_is_the_derivative_of_the_meta_objective(tmp_pat
     to O(t^2)), for the default L^val (every exit's CE plus the generator's own CE), every exit's CE
     alone, and the paper's final-exit CE; the finite-difference hypergradient is refused, since it
     would move the detached maps."""
-    import collab_distill.engine as engine_module
+    import collab_distill.training.bilevel as engine_module
     from collab_distill.meta import hypergradient, lookahead
 
     monkeypatch.setattr(nn.ReLU, "forward", lambda self, x: F.softplus(x))
     with pytest.raises(ConfigError, match="MetaDistiller needs meta.hypergradient=second_order"):
-        _engine(tmp_path, [MetaDistiller()], meta=BilevelConfig(hypergradient="finite_difference")).setup()
+        _engine(tmp_path, [MetaDistiller()], meta=BilevelConfig(hypergradient="finite_difference")).build()
     captured = {}
 
     def capture(**kwargs):
@@ -373,14 +373,15 @@ def test_generator_learns_informative_targets_in_a_short_fit(tmp_path):
 
 
 def test_meta_epochs_can_step_at_every_n_steps():
+    from collab_distill.training.bilevel import BilevelStep
+
     def due(config, epochs=11, batches=4):
-        fake = SimpleNamespace(has_meta=True, in_warmup=False, _meta_trainable=True, meta_config=config, global_step=0)
-        out = set()
-        for fake.epoch in range(epochs):
-            for fake.batch_in_epoch in range(batches):
-                if Engine.meta_step_due(fake):  # type: ignore[arg-type]
-                    out.add((fake.epoch, fake.batch_in_epoch))
-                fake.global_step += 1
+        step, out = 0, set()
+        for epoch in range(epochs):
+            for batch in range(batches):
+                if BilevelStep.due(SimpleNamespace(config=config), epoch, batch, step):  # type: ignore[arg-type]
+                    out.add((epoch, batch))
+                step += 1
         return out
 
     every = BilevelConfig(every_n_epochs=5, steps_in_meta_epoch="every_n_steps", every_n_steps=2)
