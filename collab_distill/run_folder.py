@@ -13,7 +13,7 @@ import os
 import re
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, cast
@@ -127,6 +127,16 @@ def _finished_epochs(run_dir: Path) -> Optional[int]:
     return int(results.get("epochs", 0)) if results.get("status") == "finished" else None
 
 
+def _finished_message(resume: str, run: Path, epochs: int, unfinished: Sequence[str] = ()) -> str:
+    """Why a run that finished all its epochs is not resumed, and what to do instead."""
+    which = "the newest run with this config, " if resume == "last" else "the run "
+    others = f", or resume an unfinished run by its folder ({', '.join(unfinished[:3])})" if unfinished else ""
+    return (
+        f"--resume {resume}: {which}{run}, has finished all {epochs} epochs; there is nothing to resume. "
+        f"Start a new run without --resume, raise --trainer.max_epochs to extend it{others}"
+    )
+
+
 def _version_folders(base: Path) -> list[Path]:
     """``base/version_N`` folders, newest (highest N) first."""
     if not base.is_dir():
@@ -163,11 +173,7 @@ def _latest_matching_run(trainer: TrainerConfig, config_text: Optional[str], all
         epochs = _finished_epochs(run)
         if epochs is not None and epochs >= trainer.max_epochs:
             unfinished = [r.name for r in runs if r != run and _finished_epochs(r) is None]
-            raise ConfigError(
-                f"--resume last: the newest run with this config, {run}, has finished all {epochs} epochs; "
-                "there is nothing to resume. Start a new run without --resume, raise --trainer.max_epochs to "
-                "extend it" + (f", or resume an unfinished run by its folder ({', '.join(unfinished[:3])})" if unfinished else "")
-            )
+            raise ConfigError(_finished_message("last", run, epochs, unfinished))
         return run
     hint = " (--resume_changes allow accepts the differences when the run is named by its folder)" if not allow else ""
     raise ConfigError(
@@ -242,6 +248,12 @@ def resolve_resume(
                 "logging, checkpointing and devices may change), start a new run without --resume, or accept "
                 "the differences with --resume_changes allow (they are recorded in the run's resumes.json)"
             )
+    if not nested and resume != "last" and run_dir is not None:
+        # as `--resume last`: a finished run this config does not extend would only be evaluated again
+        # and its results.json rewritten
+        finished = _finished_epochs(run_dir)
+        if finished is not None and finished >= trainer.max_epochs:
+            raise ConfigError(_finished_message(resume, run_dir, finished))
     if state is not None:
         _check_fits(members, state, path)
         epochs = int(state["loop"]["epoch"])

@@ -139,6 +139,27 @@ def test_resume_last_picks_only_an_unfinished_run_of_this_config(capsys, config,
     assert json.loads((root / "r" / "version_2" / "results.json").read_text())["status"] == "stopped"
 
 
+def test_a_finished_run_named_by_its_folder_or_checkpoint_is_refused_unless_extended(capsys, config, tmp_path):
+    """``--resume RUN`` or ``--resume RUN/checkpoints/last.ckpt`` of a run that finished all its
+    epochs is refused as ``--resume last`` is, with nothing rewritten (no re-evaluation, no
+    resumes.json); a higher ``--trainer.max_epochs`` still extends it."""
+    root = tmp_path / "runs"
+    assert _fit(capsys, config, root)[0] == 0
+    run = root / "r" / "version_0"
+    before = _digests(run)
+    for how in (str(run), str(run / "checkpoints" / "last.ckpt")):
+        rc, err = _fit(capsys, config, root, "--resume", how)
+        assert rc == 2, err
+        _one_error(err, f"--resume {how}", str(run), "has finished all 1 epochs", "nothing to resume",
+                   "without --resume", "--trainer.max_epochs")
+        assert _digests(run) == before, how  # results.json kept, no resumes.json
+        assert sorted(p.name for p in run.parent.iterdir()) == ["version_0"]
+    rc, err = _fit(capsys, config, root, "--resume", str(run), "--trainer.max_epochs", "2")
+    assert rc == 0, err
+    assert json.loads((run / "results.json").read_text())["epochs"] == 2
+    assert len(json.loads((run / "resumes.json").read_text())) == 1
+
+
 def test_a_locked_run_folder_is_not_joined_and_partial_files_are_cleaned(capsys, config, tmp_path):
     root = tmp_path / "runs"
     assert _fit(capsys, config, root, "--trainer.max_steps", "2")[0] == 0
