@@ -11,8 +11,9 @@ A faulty plugin is named, never a bare traceback: an entry point that fails to i
 run with its name, its import error and the ``--disable_plugins`` fix; a hook implementation
 whose name or arguments match no hook is a :class:`~collab_distill.task.ConfigError`; a
 ``collab_distill_*`` method the engine would never call is a :class:`PluginWarning`; an
-exception raised inside a hook becomes a :class:`PluginError` naming the plugin and the hook
-(through :class:`NamedHookRelay`, the engine's ``engine.hook``).
+exception raised inside a hook (``sys.exit`` too, but not Ctrl-C's KeyboardInterrupt) becomes a
+:class:`PluginError` naming the plugin and the hook (through :class:`NamedHookRelay`, the engine's
+``engine.hook``).
 """
 
 from __future__ import annotations
@@ -384,9 +385,14 @@ def _named_caller(caller: pluggy.HookCaller) -> NamedHookCaller:
             return caller(**kwargs)
         except (ConfigError, PluginError):  # already says what to fix, or names an inner hook's plugin
             raise
-        except Exception as err:
+        except (Exception, SystemExit) as err:  # not KeyboardInterrupt: Ctrl-C stops the run as ever
             plugin = _culprit(caller, err)
             who = f"plugin {plugin!r}" if plugin is not None else "a plugin"
+            if isinstance(err, SystemExit):  # would end the run with its exit code, no message, no checkpoint
+                raise PluginError(
+                    f"{who} called sys.exit({err.code!r}) in hook {caller.name}; a plugin must not end the process: "
+                    "raise an exception that says what is wrong instead", plugin, caller.name,
+                ) from err
             raise PluginError(f"{who} failed in hook {caller.name}: {type(err).__name__}: {err}", plugin, caller.name) from err
 
     call.__dict__.update(name=caller.name, hookcaller=caller, get_hookimpls=caller.get_hookimpls)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,3 +22,18 @@ class NonFiniteLossWeights(Plugin):
         alpha = self.value if engine.global_step >= self.after_step else 1.0
         return {name: LossWeights.constant_weights(rec.num_images, alpha, 0.0, 0.0, rec.logits.device)
                 for name, rec in records.items()}
+
+
+class EndsTheProcess(Plugin):
+    """Ends the process itself at training step ``step``: ``sys.exit(code)`` (``how: exit``) or
+    the KeyboardInterrupt that Ctrl-C raises (``how: interrupt``)."""
+
+    def __init__(self, step: int = 1, how: str = "exit", code: int = 0) -> None:
+        self.step, self.how, self.code = step, how, code
+
+    @hookimpl
+    def collab_distill_train_step_end(self, step: int) -> None:
+        if step == self.step:
+            if self.how == "interrupt":
+                raise KeyboardInterrupt
+            sys.exit(self.code)

@@ -465,6 +465,30 @@ def test_command_nonfinite_loss_from_a_plugin(files, tmp_path):
     assert not (root / "cmd" / "version_0" / "checkpoints" / "last.ckpt").exists()
 
 
+def test_command_plugin_that_calls_sys_exit_is_a_plugin_error(files, tmp_path):
+    """``sys.exit(0)`` inside a hook would end the run with exit code 0, no message and no
+    checkpoint: it is a failure of that plugin, named with its hook."""
+    root = tmp_path / "runs"
+    proc = _command(files, root, "--plugins", "[{class_path: bad_input_plugins.EndsTheProcess, init_args: {code: 0}}]")
+    assert proc.returncode == 1, proc.stderr
+    first = proc.stderr.splitlines()[0]
+    for needle in ("collab-distill: error: plugin 'EndsTheProcess#0'", "in hook collab_distill_train_step_end",
+                   "sys.exit(0)", "must not end the process"):
+        assert needle in first, f"{needle!r} not in:\n{proc.stderr}"
+    assert proc.stderr.count("error:") == 1, proc.stderr
+    assert "sys.exit(self.code)" in proc.stderr  # the plugin's own line, in its traceback
+    assert not (root / "cmd" / "version_0" / "results.json").exists()
+
+
+def test_ctrl_c_inside_a_hook_still_interrupts_the_run(capsys, files, tmp_path):
+    root = tmp_path / "runs"
+    plugin = "[{class_path: bad_input_plugins.EndsTheProcess, init_args: {how: interrupt}}]"
+    rc, err = _fit(capsys, files, root, "--plugins", plugin)
+    assert rc == 130, err
+    assert err.strip().splitlines()[-1] == "collab-distill: interrupted; resume with --resume last", err
+    assert "PluginError" not in err and "error:" not in err
+
+
 def test_weights_in_detectron2_format_or_under_a_wrapper_prefix_load_completely(files, tmp_path):
     """A teacher/student checkpoint may come as ``{"model": state_dict}`` (detectron2's format) or
     with all keys under one prefix (saved from a wrapper, e.g. DDP's ``module.``): the weights
