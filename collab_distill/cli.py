@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 from jsonargparse import ArgumentParser, Namespace
 
-from collab_distill.cli_hints import argument_hint, located
+from collab_distill.cli_hints import PluginFailedToStart, argument_hint, located, plugin_instantiators
 from collab_distill.parsers import (  # build_parser: re-exported
     Parsers,
     build_parser,
@@ -53,7 +53,9 @@ def _engine_from(sub_parser: ArgumentParser, cfg: Namespace):
             del saved[action]
     text = sub_parser.dump(saved, skip_unset=False, skip_validation=True)
     try:
-        init = sub_parser.instantiate(cfg)
+        init = sub_parser.instantiate(cfg, instantiators=plugin_instantiators(cfg))
+    except PluginFailedToStart:
+        raise
     except (ConfigError, ValueError, TypeError) as err:
         raise located(cfg, err) from None
     engine = Engine(

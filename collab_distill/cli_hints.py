@@ -18,7 +18,7 @@ from collab_distill.parsers import Parsers, known_keys
 from collab_distill.plugin_manager import Plugin
 from collab_distill.task import ConfigError, ModelFactory, Task
 
-__all__ = ["located", "argument_hint"]
+__all__ = ["located", "argument_hint", "PluginFailedToStart", "plugin_instantiators"]
 
 
 def _class_nodes(value: Any, path: str) -> Iterator[tuple[str, Namespace]]:
@@ -59,6 +59,39 @@ def located(cfg: Namespace, err: Exception) -> ConfigError:
                     return ConfigError(message)
                 return ConfigError(f"{path}: {message}")
     return ConfigError(message)
+
+
+class PluginFailedToStart(ConfigError):
+    """A configured plugin's ``__init__`` raised: the message names its place under ``plugins``,
+    its class and the exception (which is the ``__cause__``)."""
+
+
+def plugin_instantiators(cfg: Namespace) -> list[tuple[Any, type, bool]]:
+    """``instantiators`` for jsonargparse's ``instantiate(cfg)`` that turn an exception raised by a
+    plugin's ``__init__`` into :class:`PluginFailedToStart` (jsonargparse would let it escape as a
+    long traceback through its own frames, without the plugin's name). A ConfigError the plugin
+    raises itself already says what to fix and passes unchanged."""
+    nodes = list(cfg.get("plugins") or [])
+    created: dict[type, int] = {}
+
+    def instantiate(class_type: type, *args: Any, **kwargs: Any) -> Any:
+        nth = created.get(class_type, 0)
+        created[class_type] = nth + 1
+        try:
+            return class_type(*args, **kwargs)
+        except ConfigError:
+            raise
+        except (Exception, SystemExit) as err:  # not Ctrl-C
+            name = f"{class_type.__module__}.{class_type.__qualname__}"
+            # the nth plugin of this class is the nth node of plugins naming it (jsonargparse builds them in order)
+            places = [i for i, node in enumerate(nodes) if _importable(str(node.get("class_path"))) is class_type]
+            where = f"plugins[{places[nth]}]" if nth < len(places) else "plugins"
+            raise PluginFailedToStart(
+                f"{where}: {name} could not be created, its __init__ raised {type(err).__name__}: {err}. "
+                "Fix its init_args (or what they point to), or leave it out of `plugins:`"
+            ) from err
+
+    return [(instantiate, Plugin, True)]
 
 
 def _configurable_bases() -> dict[str, tuple[type, ...]]:

@@ -37,3 +37,10 @@ class EndsTheProcess(Plugin):
             if self.how == "interrupt":
                 raise KeyboardInterrupt
             sys.exit(self.code)
+
+
+class FailsToStart(Plugin):
+    """A plugin whose ``__init__`` raises (it cannot read what its ``path`` names)."""
+
+    def __init__(self, path: str = "rules.txt") -> None:
+        raise RuntimeError(f"cannot read {path}")

@@ -30,6 +30,7 @@ if str(TESTS) not in sys.path:
 
 FIXED = "collab_distill.plugins.fixed_weights.FixedLossWeights"
 NONFINITE = "bad_input_plugins.NonFiniteLossWeights"
+FAILS = "bad_input_plugins.FailsToStart"
 
 # one tiny student on 200 digits, one epoch, no loggers: a good run takes a few seconds
 BASE = tiny_digits_yaml()
@@ -302,6 +303,9 @@ CASES = [
      ["--task.init_args.data", _image_data("{corrupt}")],
      ["ImageFolderData", "2 image files cannot be read", "{corrupt}/train/dog/bad.png", "{corrupt}/test/cat/truncated.png",
       "Delete or replace", "check_images"]),
+    ("plugin_whose_init_raises",
+     ["--plugins", f"[{{class_path: {FIXED}}}, {{class_path: {FAILS}, init_args: {{path: /nowhere/rules.txt}}}}]"],
+     ["plugins[1]", FAILS, "RuntimeError: cannot read /nowhere/rules.txt", "Fix its init_args", "leave it out"]),
     ("two_loss_weight_providers",
      ["--plugins", f"[{{class_path: {FIXED}}}, {{class_path: {FIXED}, init_args: {{alpha: 0.5}}}}]"],
      ["FixedLossWeights#0", "FixedLossWeights#1", "both provide loss weights", "for student(s) ['s']",
