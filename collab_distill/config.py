@@ -16,6 +16,7 @@ from collab_distill.task import ConfigError, ModelFactory
 
 __all__ = [
     "Teacher", "Cohort", "TrainerConfig", "check_accelerator", "fabric_refused", "check_writable_folder", "check_optimizer",
+    "check_compile_backend",
 ]
 
 
@@ -179,6 +180,36 @@ class TrainerConfig:
                 f"trainer.precision={self.precision!r} is not a precision Fabric knows; choose one of "
                 f"{', '.join(precisions)}"
             )
+        if self.compile is not None:
+            check_compile_backend(self.compile)
+
+
+def _compile_backends() -> tuple[list[str], list[str]]:
+    """``(accepted, shown)``: every name ``torch.compile(backend=...)`` accepts, and the ones a
+    message offers, the usual first. ``aot_eager`` and ``eager`` are tagged "debug" and left out of
+    ``list_backends()`` by default, hence ``exclude_tags=()``."""
+    try:
+        accepted = torch.compiler.list_backends(exclude_tags=())
+        default = torch.compiler.list_backends()
+    except Exception:  # noqa: BLE001 - no dynamo on this platform: torch.compile itself will say so
+        return [], []
+    usual = [n for n in ("inductor", "aot_eager", "eager", "cudagraphs") if n in accepted]
+    return accepted, usual + [n for n in default if n not in usual]
+
+
+def check_compile_backend(backend: str) -> None:
+    """``trainer.compile`` names a backend torch knows: refused with the config, not by
+    ``torch.compile`` once the run folder exists."""
+    import difflib
+
+    accepted, shown = _compile_backends()
+    if accepted and backend not in accepted:
+        close = difflib.get_close_matches(backend, accepted, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(
+            f"trainer.compile={backend!r} is not a torch.compile backend{hint}; choose one of {', '.join(shown)} "
+            "(or another name torch.compiler.list_backends(exclude_tags=()) lists), or null to run eagerly"
+        )
 
 
 def _fabric_precisions() -> tuple[str, ...]:
