@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import importlib.metadata
 import json
 import os
@@ -30,6 +31,7 @@ __all__ = [
     "prefix_mapped",
     "state_dict_mismatch",
     "write_json",
+    "disk_full_message",
 ]
 
 #: 2: ``best``, ``history`` and ``meta_history`` moved into ``loop`` (the loop state); 1 is read too
@@ -62,6 +64,68 @@ def write_json(obj: Any, path: str | Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
     os.replace(tmp, path)
+
+
+#: what torch's zip writer (``inline_container.cc``) raises when a write comes up short
+_SHORT_WRITE = ("unexpected pos", "file write failed")
+
+
+def _chain(err: BaseException | None) -> list[BaseException]:
+    """``err`` and the exceptions it was raised from or while handling, outermost first."""
+    chain: list[BaseException] = []
+    while err is not None and all(err is not seen for seen in chain):
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    return chain
+
+
+def _disk_full(chain: list[BaseException]) -> BaseException | None:
+    """The innermost exception of ``chain`` that says a write found no space left: ENOSPC or
+    EDQUOT, or torch's short-write RuntimeError (not an error that wraps one and repeats its
+    message, as a PluginError does)."""
+    for err in reversed(chain):
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return err
+        if isinstance(err, RuntimeError) and any(text in str(err) for text in _SHORT_WRITE):
+            return err
+    return None
+
+
+def _written_path(chain: list[BaseException]) -> Path | None:
+    """The file being written: the ``path`` of the innermost collab-distill function that an
+    exception of ``chain`` passed (``save_run_state``, ``atomic_save``, ``write_json``: the final
+    name, not the temporary file), else an OSError's own file name."""
+    for err in reversed(chain):
+        found: Path | None = None
+        tb = err.__traceback__
+        while tb is not None:
+            frame = tb.tb_frame
+            path = frame.f_locals.get("path")
+            if str(frame.f_globals.get("__name__", "")).startswith("collab_distill") and isinstance(path, (str, Path)):
+                found = Path(path)
+            tb = tb.tb_next
+        if found is not None:
+            return found
+    filenames = [getattr(err, "filename", None) for err in reversed(chain)]
+    return next((Path(f) for f in filenames if isinstance(f, (str, Path))), None)
+
+
+def disk_full_message(err: BaseException, resume: bool) -> str | None:
+    """One line for a write that failed because the disk is full (``None``: ``err`` is something
+    else): torch's own message ("unexpected pos" in ``inline_container.cc``) never says so.
+    ``resume``: the failure stopped a fit, which ``--resume last`` continues. Every file is written
+    to a temporary name and renamed into place, so the previous version of the file is intact."""
+    chain = _chain(err)
+    full = _disk_full(chain)
+    if full is None:
+        return None
+    path = _written_path(chain)
+    cause = f"{type(full).__name__}: {next(iter(str(full).splitlines()), '')}"
+    fix = "free space and resume with --resume last" if resume else "free space and run the command again"
+    kept = ""
+    if path is not None and path.is_file():
+        kept = "; the previous checkpoint was kept" if path.suffix == ".ckpt" else f"; the previous {path.name} was kept"
+    return f"writing {path if path is not None else 'a file'} failed: the disk is full ({cause}); {fix}{kept}"
 
 
 def load_checkpoint(path: str | Path, field: str | None = None) -> dict[str, Any]:

@@ -110,9 +110,21 @@ def _list_plugins() -> None:
     Console(width=None if sys.stdout.isatty() else 160).print(table)
 
 
+def _disk_full(err: BaseException, command: Optional[str]) -> Optional[int]:
+    """Exit code 1 after one line, for a write that found the disk full (else ``None``)."""
+    from collab_distill.checkpoint import disk_full_message
+
+    message = disk_full_message(err, resume=command == "fit")
+    if message is None:
+        return None
+    print(f"collab-distill: error: {message}", file=sys.stderr)
+    return 1
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parsers: Optional[Parsers] = None
+    command: Optional[str] = None
     try:
         check_config_files(list(argv))
         parsers = build_parsers()
@@ -156,6 +168,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"collab-distill: error: {err}", file=sys.stderr)
         return 2
     except PluginError as err:
+        full = _disk_full(err, command)  # e.g. the built-in checkpointing's write
+        if full is not None:
+            return full
         # which plugin failed in which hook first, then where: the plugin's own traceback
         import traceback
 
@@ -171,6 +186,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         if isinstance(err, NonFiniteLossError):
             print(f"collab-distill: error: {err}", file=sys.stderr)
             return 1
+        full = _disk_full(err, command)
+        if full is not None:
+            return full
         raise
 
 

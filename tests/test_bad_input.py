@@ -7,7 +7,9 @@ command to check the exit code and that no Python traceback reaches the user.
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import json
 import os
 import pickle
 import shutil
@@ -429,6 +431,42 @@ def test_nonfinite_loss_on_resume_keeps_the_last_checkpoint(capsys, files, good_
     _assert_one_error(err, ("non-finite loss at epoch 1", "s/loss", "was left untouched (resume with --resume last)"))
     assert {p: p.read_bytes() for p in before} == before
     assert sorted(p.name for p in run.parent.iterdir()) == ["version_0"]
+
+
+@pytest.mark.parametrize("failure", [
+    OSError(errno.ENOSPC, "No space left on device"),
+    RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 2048 vs 1984"),
+], ids=["enospc", "unexpected_pos"])
+def test_a_checkpoint_written_on_a_full_disk_says_so_and_keeps_the_previous_one(capsys, files, tmp_path, monkeypatch,
+                                                                                   failure):
+    """The second checkpoint write finds the disk full: one message that says so, names the file
+    and the fix (exit code 1); the first checkpoint is intact, and once there is space again
+    ``--resume last`` finishes the run."""
+    import lightning_fabric.plugins.io.torch_io as torch_io
+
+    real, seen = torch_io._atomic_save, {}
+    run = tmp_path / "runs" / "full" / "version_0"
+    last = run / "checkpoints" / "last.ckpt"
+
+    def full_disk(checkpoint, path):
+        seen["writes"] = seen.get("writes", 0) + 1
+        if seen["writes"] == 2:
+            seen["before"] = hashlib.sha256(last.read_bytes()).hexdigest()
+            raise failure
+        real(checkpoint, path)
+
+    monkeypatch.setattr(torch_io, "_atomic_save", full_disk)
+    rc, err = _fit(capsys, files, tmp_path / "runs", "--trainer.max_epochs", "2", name="full")
+    assert rc == 1, err
+    _assert_one_error(err, (f"writing {last} failed: the disk is full", type(failure).__name__,
+                            "free space and resume with --resume last", "the previous checkpoint was kept"))
+    assert seen["writes"] == 2 and hashlib.sha256(last.read_bytes()).hexdigest() == seen["before"]
+    assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]  # no half-written file beside it
+    monkeypatch.setattr(torch_io, "_atomic_save", real)  # space was freed
+    rc, err = _fit(capsys, files, tmp_path / "runs", "--trainer.max_epochs", "2", "--resume", "last", name="full")
+    assert rc == 0, err
+    results = json.loads((run / "results.json").read_text())
+    assert results["status"] == "finished" and results["epochs"] == 2
 
 
 # ---------------------------------------------------------------------------------------------
