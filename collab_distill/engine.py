@@ -102,6 +102,7 @@ class Engine(StateView):
         self.state.students.update(students)
         parts.check_warmup(self.trainer, self.cohort.students, self.fabric)
         self.hook.collab_distill_configure(engine=self)
+        self.built.loss_terms = parts.collect_loss_terms(self.hook.collab_distill_declare_loss_terms(engine=self))
         answers = self.hook.collab_distill_feature_requests(engine=self)
         self.forward.features, self.built.feature_shapes = parts.capture_features(self.task, answers, teachers, students)
         attached = self.hook.collab_distill_student_modules(engine=self)

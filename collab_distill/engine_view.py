@@ -47,6 +47,8 @@ class EngineView(Protocol):
       ``"teacher_training"`` (a teacher's own cross-entropy run inside it; always-on plugins only)
       or ``"stage"`` (a stage of a staged fit). Every hook runs on every DDP rank: read
       ``fabric.global_rank`` / ``fabric.is_global_zero`` (see docs/plugins.md);
+    * ``loss_terms``: the names of the per-image terms plugins declared
+      (``collab_distill_declare_loss_terms``), which ``LossWeights.terms`` may weigh;
     * ``feature_shapes``: ``{member: {feature: shape without the batch dimension}}`` of every
       requested feature, measured on two real images at setup (see
       ``collab_distill_feature_requests``); available from ``collab_distill_student_modules`` on.
@@ -86,6 +88,8 @@ class EngineView(Protocol):
     def run_dir(self) -> Optional[Path]: ...
     @property
     def feature_shapes(self) -> dict[str, dict[str, tuple[int, ...]]]: ...
+    @property
+    def loss_terms(self) -> list[str]: ...
 
     fabric: Optional[Fabric]
     fitting: bool

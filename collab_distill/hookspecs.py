@@ -28,9 +28,9 @@ Order of hook calls
 
 Set-up (``collab-distill fit`` / ``Engine.fit``), once::
 
-    configure -> feature_requests -> (features probed on two real images) -> student_modules
-      -> meta_modules -> [teachers pre-trained as runs of their own] -> load_state (on --resume)
-      -> fit_start
+    configure -> declare_loss_terms -> feature_requests -> (features probed on two real images)
+      -> student_modules -> meta_modules -> [teachers pre-trained as runs of their own]
+      -> load_state (on --resume) -> fit_start
 
 One training step, in this order::
 
@@ -38,19 +38,22 @@ One training step, in this order::
     if a meta step is due (from the step counter, so every DDP rank agrees):
         lookahead on the training batch: students' records (with features)
             -> loss_weights(phase="lookahead") -> soft_targets* -> consensus_targets*
-            -> auxiliary_losses(phase="lookahead")
+            -> loss_terms(phase="lookahead") -> auxiliary_losses(phase="lookahead")
         meta batch, looked-ahead students' records -> meta_objective
         meta modules updated -> meta_step_end
     students' records (with the features some request wants this step)
         -> loss_weights(phase="train") -> soft_targets* -> consensus_targets*
-        -> auxiliary_losses(phase="train") -> backward -> optimizer steps -> train_step_end
+        -> loss_terms(phase="train") -> auxiliary_losses(phase="train") -> backward
+        -> optimizer steps -> train_step_end
 
 ``*``: skipped when every student's weight of that term is a constant zero. Teachers' records
 are computed when a hook first reads ``teacher_records``.
 
-End of an epoch: ``evaluation_end(split="val")`` -> ``epoch_end`` -> ``save_state`` (when a
-checkpoint is written). End of the fit: ``evaluation_end(split="test")`` (last weights, then
-best-on-val) -> ``fit_end``.
+End of an epoch: ``evaluation_end(split="val")`` -> ``epoch_end`` (the built-in services keep the
+best-on-val weights first and write the checkpoint last, with every plugin's ``save_state``). End
+of the fit: ``evaluation_end(split="test")`` (last weights, then best-on-val) -> ``fit_end``
+(``results.json`` is written first, the report sections collected last); a fit that
+``trainer.max_steps`` stopped early calls ``fit_stopped`` instead.
 
 Roles: which run calls a hook
 -----------------------------
@@ -83,7 +86,7 @@ agree across ranks (a decision, a counter) must be computed the same way on ever
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -243,6 +246,39 @@ def collab_distill_auxiliary_losses(
         loss as they are: the engine neither weighs them with ``weights`` nor skips them during a
         student's warm-up (``engine.warming_up(student)``); the plugin decides both. A term named
         ``<student>/<term>`` belongs to that student: it is part of ``<student>/loss``.
+    """
+
+
+@hookspec
+def collab_distill_declare_loss_terms(engine: Engine) -> Sequence[str] | None:
+    """Names of the per-image loss terms this plugin adds (``collab_distill_loss_terms``), declared
+    once at set-up so that loss-weight providers can weigh them (``LossWeights.terms``; a C-Net
+    sizes its head from ``engine.loss_terms``). Names are unique across plugins, letters, digits,
+    ``_`` and ``-``, and none of ``supervised``, ``distill``, ``consensus``, ``loss``.
+
+    Called after ``configure``; every role.
+    """
+
+
+@hookspec
+def collab_distill_loss_terms(
+    engine: Engine,
+    batch: Any,
+    records: Mapping[str, Knowledge],
+    teacher_records: Mapping[str, Knowledge],
+    weights: Mapping[str, LossWeights],
+    temperature: float,
+    phase: str,
+) -> Mapping[str, Mapping[str, Tensor]] | None:
+    """This plugin's declared terms, per image and unweighted: ``{student: {name: [B] tensor}}``.
+
+    The engine adds ``weights[student].term_weight(name) * term`` to the student's per-image loss,
+    like the built-in terms (so a loss-weight provider weighs them per image, and a meta-learned
+    one learns how), logs the weighted term as ``<student>/<name>``, and skips students in
+    warm-up. Skip a student whose ``weights[student].uses(name)`` is false (its weight is 0).
+    Unlike ``auxiliary_losses`` the term is never a scalar: one value per image (``[B]``).
+
+    :param phase: ``"train"`` or ``"lookahead"`` (inside the bilevel step: keep the graph).
     """
 
 

@@ -40,6 +40,9 @@ class Engine(EngineView, Protocol):
 
     pm: Any
     hook: Any
+
+    @property
+    def loss_terms(self) -> list[str]: ...
     flags: Any  # ``flags.providers_checked``: the conflict check ran on a real training step
 
 
@@ -145,6 +148,11 @@ def _provided_weights(engine: Engine, batch: Any, records: Mapping[str, Knowledg
     missing = set(records) - set(provided)
     if missing:
         raise ConfigError(f"the loss-weight provider returned no weights for student(s) {sorted(missing)}")
+    for student in records:
+        unknown = set(getattr(provided[student], "terms", {})) - set(engine.loss_terms)
+        if unknown:
+            raise ConfigError(f"the loss-weight provider weighs term(s) {sorted(unknown)} of {student!r}, which no plugin "
+                              f"declares (declared: {sorted(engine.loss_terms)}); see collab_distill_declare_loss_terms")
     return {s: supervised_only if s in warming else provided[s] for s in records}
 
 
@@ -175,6 +183,7 @@ def cohort_loss(
         targets = engine.hook.collab_distill_soft_targets(**kwargs) or {}
     if any(w.uses("consensus") for w in weights.values()):
         consensus = engine.hook.collab_distill_consensus_targets(**kwargs) or {}
+    named = _named_terms(engine, batch, records, teacher_records, weights, tau, phase)
     logs: dict[str, Tensor | float] = {}
     per_student: dict[str, Tensor] = {}
     for name, rec in records.items():
@@ -191,6 +200,11 @@ def cohort_loss(
             kl = target.kl_per_unit(rec.logits, tau)
             # per-region weights: a factor per unit, spreading the image's weight over its regions
             weighted = mix * (tau * tau) * rec.per_image(kl if spread is None else kl * spread)
+            per_image = per_image + weighted
+            if detailed:
+                logs[f"{name}/{term}"] = weighted.detach().mean()
+        for term, values in named.get(name, {}).items():
+            weighted = w.term_weight(term) * values
             per_image = per_image + weighted
             if detailed:
                 logs[f"{name}/{term}"] = weighted.detach().mean()
@@ -216,6 +230,41 @@ def cohort_loss(
     assert isinstance(total, Tensor)
     logs["loss"] = total.detach()
     return total, logs
+
+
+def _named_terms(engine: Engine, batch: Any, records: Mapping[str, Knowledge], teacher_records: Mapping[str, Knowledge],
+                 weights: Mapping[str, LossWeights], tau: float, phase: str) -> dict[str, dict[str, Tensor]]:
+    """The plugins' declared per-image terms, ``{student: {name: [B]}}``, checked; students in
+    warm-up and terms weighing 0 left out."""
+    declared = engine.loss_terms
+    if not declared:
+        return {}
+    wanted = {s: w for s, w in weights.items() if not engine.warming_up(s) and any(w.uses(t) for t in declared)}
+    if not wanted:
+        return {}
+    answers = engine.hook.collab_distill_loss_terms(engine=engine, batch=batch, records=records,
+                                                    teacher_records=teacher_records, weights=weights,
+                                                    temperature=tau, phase=phase)
+    out: dict[str, dict[str, Tensor]] = {}
+    for answer in answers:
+        for student, terms in (answer or {}).items():
+            if student not in records:
+                raise ConfigError(f"collab_distill_loss_terms returned terms {sorted(terms)} for {student!r}, "
+                                  f"which is not a student ({sorted(records)})")
+            for term, values in terms.items():
+                if term not in declared:
+                    raise ConfigError(f"collab_distill_loss_terms returned {term!r} for {student!r}, a term no plugin declared "
+                                      f"(declared: {sorted(declared)}); return it from collab_distill_declare_loss_terms")
+                expected = (records[student].num_images,)
+                if not isinstance(values, Tensor) or tuple(values.shape) != expected or not values.is_floating_point():
+                    what = f"shape {tuple(values.shape)} {values.dtype}" if isinstance(values, Tensor) else type(values).__name__
+                    raise ConfigError(f"collab_distill_loss_terms: term {term!r} of {student!r} is {what}; "
+                                      f"expected one float per image, shape {expected}")
+                if term in out.get(student, {}):
+                    raise ConfigError(f"two plugins returned the term {term!r} for {student!r}")
+                if student in wanted and wanted[student].uses(term):
+                    out.setdefault(student, {})[term] = values
+    return out
 
 
 def untrained_leaves(loss: Tensor, trained: set[int], owners: Mapping[str, Any]) -> list[str]:

@@ -161,6 +161,10 @@ class LossWeights:
     #: with mean 1 over an image's units spread its weight over them without changing its total)
     unit_beta: Tensor | None = None
     unit_gamma: Tensor | None = None
+    #: weights of the named per-image terms plugins declare (``collab_distill_loss_terms``):
+    #: ``{name: [B] tensor or number}``; a declared term missing here weighs 1 (as its plugin
+    #: scaled it), a term weighing the number 0 is not computed
+    terms: dict[str, Tensor | float] = field(default_factory=dict)
 
     @classmethod
     def constant_weights(cls, num_images: int, alpha: float, beta: float, gamma: float, device: Any = None) -> LossWeights:
@@ -172,10 +176,15 @@ class LossWeights:
     TERMS = ("supervised", "distill", "consensus")
 
     def uses(self, term: str) -> bool:
-        """Whether ``term`` (``supervised``, ``distill`` or ``consensus``) can be non-zero."""
+        """Whether ``term`` (``supervised``, ``distill``, ``consensus`` or a named term) can be non-zero."""
         if term not in self.TERMS:
-            raise ValueError(f"LossWeights.uses({term!r}): the terms are {self.TERMS}")
+            weight = self.terms.get(term, 1.0)
+            return not (isinstance(weight, (int, float)) and weight == 0.0)
         return self.constant is None or self.constant[self.TERMS.index(term)] != 0.0
+
+    def term_weight(self, name: str) -> Tensor | float:
+        """The weight of the named term ``name``: ``[B]`` or a number (1 when not given)."""
+        return self.terms.get(name, 1.0)
 
     @classmethod
     def from_tensor(cls, weights: Tensor) -> LossWeights:

@@ -34,10 +34,10 @@ from torch import Tensor
 from collab_distill.engine_view import EngineView
 from collab_distill.hookspecs import hookimpl
 from collab_distill.plugin_manager import Plugin
-from collab_distill.records import Knowledge, SoftTarget, mean_of_teachers
+from collab_distill.records import Knowledge, LossWeights, SoftTarget, mean_of_teachers
 from collab_distill.task import ConfigError
 
-__all__ = ["DKD", "DecoupledTarget", "dkd_per_unit"]
+__all__ = ["DKD", "DecoupledTarget", "dkd_per_unit", "dkd_parts_per_unit"]
 
 #: smallest non-target mass of the teacher we divide by (a one-hot teacher has no NCKD to give)
 _EPS = 1e-12
@@ -52,6 +52,16 @@ def dkd_per_unit(
     ``KL(teacher || student)``. Computed in float32 (or float64 if given) and in log space on the
     student side, so a student sure of the target class (``1 - q_t`` underflowing) stays finite.
     """
+    tckd, nckd = dkd_parts_per_unit(student_logits, teacher_probs, labels, temperature)
+    labelled = labels >= 0
+    # unlabelled units: nckd holds their plain KL and tckd is 0 (see dkd_parts_per_unit)
+    return torch.where(labelled, alpha * tckd + beta * nckd, nckd)
+
+
+def dkd_parts_per_unit(student_logits: Tensor, teacher_probs: Tensor, labels: Tensor, temperature: float
+                       ) -> tuple[Tensor, Tensor]:
+    """``(TCKD, NCKD)`` for every unit, ``[U]`` each (no ``T^2``); a unit with ``labels < 0`` has
+    TCKD 0 and its plain ``KL(teacher || student)`` as NCKD."""
     dtype = torch.promote_types(student_logits.dtype, torch.float32)
     log_q = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
     p = teacher_probs.to(dtype)
@@ -74,7 +84,7 @@ def dkd_per_unit(
     nckd = (torch.xlogy(p_hat, p_hat) - p_hat * log_q_hat).sum(dim=-1)
 
     # both branches are finite for every unit, so torch.where leaks no NaN into the gradient
-    return torch.where(labelled, alpha * tckd + beta * nckd, plain)
+    return torch.where(labelled, tckd, torch.zeros_like(tckd)), torch.where(labelled, nckd, plain)
 
 
 class DecoupledTarget(SoftTarget):
@@ -123,9 +133,13 @@ class DKD(Plugin):
         alpha: weight of TCKD (target-class knowledge).
         beta: weight of NCKD (non-target-class knowledge); the paper uses 8 on CIFAR-100.
         warmup_epochs: epochs over which the DKD term ramps linearly to full strength (0: none).
+        as_terms: give TCKD and NCKD to the engine as two named per-image terms, ``tckd`` (times
+            ``alpha``) and ``nckd`` (times ``beta``), each ``T^2``-scaled and ramped, instead of
+            one soft target posing as a KL: the loss-weight provider then weighs each per image
+            (``FixedLossWeights.terms``, ``CNet.terms``), and ``beta`` of ``LossWeights`` is unused.
     """
 
-    def __init__(self, alpha: float = 1.0, beta: float = 8.0, warmup_epochs: float = 0.0) -> None:
+    def __init__(self, alpha: float = 1.0, beta: float = 8.0, warmup_epochs: float = 0.0, as_terms: bool = False) -> None:
         for key, value in (("alpha", alpha), ("beta", beta), ("warmup_epochs", warmup_epochs)):
             if not (value >= 0 and math.isfinite(value)):  # also refuses NaN
                 raise ConfigError(f"DKD.{key}={value} must be a finite number >= 0")
@@ -134,9 +148,11 @@ class DKD(Plugin):
         self.alpha = float(alpha)
         self.beta = float(beta)
         self.warmup_epochs = float(warmup_epochs)
+        self.as_terms = as_terms
 
     def __repr__(self) -> str:
-        return f"DKD(alpha={self.alpha}, beta={self.beta}, warmup_epochs={self.warmup_epochs})"
+        terms = ", as_terms=True" if self.as_terms else ""
+        return f"DKD(alpha={self.alpha}, beta={self.beta}, warmup_epochs={self.warmup_epochs}{terms})"
 
     def ramp(self, epoch: int) -> float:
         """The warm-up factor of the DKD term in the (0-based) ``epoch``."""
@@ -153,7 +169,7 @@ class DKD(Plugin):
     def collab_distill_soft_targets(
         self, engine: EngineView, records: Mapping[str, Knowledge], teacher_records: Mapping[str, Knowledge], temperature: float
     ) -> Optional[dict[str, SoftTarget]]:
-        if not teacher_records:
+        if not teacher_records or self.as_terms:
             return None
         probs = mean_of_teachers(teacher_records, temperature)
         ramp = self.ramp(engine.epoch)
@@ -161,3 +177,25 @@ class DKD(Plugin):
         return {
             name: DecoupledTarget(probs, rec.unit_labels, self.alpha, self.beta, weight) for name, rec in records.items()
         }
+
+    @hookimpl
+    def collab_distill_declare_loss_terms(self, engine: EngineView) -> Optional[list[str]]:
+        return ["tckd", "nckd"] if self.as_terms else None
+
+    @hookimpl
+    def collab_distill_loss_terms(
+        self, engine: EngineView, records: Mapping[str, Knowledge], teacher_records: Mapping[str, Knowledge],
+        weights: Mapping[str, LossWeights], temperature: float,
+    ) -> Optional[dict[str, dict[str, Tensor]]]:
+        if not self.as_terms or not teacher_records:
+            return None
+        probs = mean_of_teachers(teacher_records, temperature)
+        scale = self.ramp(engine.epoch) * temperature * temperature
+        out: dict[str, dict[str, Tensor]] = {}
+        for name, rec in records.items():
+            if not (weights[name].uses("tckd") or weights[name].uses("nckd")):
+                continue
+            tckd, nckd = dkd_parts_per_unit(rec.logits, probs, rec.unit_labels, temperature)
+            out[name] = {"tckd": rec.per_image(self.alpha * scale * tckd).to(rec.logits.dtype),
+                         "nckd": rec.per_image(self.beta * scale * nckd).to(rec.logits.dtype)}
+        return out

@@ -25,6 +25,9 @@ class FixedLossWeights(Plugin):
         beta: weight of the distillation term (soft target, e.g. the teacher).
         gamma: weight of the consensus term (needs a consensus plugin).
         per_student: ``{student: [alpha, beta, gamma]}`` overrides for some students.
+        terms: ``{name: weight}`` of per-image terms other plugins declare
+            (``collab_distill_declare_loss_terms``, e.g. ``DKD(as_terms: true)``'s ``tckd`` and
+            ``nckd``); a declared term not named here weighs 1.
     """
 
     def __init__(
@@ -33,12 +36,17 @@ class FixedLossWeights(Plugin):
         beta: float = 0.0,
         gamma: float = 0.0,
         per_student: Optional[dict[str, tuple[float, float, float]]] = None,
+        terms: Optional[dict[str, float]] = None,
     ) -> None:
         for key, value in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
             if not value >= 0:  # also refuses NaN
                 raise ConfigError(
                     f"FixedLossWeights.{key}={value} must be >= 0: it scales a loss term (0 switches the term off)"
                 )
+        self.terms = {k: float(v) for k, v in (terms or {}).items()}
+        for name, value in self.terms.items():
+            if not value >= 0:
+                raise ConfigError(f"FixedLossWeights.terms.{name}={value} must be >= 0 (0 switches the term off)")
         self.default = (alpha, beta, gamma)
         self.per_student = {k: tuple(v) for k, v in (per_student or {}).items()}
         for name, weights in self.per_student.items():
@@ -67,6 +75,7 @@ class FixedLossWeights(Plugin):
         for name, rec in records.items():
             a, b, g = self.per_student.get(name, self.default)
             out[name] = LossWeights.constant_weights(rec.num_images, a, b, g, rec.logits.device)
+            out[name].terms = dict(self.terms)
         return out
 
     def __repr__(self) -> str:

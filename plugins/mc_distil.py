@@ -80,7 +80,7 @@ class CoordinatorNetwork(nn.Module):
     a factor on beta and gamma (:meth:`region_factors`).
     """
 
-    mix: Tensor  # ``[S, 3]``, a (non-persistent) buffer: see ``__init__``
+    mix: Tensor  # ``[S, W]`` (W = 3 + named terms), a (non-persistent) buffer: see ``__init__``
 
     def __init__(
         self,
@@ -88,7 +88,7 @@ class CoordinatorNetwork(nn.Module):
         embedding_dim: int,
         extra_inputs: int,
         num_students: int,
-        mix: tuple[float, float, float],
+        mix: tuple[float, ...],
         normalize: Normalize = "batch",
         max_factor: float = 10.0,
         hidden: int = 0,
@@ -105,7 +105,8 @@ class CoordinatorNetwork(nn.Module):
         self.max_factor = max_factor
         width = (embedding_dim if backbone is not None else 0) + extra_inputs
         layers: list[nn.Module] = [nn.Linear(width, hidden), nn.ReLU()] if hidden else []
-        last = nn.Linear(hidden or width, 3 * num_students)
+        self.terms = len(mix)  # alpha, beta, gamma and any named terms (``CNet.terms``)
+        last = nn.Linear(hidden or width, self.terms * num_students)
         self.head = nn.Sequential(*layers, last)
         if normalize in ("batch", "term"):
             # a zero head gives every image exactly ``mix``: doing nothing is the fixed-mix baseline
@@ -115,7 +116,8 @@ class CoordinatorNetwork(nn.Module):
             # head weights so the backbone gets a meta-gradient from the first meta step on
             nn.init.normal_(last.weight, std=1e-2)
         nn.init.zeros_(last.bias)
-        self.register_buffer("mix", torch.tensor(mix, dtype=torch.float32).expand(num_students, 3).clone(), persistent=False)
+        self.register_buffer("mix", torch.tensor(mix, dtype=torch.float32).expand(num_students, self.terms).clone(),
+                             persistent=False)
         self.regions: Optional[nn.Sequential] = None
         if region_inputs:
             # per-region factors on beta and gamma; a zero last layer spreads every image's weight evenly
@@ -138,10 +140,10 @@ class CoordinatorNetwork(nn.Module):
         return (flat / (mean / count[:, None])[unit_image]).view_as(factor)
 
     def forward(self, images: Optional[Tensor], extras: Optional[Tensor] = None) -> Tensor:
-        """``[B, S, 3]`` weights (alpha, beta, gamma) for ``S`` students."""
+        """``[B, S, W]`` weights (alpha, beta, gamma, then the named terms) for ``S`` students."""
         parts = ([self.backbone(images)] if self.backbone is not None else []) + ([extras] if extras is not None else [])
         raw = self.head(torch.cat(parts, dim=1).float() if len(parts) > 1 else parts[0].float())
-        raw = raw.view(-1, self.num_students, 3)
+        raw = raw.view(-1, self.num_students, self.terms)
         if self.normalize in ("batch", "term"):
             # a factor in (1/max_factor, max_factor), exactly 1 at raw = 0 (so is the rescaling below:
             # a zero head reproduces the fixed mix bit for bit)
@@ -195,6 +197,9 @@ class CNet(Plugin):
             background; an image's factors have mean 1, so they spread its distillation weight
             over its regions (``LossWeights.unit_beta``) without changing the image's total.
         gamma: learn gamma; ``false`` fixes it at 0 (MC-Distil-NoPS).
+        terms: ``{name: share}``: also weigh these per-image terms that other plugins declare
+            (``collab_distill_declare_loss_terms``, e.g. ``DKD(as_terms: true)``'s ``tckd`` and
+            ``nckd``), starting from ``share`` like ``mix`` does for alpha, beta and gamma.
         independent: one C-Net per student, each seeing only its own student (Meta-Distil).
         lr: Adam learning rate of the C-Net (paper: 1e-3).
         weight_decay: Adam weight decay of the C-Net (paper: 1e-4).
@@ -219,6 +224,7 @@ class CNet(Plugin):
         use_unit_losses: bool = False,
         per_region: bool = False,
         gamma: bool = True,
+        terms: Optional[dict[str, float]] = None,
         independent: bool = False,
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
@@ -254,6 +260,9 @@ class CNet(Plugin):
         self.backbone = backbone if use_image else None
         self.embedding_dim = embedding_dim
         self.normalize = normalize
+        self.terms = {k: float(v) for k, v in (terms or {}).items()}
+        if not all(v >= 0 for v in self.terms.values()):
+            raise ConfigError(f"CNet.terms={self.terms}: every share must be >= 0")
         self.mix = mix
         self.max_factor = max_factor
         self.hidden = hidden
@@ -271,6 +280,7 @@ class CNet(Plugin):
         self.weight_decay = weight_decay
         self.inert_threshold = inert_threshold
         self.students: list[str] = []
+        self._checked_terms = False
         self.module: Optional[nn.ModuleDict] = None
 
     # -- construction ---------------------------------------------------------------------
@@ -287,7 +297,8 @@ class CNet(Plugin):
         if self.backbone is not None:
             backbone_info = TaskInfo(num_classes=self.embedding_dim, in_channels=info.in_channels, image_size=info.image_size)
             backbone = self.backbone.build(backbone_info)
-        return CoordinatorNetwork(backbone, self.embedding_dim, extra, num_students, self.mix, self.normalize,
+        return CoordinatorNetwork(backbone, self.embedding_dim, extra, num_students, (*self.mix, *self.terms.values()),
+                                  self.normalize,
                                   self.max_factor, self.hidden, self.activation, self.scale,
                                   region_inputs=members + 1 if self.per_region else 0)
 
@@ -296,6 +307,7 @@ class CNet(Plugin):
         info = engine.info
         assert info is not None  # set before configure
         self.students = list(engine.cohort.students)
+        self._checked_terms = False
         self.num_classes = info.num_classes
         torch.manual_seed(engine.seed * 1_000 + 7)  # the C-Net's initialisation depends on the seed only
         teachers = len(engine.cohort.teachers)
@@ -346,13 +358,14 @@ class CNet(Plugin):
     def weights(
         self, engine: EngineView, batch: Any, records: Mapping[str, Knowledge], teacher_records: Mapping[str, Knowledge] = {}
     ) -> dict[str, Tensor]:
-        """``{student: [B, 3]}`` from the (possibly looked-ahead) C-Net."""
-        return self._weights(engine, batch, records, teacher_records)[0]
+        """``{student: [B, 3]}`` (alpha, beta, gamma) from the (possibly looked-ahead) C-Net."""
+        return {s: w[:, :3] for s, w in self._weights(engine, batch, records, teacher_records)[0].items()}
 
     def _weights(
         self, engine: EngineView, batch: Any, records: Mapping[str, Knowledge], teacher_records: Mapping[str, Knowledge]
     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """Per student the ``[B, 3]`` image weights and (``per_region``) the ``[U, 2]`` region factors."""
+        """Per student the ``[B, 3 + named terms]`` image weights and (``per_region``) the ``[U, 2]``
+        region factors."""
         nets = engine.meta_modules["cnet"]
         assert isinstance(nets, nn.ModuleDict)  # self.module, which collab_distill_meta_modules declared
         images = engine.task.images(batch) if self.use_image else None
@@ -373,17 +386,23 @@ class CNet(Plugin):
                                                                 first.unit_image, first.num_images)
                 factors = {s: f[:, i] for i, s in enumerate(self.students)}
         if not self.gamma:
-            out = {s: torch.cat([w[:, :2], torch.zeros_like(w[:, 2:])], dim=1) for s, w in out.items()}
+            out = {s: torch.cat([w[:, :2], torch.zeros_like(w[:, 2:3]), w[:, 3:]], dim=1) for s, w in out.items()}
         return out, factors
 
     @hookimpl
     def collab_distill_loss_weights(
         self, engine: EngineView, batch: Any, records: Mapping[str, Knowledge], teacher_records: Mapping[str, Knowledge]
     ) -> dict[str, LossWeights]:
+        if self.terms and not self._checked_terms:
+            undeclared = sorted(set(self.terms) - set(engine.loss_terms))
+            if undeclared:
+                raise ConfigError(f"CNet.terms names {undeclared}, which no plugin declares (declared: {engine.loss_terms})")
+            self._checked_terms = True
         weights, factors = self._weights(engine, batch, records, teacher_records)
         out = {}
         for s, w in weights.items():
-            out[s] = LossWeights.from_tensor(w)
+            out[s] = LossWeights.from_tensor(w[:, :3])
+            out[s].terms = {name: w[:, 3 + i] for i, name in enumerate(self.terms)}
             if s in factors:
                 out[s].unit_beta, out[s].unit_gamma = factors[s][:, 0], factors[s][:, 1]
         return out

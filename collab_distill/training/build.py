@@ -4,6 +4,7 @@ real images, plugin modules and meta-module specifications."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping, Sized
 from typing import TYPE_CHECKING, Any, Optional, cast
 
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
     from collab_distill.training.state import CohortState
 
 __all__ = ["make_fabric", "warmup_until", "check_warmup", "build_members", "capture_features", "collect_plugin_modules",
-           "collect_meta_specs", "place_for_training"]
+           "collect_loss_terms", "collect_meta_specs", "place_for_training"]
 
 
 def make_fabric(trainer: TrainerConfig) -> Fabric:
@@ -172,6 +173,23 @@ def collect_plugin_modules(answers: list[Any], students: Mapping[str, nn.Module]
                     )
                 own[name] = module
     return attached
+
+
+_RESERVED = ("supervised", "distill", "consensus", "loss", "alpha", "beta", "gamma")
+
+
+def collect_loss_terms(answers: list[Any]) -> list[str]:
+    """The per-image terms the plugins declare (``declare_loss_terms``), checked."""
+    names: list[str] = []
+    for group in answers:
+        for name in group or ():
+            if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-]+", name) or name in _RESERVED:
+                raise ConfigError(f"collab_distill_declare_loss_terms: {name!r} is not a valid term name (letters, digits, "
+                                  f"'_', '-'; not one of {', '.join(_RESERVED)})")
+            if name in names:
+                raise ConfigError(f"two plugins declare a loss term named {name!r}; rename one")
+            names.append(name)
+    return names
 
 
 def collect_meta_specs(answers: list[Any], view: EngineView) -> dict[str, MetaModule]:

@@ -135,6 +135,7 @@ class SetupResults:
     model_summary: dict[str, dict[str, Any]] = field(default_factory=dict)
     feature_shapes: dict[str, dict[str, tuple[int, ...]]] = field(default_factory=dict)
     meta_specs: dict[str, Any] = field(default_factory=dict)
+    loss_terms: list[str] = field(default_factory=list)
     done: bool = False
 
 

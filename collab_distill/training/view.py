@@ -33,6 +33,7 @@ class StateView:
     info = read_only("built", "info")
     model_summary = read_only("built", "model_summary")
     feature_shapes = read_only("built", "feature_shapes")
+    loss_terms = read_only("built", "loss_terms")
     students = read_only("state", "students")
     teachers = read_only("state", "teachers")
     optimizers = read_only("state", "optimizers")
