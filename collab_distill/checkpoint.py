@@ -39,16 +39,32 @@ CHECKPOINT_FORMAT = 2
 READABLE_FORMATS = (1, 2)
 
 
+def _new_file_mode() -> int:
+    """The mode ``open()`` gives a new file: ``0o666`` less the process umask (read from
+    ``/proc`` where it can be, since setting the umask to read it is not thread-safe)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_save(obj: Any, path: str | Path) -> None:
     """Write ``obj`` with ``torch.save`` to a temporary file, then rename it into place.
 
-    A crash mid-write leaves the previous file intact.
+    A crash mid-write leaves the previous file intact. The file gets the mode of any new file
+    (0644 under umask 022), not ``mkstemp``'s private 0600: others on a shared cluster read runs.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.chmod(tmp, _new_file_mode())
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())

@@ -299,6 +299,8 @@ def test_train_net_example_adds_distillation_to_detectron2s_own_trainer(tmp_path
     assert len(trained) >= 1 and all(k in trained[-1] for k in ("loss_cls", "loss_box_reg", "loss_rpn_cls", "total_loss"))
     assert (out / "inference" / "coco_instances_results.json").is_file()
     assert any("bbox/AP" in r for r in rows), "the final COCOEvaluator run was logged"
+    # readable by others as detectron2's own checkpoint is (not mkstemp's 0600)
+    assert (out / "student_final.pth").stat().st_mode == (out / "model_final.pth").stat().st_mode
     student = build_model(student_cfg)
     checkpointer = d2_adapter._recording_checkpointer(student)
     checkpointer.load(str(out / "student_final.pth"))
