@@ -31,6 +31,7 @@ __all__ = [
     "prefix_mapped",
     "state_dict_mismatch",
     "write_json",
+    "write_text",
     "disk_full_message",
 ]
 
@@ -75,11 +76,17 @@ def atomic_save(obj: Any, path: str | Path) -> None:
         raise
 
 
-def write_json(obj: Any, path: str | Path) -> None:
+def write_text(text: str, path: str | Path) -> None:
+    """Write ``text`` to ``path.tmp``, then rename it into place (a crash mid-write leaves the
+    previous file intact)."""
     path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json(obj: Any, path: str | Path) -> None:
+    write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n", path)
 
 
 #: what torch's zip writer (``inline_container.cc``) raises when a write comes up short

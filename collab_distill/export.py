@@ -7,6 +7,9 @@ A model decides how it is exported through optional attributes (none of them nee
 * ``export_state_dict(state) -> (object, suffix)``: the weights file in the format the model's own
   library loads (e.g. a detector library's checkpoint layout without this project's wrapper),
   written as ``<student>-<weights><suffix>``; by default the state dict itself, as ``.pt``.
+* ``export_config(weights_file) -> (text, suffix) or None``: the model library's own config that
+  rebuilds the architecture (e.g. detectron2's YAML), written beside the weights as
+  ``<student>-<weights><suffix>``; by default none (the weights alone, with this project's config).
 * ``export_formats``: which of ``"torchscript"`` and ``"exported_program"`` apply (default both),
   with ``export_note`` saying why the others do not.
 * ``deploy_model``: the module that is traced (e.g. a multi-exit network without its exit heads).
@@ -23,7 +26,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from collab_distill.checkpoint import atomic_save, load_checkpoint
+from collab_distill.checkpoint import atomic_save, load_checkpoint, write_text
 from collab_distill.task import ConfigError
 
 __all__ = ["export_student", "GRAPH_FORMATS"]
@@ -101,7 +104,8 @@ def export_student(
     overwrite: bool = False,
 ) -> list[Path]:
     """Write the student's weights file (``<student>-<weights>.pt``, a plain state dict, unless the
-    model names its own format), and a TorchScript file (``.torchscript.pt``) and a
+    model names its own format) with the model library's config beside it where the model has
+    one (a detectron2 ``.yaml``), and a TorchScript file (``.torchscript.pt``) and a
     ``torch.export`` program (``.pt2``, torch's successor to TorchScript). For those two, ``True``
     requires the file, ``False`` skips it, ``None`` writes it when the model supports it and it
     can be produced (otherwise a note on stderr says why). Files of an earlier export of the same
@@ -139,6 +143,12 @@ def export_student(
     formats = _graph_formats(model, student, requested, plain)
     atomic_save(saved, plain)
     written = [plain]
+    own_config = getattr(model, "export_config", None)
+    config = own_config(plain) if own_config is not None else None
+    if config is not None:  # what the model's own library rebuilds the architecture from
+        text, config_suffix = config
+        write_text(text, _beside(stem, config_suffix))
+        written.append(_beside(stem, config_suffix))
     # a multi-exit student deploys as its plain final-exit network (the exit heads are training-only)
     deployed = getattr(model, "deploy_model", model).eval()
     for fmt in formats:

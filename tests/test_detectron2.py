@@ -513,11 +513,14 @@ def d2_export_fit_args(tmp_path, shapes, name):
 @pytest.mark.slow
 def test_detectron2_student_exports_a_checkpoint_detectron2_loads_as_it_is(tmp_path, cli_env, shapes):
     """`collab-distill export` of a detectron2 student: one `.pth` in detectron2's checkpoint
-    format (no `model.` prefix of the wrapper) that `DetectionCheckpointer(build_model(cfg))`
-    loads with no missing, unexpected or mis-shaped key; no TorchScript / torch.export file, one
-    note saying why, exit 0; asking for TorchScript explicitly is one error. The run's
+    format (no `model.` prefix of the wrapper) and beside it the detectron2 config that rebuilds
+    the model; `get_cfg().merge_from_file` + `build_model` + `DetectionCheckpointer.load` take the
+    pair as it is, with no missing, unexpected or mis-shaped key and the trained weights. No
+    TorchScript / torch.export file, one note saying why, exit 0; asking for TorchScript
+    explicitly is one error; a second export replaces neither file without --overwrite. The run's
     models.json has the MACs of every member and versions.json detectron2's version."""
     from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.config import get_cfg
     from detectron2.modeling import build_model
 
     from collab_distill.export import export_student
@@ -530,9 +533,11 @@ def test_detectron2_student_exports_a_checkpoint_detectron2_loads_as_it_is(tmp_p
     assert isinstance(recorded["detectron2"], str) and "detectron2_commit" in recorded
 
     ckpt_path = run / "checkpoints" / "last.ckpt"
-    proc = run_cli(["export", "--ckpt_path", str(ckpt_path), "--student", "r18", "--output", str(tmp_path / "out")], cli_env)
-    path = tmp_path / "out" / "r18-last.pth"
-    assert proc.stdout.split() == [str(path)] and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["r18-last.pth"]
+    out = tmp_path / "out"
+    proc = run_cli(["export", "--ckpt_path", str(ckpt_path), "--student", "r18", "--output", str(out)], cli_env)
+    path, config = out / "r18-last.pth", out / "r18-last.yaml"
+    assert proc.stdout.split() == [str(path), str(config)]
+    assert sorted(p.name for p in out.iterdir()) == ["r18-last.pth", "r18-last.yaml"]
     notes = [line for line in proc.stderr.splitlines() if line.startswith("note:")]
     assert len(notes) == 1 and "TorchScript / torch.export" in notes[0] and "r18-last.pth is the deployable file" in notes[0]
 
@@ -544,8 +549,9 @@ def test_detectron2_student_exports_a_checkpoint_detectron2_loads_as_it_is(tmp_p
         def _log_incompatible_keys(self, incompatible):
             self.incompatible = incompatible
 
-    cfg = d2_adapter.Detectron2RCNN(18, options=SMALL).cfg.clone()
-    cfg.MODEL.ROI_HEADS.NUM_CLASSES, cfg.MODEL.DEVICE = 3, "cpu"
+    cfg = get_cfg()  # the pair, as the README shows
+    cfg.merge_from_file(str(config))
+    assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == 3 and cfg.MODEL.RESNETS.DEPTH == 18 and cfg.MODEL.WEIGHTS == str(path.resolve())
     model = build_model(cfg)
     checkpointer = Recording(model)
     checkpointer.load(str(path))
@@ -560,6 +566,14 @@ def test_detectron2_student_exports_a_checkpoint_detectron2_loads_as_it_is(tmp_p
     with pytest.raises(ConfigError, match=r"--torchscript true: student 'r18' cannot be exported as TorchScript.*r18-last.pth"):
         export_student(str(ckpt_path), "r18", output=str(tmp_path / "refused"), torchscript=True)
     assert not (tmp_path / "refused" / "r18-last.pth").exists(), "nothing is written when the request cannot be met"
+    # the config alone left from an earlier export is not replaced either
+    path.unlink()
+    config.write_text("# edited by hand\n")
+    with pytest.raises(ConfigError, match=r"already holds an export of 'r18' \(r18-last.yaml\).*--overwrite true"):
+        export_student(str(ckpt_path), "r18", output=str(out))
+    assert config.read_text() == "# edited by hand\n" and not path.exists()
+    assert export_student(str(ckpt_path), "r18", output=str(out), overwrite=True) == [path, config]
+    assert get_cfg().load_cfg(config.read_text()).MODEL.RESNETS.DEPTH == 18
 
 
 @needs_detectron2

@@ -370,6 +370,18 @@ class Detectron2Detector(nn.Module):
         ``DetectionCheckpointer(build_model(cfg)).load`` take the file as it is."""
         return {"model": {key.removeprefix("model."): value for key, value in state.items()}}, ".pth"
 
+    def export_config(self, weights_file: Path) -> Optional[tuple[str, str]]:
+        """The detectron2 config this model was built from, as YAML (``get_cfg().merge_from_file``
+        then ``build_model`` rebuild it), with ``MODEL.WEIGHTS`` naming the exported ``weights_file``
+        so that ``DefaultPredictor(cfg)`` loads the pair too. ``None`` for a model built without one."""
+        if not self.config_yaml:
+            return None
+        from detectron2.config import CfgNode
+
+        cfg = CfgNode.load_cfg(self.config_yaml)
+        cfg.MODEL.WEIGHTS = str(Path(weights_file).resolve())
+        return cfg.dump(), ".yaml"
+
     def forward(self, inputs: list[dict[str, Any]], regions: Optional[list[Tensor]] = None,
                 features: Optional[dict[str, Tensor]] = None, mode: str = "train", losses: Optional[bool] = None,
                 samples: Optional[dict[int, Any]] = None) -> Any:
