@@ -203,8 +203,9 @@ class Engine(StateView):
 
     def meta_step(self, batch: Any, teacher_records: Mapping[str, Knowledge], context: Any) -> dict[str, Tensor]:
         """The bilevel step (:class:`~collab_distill.training.bilevel.BilevelStep`)."""
-        logs, values = self.bilevel.step(self.fabric, self.global_step, batch, teacher_records, context)
-        self.flags.pending_meta.append((self.global_step, values))  # read on the host at the next logging step
+        step = self.global_step + 1  # numbered as train_step_end and the logged metrics number this step
+        logs, values = self.bilevel.step(self.fabric, step, batch, teacher_records, context)
+        self.flags.pending_meta.append((step, values))  # read on the host at the next logging step
         return logs
 
     def flush_meta_history(self) -> None:

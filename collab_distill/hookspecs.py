@@ -340,6 +340,9 @@ def collab_distill_train_step_end(engine: Engine, step: int, losses: Mapping[str
 def collab_distill_meta_step_end(engine: Engine, step: int, meta_loss: Tensor, grad_norm: Tensor) -> None:
     """A bilevel meta step finished.
 
+    :param step: the training step it belongs to, numbered as ``train_step_end``, the logged
+        metrics (``train/meta/loss`` is logged at this step) and ``engine.meta_history`` number it:
+        1 for the first step of the fit (the meta step runs before that step's student update).
     :param meta_loss: the meta objective after the lookahead, a detached 0-dim tensor.
     :param grad_norm: the norm of the meta modules' gradient (before any ``meta.grad_clip``), a
         detached 0-dim tensor; a norm that stays zero means the meta objective does not reach the

@@ -345,7 +345,7 @@ class MetaDistiller(ExitSupervision):
         logs: dict[str, float] = dict(zip(named, values))
         self.last_logs = logs
         if logs:
-            engine.log_dict(logs, step=engine.global_step + 1)
+            engine.log_dict(logs, step=step)
 
     @torch.no_grad()
     def target_statistics(self, engine: EngineView, split: str = "val") -> dict[str, Any]:

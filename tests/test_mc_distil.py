@@ -218,12 +218,31 @@ def test_report_renders_results_weights_and_accuracy_vs_macs(tmp_path, teacher_f
 def test_every_meta_step_is_logged(tmp_path, teacher_file):
     import csv
 
-    engine = make_engine(tmp_path, teacher_file, [cnet(), PooledStudent()], meta=BilevelConfig(every_n_steps=4),
+    from collab_distill import Plugin, hookimpl
+
+    class Steps(Plugin):
+        """What meta_step_end and train_step_end say the step is."""
+
+        def __init__(self):
+            self.meta, self.train = [], []
+
+        @hookimpl
+        def collab_distill_meta_step_end(self, step):
+            self.meta.append(step)
+
+        @hookimpl
+        def collab_distill_train_step_end(self, step):
+            self.train.append(step)
+
+    seen = Steps()
+    engine = make_engine(tmp_path, teacher_file, [cnet(), PooledStudent(), seen], meta=BilevelConfig(every_n_steps=4),
                          max_epochs=1, name="metalog", loggers=["csv"], log_every_n_steps=10)
     engine.fit()
     with (engine.run_dir / "logs" / "csv" / "metrics.csv").open() as f:
         steps = [int(r["step"]) for r in csv.DictReader(f) if r.get("train/meta/loss")]
     assert steps == list(range(1, engine.global_step + 1, 4))
+    # one numbering: the hook, the logged metrics and meta_history name the same step
+    assert seen.meta == steps == [h["step"] for h in engine.meta_history] and set(seen.meta) <= set(seen.train)
 
 
 def test_saved_cnet_is_applied_to_a_split_by_validate_and_test(tmp_path, cli_env, capsys):
@@ -283,7 +302,7 @@ def test_with_label_noise_the_cnet_reports_clean_vs_flipped_weights(tmp_path, te
     # no teacher: the C-Net reweighs each image's label loss (mix 1/0/0), as Meta-Weight-Net does
     plugin = cnet(gamma=False, use_image=False, use_losses=True, hidden=16, mix=(1.0, 0.0, 0.0), lr=1e-2)
     noisy = ImageClassification(Digits(batch_size=32, label_noise=LabelNoise(kind="symmetric", rate=0.4)))
-    engine = make_engine(tmp_path, None, [plugin], meta=BilevelConfig(every_n_steps=1), name="noisy", max_epochs=3, task=noisy)
+    engine = make_engine(tmp_path, None, [plugin], meta=BilevelConfig(every_n_steps=2), name="noisy", max_epochs=3, task=noisy)
     engine.fit()
     folder = engine.run_dir / "plugins" / "cnet"
     with (folder / "train_weights.csv").open() as f:

@@ -192,10 +192,10 @@ def sync_buffers(fabric: Any, modules: list[nn.Module]) -> None:
 def flush_meta_steps(pending: list[tuple[int, Tensor]], history: list[dict[str, float]],
                      log: Callable[[Mapping[str, float], int], None]) -> None:
     """Move the ``(step, [loss, grad norm])`` of the meta steps still on the device to ``history``
-    and the loggers, each logged at the step count after its step (one host transfer)."""
+    and the loggers, each logged at its step (one host transfer)."""
     if not pending:
         return
     for (step, _), (loss, norm) in zip(pending, torch.stack([v for _, v in pending]).cpu().tolist()):
         history.append({"step": step, "loss": loss, "grad_norm": norm})
-        log({"train/meta/loss": loss, "train/meta/grad_norm": norm}, step + 1)
+        log({"train/meta/loss": loss, "train/meta/grad_norm": norm}, step)
     pending.clear()
