@@ -91,6 +91,28 @@ def test_overrides_and_seed_reach_the_config(tmp_path, cli_env):
     assert cfg["trainer"]["max_epochs"] == 7 and cfg["seed"] == 3
 
 
+def test_the_readmes_ways_to_compose_the_plugin_list(tmp_path, capsys):
+    """plugins+: in a later file appends; --plugins+ appends; --plugins.init_args.X sets the last plugin's X."""
+    from collab_distill.cli import main
+
+    kd = ["fit", "--config", str(REPO / "examples" / "digits.yaml"), "--config", str(REPO / "examples" / "methods" / "kd.yaml")]
+    add = tmp_path / "add_fitnets.yaml"
+    add.write_text("plugins+:\n  - class_path: collab_distill.plugins.hints.FitNets\n    init_args: {weight: 2.0}\n")
+
+    def plugins(*args):
+        with pytest.raises(SystemExit) as done:  # jsonargparse exits after printing
+            main([*kd, *args, "--print_config"])
+        assert done.value.code in (0, None)
+        return [(p["class_path"].rsplit(".", 1)[1], p["init_args"]) for p in yaml.safe_load(capsys.readouterr().out)["plugins"]]
+
+    appended = plugins("--config", str(add))
+    assert [n for n, _ in appended] == ["FixedLossWeights", "FitNets"] and appended[1][1]["weight"] == 2.0
+    on_the_line = plugins("--plugins+", "collab_distill.plugins.hints.FitNets", "--plugins.init_args.weight", "3")
+    assert [n for n, _ in on_the_line] == ["FixedLossWeights", "FitNets"] and on_the_line[1][1]["weight"] == 3.0
+    last = plugins("--plugins.init_args.beta", "0.5")
+    assert last == [("FixedLossWeights", {**last[0][1], "alpha": 0.3, "beta": 0.5})]
+
+
 def test_plugins_command_lists_builtins_and_their_hooks(cli_env):
     out = run_cli(["plugins"], cli_env).stdout
     assert "defaults" in out and "always on" in out
