@@ -15,14 +15,20 @@ checked against stored numbers. This module gives exactly those::
 The cohort trains on scikit-learn's bundled digits (real 8x8 images, no download): two small
 ResNet students (``xxs``, ``xs``) and, unless ``teacher=None``, a teacher trained in the run with
 cross-entropy for ``teacher_epochs`` epochs. Everything runs on the CPU in seconds.
+
+Only collab-distill's own always-on plugin (``defaults``) runs beside yours by default, so a test
+gives the same numbers whatever else is installed in the environment; ``always_on="installed"``
+also loads every always-on plugin other packages install (what ``collab-distill fit`` does).
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import torch
 from torch import Tensor
@@ -32,9 +38,26 @@ from collab_distill.engine import Engine
 from collab_distill.hookspecs import hookimpl
 from collab_distill.meta import BilevelConfig
 from collab_distill.optim import Constant, sgd
+from collab_distill.plugin_manager import GROUP
 from collab_distill.records import Knowledge
 
-__all__ = ["StepRecorder", "TinyFit", "tiny_engine", "tiny_fit", "make_records"]
+__all__ = ["StepRecorder", "TinyFit", "tiny_engine", "tiny_fit", "make_records", "outside_entry_points"]
+
+_OWN_DISTRIBUTION = "collab-distill"
+
+
+def outside_entry_points() -> list[str]:
+    """The names of the ``collab_distill`` entry points that packages other than collab-distill
+    install, read from their metadata without importing them (a broken package stays harmless).
+    These are what :func:`tiny_engine` leaves out unless ``always_on="installed"``."""
+    own: set[str] = set()
+    outside: set[str] = set()
+    for ep in importlib.metadata.entry_points(group=GROUP):
+        dist = getattr(ep, "dist", None)
+        name = re.sub(r"[-_.]+", "-", dist.name).lower() if dist is not None else None
+        mine = name == _OWN_DISTRIBUTION if name is not None else ep.value.startswith("collab_distill.")
+        (own if mine else outside).add(ep.name)
+    return sorted(outside - own)  # a name both declare cannot be told apart: it stays
 
 
 class StepRecorder:
@@ -89,6 +112,8 @@ def tiny_engine(
     batch_size: int = 32,
     subset: Optional[int] = 400,
     seed: int = 0,
+    always_on: Literal["builtin", "installed"] = "builtin",
+    disable_plugins: Sequence[str] = (),
     **trainer: Any,
 ) -> Engine:
     """An :class:`~collab_distill.engine.Engine` on digits with ``plugins`` configured.
@@ -104,6 +129,12 @@ def tiny_engine(
         epochs, steps: ``max_epochs`` and ``max_steps`` of the fit.
         meta: the bilevel step's settings (for plugins with meta modules); default every 2 steps.
         subset: use this many digits images in all (``None``: all 1,797).
+        always_on: which always-on plugins (entry points naming a module) run beside ``plugins``:
+            ``"builtin"`` (the default): collab-distill's own only (``defaults``), so the test does
+            not change when another package is installed; ``"installed"``: every installed one,
+            as ``collab-distill fit`` runs them (e.g. to test an always-on plugin of your package
+            through its entry point).
+        disable_plugins: always-on plugins to leave out as well (``--disable_plugins``).
         trainer: any other :class:`~collab_distill.config.TrainerConfig` field.
     """
     from collab_distill.tasks.classification import Digits, ImageClassification, MultiExit, ResNet
@@ -120,6 +151,9 @@ def tiny_engine(
         root_dir=str(root_dir), name="tiny", progress_bar=False, log_every_n_steps=1, loggers=["csv"],
     )
     options.update(trainer)
+    if always_on not in ("builtin", "installed"):
+        raise ValueError(f"tiny_engine: always_on={always_on!r} must be 'builtin' or 'installed'")
+    disabled = list(disable_plugins) + (outside_entry_points() if always_on == "builtin" else [])
     return Engine(
         task=ImageClassification(Digits(batch_size=batch_size, subset=subset)),
         cohort=cohort,
@@ -128,13 +162,17 @@ def tiny_engine(
         schedule=Constant(),
         meta=meta or BilevelConfig(every_n_steps=2),
         plugins=list(plugins),
+        disable_plugins=list(dict.fromkeys(disabled)),
         seed=seed,
     )
 
 
 def tiny_fit(plugins: Sequence[Any], *, root_dir: str | Path, steps: Optional[int] = 4, **options: Any) -> TinyFit:
     """Fit a tiny digits cohort with ``plugins`` for ``steps`` steps (or ``epochs``, see
-    :func:`tiny_engine`) and return the engine, the results and every step's losses."""
+    :func:`tiny_engine`, which takes the other ``options``: ``students``, ``teacher``,
+    ``always_on``, ...) and return the engine, the results and every step's losses.
+
+    Only the built-in always-on plugin runs beside ``plugins`` unless ``always_on="installed"``."""
     recorder = StepRecorder()
     engine = tiny_engine([*plugins, recorder], root_dir=root_dir, steps=steps, **options)
     results = engine.fit()
