@@ -127,7 +127,9 @@ def collab_distill_loss_weights(
         module must keep their graph (the bilevel step differentiates through them). The first
         non-None answer wins; the built-in default is plain supervised training (1, 0, 0).
         Build fixed numbers with ``LossWeights.constant_weights`` so the engine can skip terms
-        whose weight is exactly zero. Per-unit factors (``unit_beta``, ``unit_gamma``: ``[U]``,
+        whose weight is exactly zero; per-image weights can still name one term's number, e.g.
+        ``LossWeights(alpha, beta, gamma, constant=(None, None, 0.0))`` skips the consensus hook
+        and term (``None``: that weight is per image). Per-unit factors (``unit_beta``, ``unit_gamma``: ``[U]``,
         e.g. one per shared region of a detection batch) scale each unit's KL before the image's
         mean over its units; give them mean 1 over each image's units to spread the image's weight.
 

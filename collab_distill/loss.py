@@ -188,7 +188,7 @@ def cohort_loss(
     per_student: dict[str, Tensor] = {}
     for name, rec in records.items():
         w = weights[name]
-        alpha, beta, gamma = w.constant if w.constant is not None else (w.alpha, w.beta, w.gamma)
+        alpha, beta, gamma = w.factors()
         supervised = alpha * rec.supervised_loss
         per_image = supervised
         if detailed:
@@ -211,7 +211,7 @@ def cohort_loss(
         per_student[name] = per_image.mean()
         if detailed:
             for key, value in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
-                logs[f"{name}/{key}"] = value if isinstance(value, float) else value.detach().float().mean()
+                logs[f"{name}/{key}"] = value.detach().float().mean() if isinstance(value, Tensor) else value
     extra = engine.hook.collab_distill_auxiliary_losses(
         engine=engine, batch=batch, records=records, teacher_records=teacher_records, weights=weights, phase=phase,
     )

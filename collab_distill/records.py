@@ -153,9 +153,12 @@ class LossWeights:
     alpha: Tensor
     beta: Tensor
     gamma: Tensor
-    #: ``(alpha, beta, gamma)`` when the weights are the same known numbers for every image; lets
-    #: the engine skip a term (and the teacher's forward pass) whose weight is exactly zero
-    constant: tuple[float, float, float] | None = None
+    #: ``(alpha, beta, gamma)``, each the number that weight is for every image, or ``None`` where
+    #: it is per image (the tensor counts); lets the engine skip a term (and the teacher's forward
+    #: pass, or the consensus hook) whose weight is exactly zero: a per-image alpha and beta with no
+    #: consensus is ``LossWeights(alpha, beta, gamma, constant=(None, None, 0.0))``. ``None``: all
+    #: three are per image. Where a number is given the engine uses it, not the tensor
+    constant: tuple[float | None, float | None, float | None] | None = None
     #: optional per-unit factors ``[U]`` (detection: one per shared region) on the distillation and
     #: consensus terms: image ``i``'s term is ``beta_i * mean_{u in i} unit_beta_u * D_u`` (so factors
     #: with mean 1 over an image's units spread its weight over them without changing its total)
@@ -180,7 +183,16 @@ class LossWeights:
         if term not in self.TERMS:
             weight = self.terms.get(term, 1.0)
             return not (isinstance(weight, (int, float)) and weight == 0.0)
-        return self.constant is None or self.constant[self.TERMS.index(term)] != 0.0
+        if self.constant is None:
+            return True
+        known = self.constant[self.TERMS.index(term)]
+        return known is None or known != 0.0
+
+    def factors(self) -> tuple[Tensor | float, Tensor | float, Tensor | float]:
+        """``(alpha, beta, gamma)`` as the loss uses them: the number ``constant`` gives, else the ``[B]`` tensor."""
+        known = self.constant or (None, None, None)
+        tensors = (self.alpha, self.beta, self.gamma)
+        return tuple(t if k is None else float(k) for k, t in zip(known, tensors))  # type: ignore[return-value]
 
     def term_weight(self, name: str) -> Tensor | float:
         """The weight of the named term ``name``: ``[B]`` or a number (1 when not given)."""
