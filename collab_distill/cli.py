@@ -3,6 +3,7 @@
     collab-distill fit --config examples/digits.yaml [--trainer.max_epochs 3] [--seed 1] [--resume last]
     collab-distill validate|test --config X.yaml --ckpt_path runs/x/version_0/checkpoints/last.ckpt
     collab-distill export --ckpt_path ... --student s [--output DIR]
+    collab-distill modules --config X.yaml [--member xs]
     collab-distill plugins
 
 Every config error (unknown class, wrong type, bad value, missing data, checkpoint that does not
@@ -42,6 +43,16 @@ def _experiment_name(cfg: Namespace) -> str:
     return "run"
 
 
+def _instantiate(sub_parser: ArgumentParser, cfg: Namespace) -> Namespace:
+    """``cfg``'s objects (task, cohort, plugins, ...); a constructor's error names its config node."""
+    try:
+        return sub_parser.instantiate(cfg, instantiators=plugin_instantiators(cfg))
+    except PluginFailedToStart:
+        raise
+    except (ConfigError, ValueError, TypeError) as err:
+        raise located(cfg, err) from None
+
+
 def _engine_from(sub_parser: ArgumentParser, cfg: Namespace):
     """The engine that ``cfg`` (parsed by ``sub_parser``: fit, validate or test) describes."""
     from collab_distill.engine import Engine
@@ -52,12 +63,7 @@ def _engine_from(sub_parser: ArgumentParser, cfg: Namespace):
         if action in saved:
             del saved[action]
     text = sub_parser.dump(saved, skip_unset=False, skip_validation=True)
-    try:
-        init = sub_parser.instantiate(cfg, instantiators=plugin_instantiators(cfg))
-    except PluginFailedToStart:
-        raise
-    except (ConfigError, ValueError, TypeError) as err:
-        raise located(cfg, err) from None
+    init = _instantiate(sub_parser, cfg)
     engine = Engine(
         task=init.task, cohort=init.cohort, trainer=init.trainer, optimizer=init.optimizer,
         schedule=init.schedule, meta=init.meta, plugins=init.plugins,
@@ -141,6 +147,13 @@ def main(argv: Optional[list[str]] = None) -> int:
             return 0
         if command == "export":
             _export(cfg.export)
+            return 0
+        if command == "modules":
+            from collab_distill.modules_listing import module_rows, print_module_rows
+
+            init = _instantiate(parsers.subcommands["modules"], cfg.modules)
+            members = [init.member] if isinstance(init.member, str) else init.member
+            print_module_rows(module_rows(init.task, init.cohort, init.seed, members))
             return 0
         engine = _engine_from(parsers.subcommands[command], cfg[command])
         sub = cfg[command]

@@ -142,7 +142,9 @@ def _install_strict_yaml() -> None:
     set_loader("yaml", load, (yaml.YAMLError,))
 
 
-def _run_arguments(parser: ArgumentParser, *, training: bool) -> None:
+def _run_arguments(parser: ArgumentParser, *, training: bool, evaluating: bool) -> None:
+    """The arguments of a command that reads a run's config: ``fit`` (``training``), ``validate`` and
+    ``test`` (``evaluating``), and ``modules`` (neither)."""
     parser.add_argument("--config", action=ActionConfigFile, help="a YAML config; later flags override it")
     parser.add_argument("--seed", type=int, default=0, help="seeds initialisation, splits, data order and augmentation")
     parser.add_subclass_arguments(Task, "task", required=True, help="the task adapter and its data")
@@ -167,7 +169,7 @@ def _run_arguments(parser: ArgumentParser, *, training: bool) -> None:
         parser.add_argument("--resume_changes", type=str, default="refuse", choices=["refuse", "allow"],
                             help="`allow`: resume although the config differs from the run's in more than where it stops, "
                                  "logging, checkpointing and devices (the differences are recorded in resumes.json)")
-    else:
+    if evaluating:
         # Optional for the parser, so that its absence is reported with the fix (evaluate_checkpoint)
         parser.add_argument("--ckpt_path", type=Optional[str], default=None,
                             help="the checkpoint to evaluate (required): runs/NAME/version_N/checkpoints/last.ckpt")
@@ -178,8 +180,8 @@ def _run_arguments(parser: ArgumentParser, *, training: bool) -> None:
 
 
 def build_parsers() -> Parsers:
-    """The root parser and its subcommand parsers (``fit``, ``validate``, ``test``, ``export``,
-    ``report``, ``plugins``)."""
+    """The root parser and its subcommand parsers (``fit``, ``validate``, ``test``, ``modules``,
+    ``export``, ``report``, ``plugins``)."""
     _import_known_classes()
     _install_strict_yaml()
     # errors are raised (not printed with a page of usage) and reported by the caller in one message;
@@ -200,8 +202,15 @@ def build_parsers() -> Parsers:
         ("test", False, "evaluate the students of a checkpoint on the test split"),
     ):
         p = ArgumentParser(description=help_text, **strict)
-        _run_arguments(p, training=training)
+        _run_arguments(p, training=training, evaluating=not training)
         add(name, p, help_text)
+    modules_help = "list the module paths of cohort members and their output shapes (for FeatureRequest paths)"
+    modules = ArgumentParser(description=f"{modules_help}: the config as `fit` reads it, the members built on the CPU "
+                             "and run on two val images", **strict)
+    _run_arguments(modules, training=False, evaluating=False)
+    modules.add_argument("--member", type=Union[list[str], str], default=[],
+                         help="the members to list: one name (--member xs) or a list ([xs, teacher]); default: all")
+    add("modules", modules, modules_help)
     export = ArgumentParser(description="write one student's weights (in its model library's own format for detectors), "
                             "and TorchScript and a torch.export program where the model has them", **strict)
     export.add_argument("--ckpt_path", type=str, required=True, help="a run checkpoint (last.ckpt)")
