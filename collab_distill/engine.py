@@ -23,7 +23,7 @@ from collab_distill.meta import BilevelConfig
 from collab_distill.nested import train_teachers
 from collab_distill.optim import Constant, OptimizerCallable, Schedule, sgd
 from collab_distill.plugin_manager import ROLES, NamedHookRelay, make_plugin_manager
-from collab_distill.records import Knowledge
+from collab_distill.records import Knowledge, LossWeights
 from collab_distill.run_folder import RunFolder, open_for_fit
 from collab_distill.stages import Stage, check_stages
 from collab_distill.task import ConfigError, Task
@@ -85,7 +85,6 @@ class Engine(StateView):
         selection = getattr(task, "selection_metric", "top1")
         for name, service in services(self.loop, self.spec.trainer, selection, self.save_checkpoint, self.hook).items():
             self.pm.register(service, name=name)
-
 
     def build(self) -> None:
         """Build and check everything (Fabric, members, plugins' answers); writes no file, trains nothing."""
@@ -152,9 +151,9 @@ class Engine(StateView):
 
     def cohort_loss(self, batch: Any, records: Mapping[str, Knowledge], teacher_records: Mapping[str, Knowledge],
                     phase: str = "train", detailed: bool = True, signals: Optional[Mapping[str, Knowledge]] = None,
-                    ) -> tuple[Tensor, dict[str, Tensor | float]]:
+                    weights_out: Optional[dict[str, LossWeights]] = None) -> tuple[Tensor, dict[str, Tensor | float]]:
         """The cohort's loss on one batch (see :func:`collab_distill.loss.cohort_loss`)."""
-        return cohort_loss(self, batch, records, teacher_records, phase, detailed, signals)
+        return cohort_loss(self, batch, records, teacher_records, phase, detailed, signals, weights_out)
 
     def training_step(self, batch: Any) -> dict[str, Tensor | float]:
         """One optimisation step of every student (and a meta step when one is due)."""

@@ -177,13 +177,39 @@ def collab_distill_consensus_targets(
 
 @hookspec(firstresult=True)
 def collab_distill_meta_objective(
-    engine: Engine, batch: Any, records: Mapping[str, Knowledge]
+    engine: Engine, batch: Any, records: Mapping[str, Knowledge], weights: Mapping[str, LossWeights]
 ) -> Tensor | None:
     """The scalar the meta-learned modules minimise, from records on a held-out meta batch.
 
-    ``records`` come from the looked-ahead students (their parameters depend on the meta
-    modules). The built-in default is the sum over students of their mean supervised loss
-    (MC-Distil's eq. 6).
+    :param batch: the meta batch (the next batch of the ``meta`` split, on the device).
+    :param records: ``{student: Knowledge}`` of the looked-ahead students on the meta batch, with
+        graph: each student after one step ``theta' = theta - lr * dL_train/dtheta`` of the
+        lookahead's training loss, so their parameters depend on the meta modules.
+    :param weights: ``{student: LossWeights}`` that lookahead's training loss used on the
+        training batch (``collab_distill_loss_weights`` with ``phase="lookahead"`` at the
+        students' current parameters; the supervised-only weights for a student in warm-up).
+        Weights from a meta module keep their graph, so the objective can shape them directly,
+        e.g. ``+ lam * sum_s weights[s].beta.mean()``.
+    :return: a scalar tensor (``None``: let another plugin answer). The built-in default is the
+        sum over students of their mean supervised loss (MC-Distil's eq. 6); it ignores ``weights``.
+
+    The objective may depend on ``records``, ``weights``, the meta modules (called through
+    ``engine.meta_modules``; inside this hook ``engine.student_module`` gives a plugin module at its
+    looked-ahead parameters) and on constants (the batches, the teachers). Its gradient reaches
+    the meta modules ``phi`` through the lookahead (``records``) and directly (``weights``, meta
+    modules it calls), as ``meta.hypergradient`` says:
+
+    * ``second_order``: exact. The lookahead keeps its graph (``create_graph``), ``weights`` keep
+      theirs, and autograd differentiates the objective with respect to ``phi`` through both.
+    * ``finite_difference``: one backward of the objective gives ``v = dL_meta/dtheta'`` and the
+      direct part (through ``weights`` or a meta module it calls, exact); the lookahead's part,
+      ``-lr * d^2 L_train / (dphi dtheta) v``, is a central difference of ``dL_train/dphi`` at the
+      students perturbed to ``theta +- eps * lr * v``, where the loss-weight and target hooks
+      read the unperturbed students' records (the signals are held fixed, as the exact
+      hypergradient treats them) and ``weights`` stay those of the unperturbed students. The
+      lookahead's gradient is taken without keeping its graph, so weights that reach the
+      students' parameters with graph (records read without ``detach``) cannot be
+      differentiated here: read records as data.
     """
 
 

@@ -164,6 +164,7 @@ def cohort_loss(
     phase: str = "train",
     detailed: bool = True,
     signals: Optional[Mapping[str, Knowledge]] = None,
+    weights_out: Optional[dict[str, LossWeights]] = None,
 ) -> tuple[Tensor, dict[str, Tensor | float]]:
     """The total loss and, for logging, ``loss``, ``<student>/loss`` and (when ``detailed``) every
     student's terms and mean weights, detached.
@@ -172,10 +173,16 @@ def cohort_loss(
     (default: ``records``). The finite-difference meta step evaluates the loss at perturbed
     parameters but must keep what those hooks read (detached inputs of a C-Net, a consensus of the
     students) at the unperturbed ones, as the exact hypergradient treats them: constants.
+
+    ``weights_out``: a dict that receives ``{student: LossWeights}`` as this loss used them (a
+    student in warm-up: the supervised-only weights), with their graph where they have one; the
+    bilevel step hands the lookahead's to ``collab_distill_meta_objective``.
     """
     tau = engine.trainer.temperature
     signals = records if signals is None else signals
     weights = _provided_weights(engine, batch, signals, teacher_records, phase)
+    if weights_out is not None:
+        weights_out.update(weights)
     kwargs = dict(engine=engine, batch=batch, records=signals, teacher_records=teacher_records, temperature=tau)
     targets: Mapping[str, SoftTarget] = {}
     consensus: Mapping[str, SoftTarget] = {}

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from collab_distill.meta import BilevelConfig, hypergradient
-from collab_distill.records import Knowledge
+from collab_distill.records import Knowledge, LossWeights
 from collab_distill.task import ConfigError, Task
 from collab_distill.training.forward import MemberForward
 from collab_distill.training.state import CohortState
@@ -27,7 +27,7 @@ __all__ = ["BilevelStep", "PLUGIN_PREFIX", "flush_meta_steps", "reduce_grads", "
 #: lookahead parameters of plugin modules: ``"<prefix><module name>/<parameter name>"``
 PLUGIN_PREFIX = "@plugin:"
 
-#: ``cohort_loss(batch, records, teacher_records, phase=, signals=)`` -> (loss, logs)
+#: ``cohort_loss(batch, records, teacher_records, phase=, signals=, weights_out=)`` -> (loss, logs)
 LossFn = Callable[..., tuple[Tensor, dict[str, Any]]]
 
 
@@ -120,13 +120,16 @@ class BilevelStep:
         # finite-difference calls at perturbed ones reuse it, so it stays the constant it is for
         # the exact hypergradient (detached inputs change with the parameters; their gradient is 0)
         signals: dict[str, Knowledge] = {}
+        # the loss weights of that first call, with their graph: what the meta objective sees
+        weights: dict[str, LossWeights] = {}
 
         def train_loss(theta: Mapping[str, Mapping[str, Tensor]]) -> Tensor:
             with exact():
                 records = {n: run(n, theta[n], batch, i, context, "lookahead") for i, n in enumerate(names)}
             self._bound = _bind(theta)
             try:
-                loss = self.loss(batch, records, teacher_records, phase="lookahead", signals=signals or None)[0]
+                loss = self.loss(batch, records, teacher_records, phase="lookahead", signals=signals or None,
+                                 weights_out=None if signals else weights)[0]
                 if not signals:
                     signals.update({n: r.detach() for n, r in records.items()})
                 return loss
@@ -137,7 +140,8 @@ class BilevelStep:
             records = {n: run(n, theta[n], meta_batch, 0, meta_context, "meta") for n in names}
             self._bound = _bind(theta)
             try:
-                value = self.hook.collab_distill_meta_objective(engine=self.view, batch=meta_batch, records=records)
+                value = self.hook.collab_distill_meta_objective(engine=self.view, batch=meta_batch, records=records,
+                                                                weights=weights)
             finally:
                 self._bound = None
             if value is None:
