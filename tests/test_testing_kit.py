@@ -53,7 +53,8 @@ def _registered(engine) -> set[str]:
 
 
 def test_only_the_builtin_always_on_plugin_runs_unless_the_installed_ones_are_asked_for(site: Path, tmp_path: Path):
-    assert outside_entry_points() == ["kit_broken", "kit_probe"]  # collab-distill's own are not "outside"
+    outside = outside_entry_points()  # (with whatever else this environment has installed)
+    assert {"kit_broken", "kit_probe"} <= set(outside) and not {"defaults", "fixed_loss_weights"} & set(outside)
     small = dict(students=("xxs",), teacher=None, subset=64, batch_size=16, limit_eval_batches=1)
 
     run = tiny_fit([], root_dir=tmp_path / "builtin", steps=2, **small)
