@@ -284,7 +284,7 @@ def test_hooks_read_the_role_of_the_run_they_are_called_in(tmp_path: Path, insta
     installed({"role_probe": "cd_probe_roles"}, {"cd_probe_roles": _ROLE_PROBE})
     configured = RoleRecorder()
     run = testing.tiny_fit([configured], root_dir=tmp_path, steps=None, epochs=1, teacher="xxs", teacher_epochs=1,
-                           students=("xxs",), subset=120, batch_size=16, limit_eval_batches=1)
+                           students=("xxs",), subset=120, batch_size=16, limit_eval_batches=1, always_on="installed")
     assert run.engine.role == "fit"
     # an always-on plugin also runs in the teacher's own training; a configured one only in the user's run
     assert sys.modules["cd_probe_roles"].SEEN == [("teacher_training", 0, True, 1), ("fit", 0, True, 1)]
@@ -296,7 +296,7 @@ def test_the_stages_of_a_staged_fit_run_in_the_stage_role(tmp_path: Path, instal
     monkeypatch.setattr(testing, "Engine", partial(Engine, stages=[Stage("only", ["xxs"], ["teacher"])]))
     configured = RoleRecorder()
     testing.tiny_fit([configured], root_dir=tmp_path, steps=None, epochs=1, teacher="xxs", teacher_epochs=1,
-                     students=("xxs",), subset=120, batch_size=16, limit_eval_batches=1)
+                     students=("xxs",), subset=120, batch_size=16, limit_eval_batches=1, always_on="installed")
     assert [seen[0] for seen in sys.modules["cd_probe_roles"].SEEN] == ["teacher_training", "stage"]
     assert configured.seen == [("stage", 0, 1)]  # a stage runs the configured plugins too
 
