@@ -133,6 +133,14 @@ def collab_distill_loss_weights(
         e.g. one per shared region of a detection batch) scale each unit's KL before the image's
         mean over its units; give them mean 1 over each image's units to spread the image's weight.
 
+    The answer is checked, and a wrong one stops the run naming the plugin, the hook and what was
+    expected: a ``LossWeights`` for each student and for no other name; ``alpha``, ``beta``,
+    ``gamma`` and tensor ``terms`` floating-point ``[B]`` tensors (``B`` = the student record's
+    ``num_images``), ``unit_beta``/``unit_gamma`` ``[U]``. Values must be >= 0: numbers are judged at
+    once, tensors on the device on the first training step and then with the NaN guard's flags
+    (every ``trainer.log_every_n_steps`` steps and before each checkpoint; with
+    ``trainer.detect_nonfinite``), so checking adds no host synchronisation to a step.
+
     In the finite-difference meta step this hook (and the target hooks) is called at perturbed
     student parameters with ``records`` of the unperturbed ones: read records as data (detached).
     """
@@ -154,7 +162,9 @@ def collab_distill_soft_targets(
     :param records: the students' records of this step (with graph: detach what you use).
     :param teacher_records: the frozen teachers' records (no graph). Computed on first access,
         so a rule that does not look at them saves the teachers' forward pass.
-    :return: ``{student name: SoftTarget}``; a student left out gets no beta term. The built-in
+    :return: ``{student name: SoftTarget}`` whose ``probs`` have the shape of that student's
+        logits, ``[units, classes]`` (checked: a wrong shape or a name that is no student stops the
+        run naming the plugin); a student left out gets no beta term. The built-in
         default uses the teacher, or the mean of the teachers' distributions when there are several.
     """
 
@@ -171,7 +181,9 @@ def collab_distill_consensus_targets(
 
     Not called in a step where every student's gamma is a constant zero.
 
-    :return: ``{student name: SoftTarget}``, or ``None`` for no consensus term (the default).
+    :return: ``{student name: SoftTarget}`` (``probs`` shaped as the student's logits,
+        ``[units, classes]``; checked as for ``soft_targets``), or ``None`` for no consensus term
+        (the default).
     """
 
 
@@ -273,7 +285,9 @@ def collab_distill_auxiliary_losses(
     :return: ``{term name: scalar tensor}``. Terms are logged under their names and added to the
         loss as they are: the engine neither weighs them with ``weights`` nor skips them during a
         student's warm-up (``engine.warming_up(student)``); the plugin decides both. A term named
-        ``<student>/<term>`` belongs to that student: it is part of ``<student>/loss``.
+        ``<student>/<term>`` belongs to that student: it is part of ``<student>/loss``. Each term
+        must be a 0-d floating-point tensor (checked every step, naming the plugin) and finite
+        (judged with the NaN guard's flags, as loss weights are: a NaN term is blamed on its plugin).
     """
 
 

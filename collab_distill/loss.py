@@ -11,15 +11,22 @@ Logged on one scale, each term as it enters the loss: ``<s>/supervised`` is
 ``mean_i alpha_si * sup_si``, ``<s>/distill`` and ``<s>/consensus`` the weighted, tau^2-scaled
 terms, auxiliary terms as the plugin returned them; ``<s>/loss`` is their sum, everything student
 ``s`` optimises, and ``loss`` the sum over students plus any auxiliary term of no student.
+
+What the hooks answer is checked: types, shapes and dtypes every step (free), values (weights
+>= 0, everything finite) on the device, read by the NaN guard with its own flags and at once on
+the first training step. A wrong answer is a :class:`PluginAnswerError` naming the plugin, the
+hook and what was expected; the plugin is found on the error path only, by asking each
+implementation alone (pluggy's ``subset_hook_caller``), or from the first training step, where
+the providers and the auxiliary terms' plugins are asked one by one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sized
+from collections.abc import Callable, Mapping, Sized
 from typing import TYPE_CHECKING, Any, Optional, Protocol, cast
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from collab_distill.engine_view import EngineView
 from collab_distill.plugin_manager import PluginError
@@ -29,10 +36,11 @@ from collab_distill.task import ConfigError
 if TYPE_CHECKING:
     from pluggy import HookImpl
 
-__all__ = ["cohort_loss", "untrained_leaves", "check_loss_weight_providers"]
+__all__ = ["cohort_loss", "check_loss_weight_providers", "PluginAnswerError"]
 
 
-_HOOK = "collab_distill_loss_weights"
+WEIGHTS_HOOK = _HOOK = "collab_distill_loss_weights"
+AUX_HOOK = "collab_distill_auxiliary_losses"
 
 
 class Engine(EngineView, Protocol):
@@ -43,56 +51,138 @@ class Engine(EngineView, Protocol):
 
     @property
     def loss_terms(self) -> list[str]: ...
-    flags: Any  # ``flags.providers_checked``: the conflict check ran on a real training step
+    flags: Any  # ``flags.providers_checked``: the providers were asked one by one on a real training step
+    guard: Any  # the NaN guard (``training.guards.NonFiniteGuard``): plugins' answers are checked with its flags
+
+    def check_finite(self) -> None: ...
+
+
+class PluginAnswerError(ConfigError):
+    """A plugin answered a hook with something the engine cannot use (a wrong type, shape or
+    dtype, a student that does not exist, a negative weight): the message names the plugin
+    (``plugin``, ``None`` when it could not be found), the hook (``hook``) and what was expected."""
+
+    def __init__(self, message: str, plugin: Optional[str] = None, hook: str = "") -> None:
+        super().__init__(message)
+        self.plugin, self.hook = plugin, hook
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (str(self), self.plugin, self.hook))
 
 
 class _ProviderConflict(ConfigError):
     """Two plugins answer ``collab_distill_loss_weights`` for the same student."""
 
 
+def _in_call_order(engine: Engine, hook: str) -> list[HookImpl]:
+    """The implementations of ``hook`` in the order pluggy calls them, wrappers left out."""
+    return [i for i in reversed(getattr(engine.pm.hook, hook).get_hookimpls()) if not (i.hookwrapper or i.wrapper)]
+
+
 def _weight_providers(engine: Engine) -> Optional[list[HookImpl]]:
     """The implementations of ``collab_distill_loss_weights`` in the order pluggy calls them
     (wrappers left out), when two or more of them are not fallbacks (``trylast``, like the
     built-in defaults); otherwise ``None`` (one provider: nothing can conflict)."""
-    impls = [i for i in reversed(engine.pm.hook.collab_distill_loss_weights.get_hookimpls()) if not (i.hookwrapper or i.wrapper)]
+    impls = _in_call_order(engine, _HOOK)
     return impls if sum(not i.trylast for i in impls) >= 2 else None
 
 
-def _only_answer(engine: Engine, impls: list[HookImpl], kwargs: Mapping[str, Any]) -> Optional[Mapping[str, LossWeights]]:
-    """What the firstresult hook returns (the first answer that is not None), having asked every
-    provider that is not a fallback: two answers for the same student are a :class:`ConfigError`
-    naming both plugins, since pluggy would silently use the first and never ask the second.
-
-    Each provider is asked through a hook caller without the others (pluggy's
+def _ask_alone(engine: Engine, hook: str, impls: list[HookImpl], impl: HookImpl, kwargs: Mapping[str, Any]) -> Any:
+    """``impl``'s answer to ``hook``, through a hook caller without the other ``impls`` (pluggy's
     ``subset_hook_caller``), so wrappers, tracing and call monitoring still see the call; an
     exception inside it is a :class:`PluginError` naming the plugin, as through ``engine.hook``."""
+    others = [i.plugin for i in impls if i.plugin is not impl.plugin]
+    ask = engine.pm.subset_hook_caller(hook, remove_plugins=others)
+    try:
+        answer = ask(**kwargs)
+    except (ConfigError, PluginError):
+        raise
+    except Exception as err:  # named like engine.hook names it (this call bypasses engine.hook)
+        message = f"plugin {impl.plugin_name!r} failed in hook {hook}: {type(err).__name__}: {err}"
+        raise PluginError(message, impl.plugin_name, hook) from err
+    firstresult = getattr(engine.pm.hook, hook).spec.opts.get("firstresult")
+    return answer if firstresult else (answer[0] if answer else None)
+
+
+def _answerer(engine: Engine, hook: str, kwargs: Mapping[str, Any], wrong: Callable[[Any], bool]) -> Optional[str]:
+    """The plugin whose answer to ``hook`` is ``wrong`` (the first that answers, for a provider
+    hook): on the error path only, each implementation asked again alone (no grad, the CPU RNG
+    untouched); ``None`` when none is found."""
+    impls = _in_call_order(engine, hook)
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        for impl in impls:
+            try:
+                answer = _ask_alone(engine, hook, impls, impl, kwargs)
+            except Exception:  # noqa: BLE001 - the answer that is wrong is the error to report
+                continue
+            if answer is not None and wrong(answer):
+                return impl.plugin_name
+    return None
+
+
+def _wrong(engine: Engine, hook: str, kwargs: Mapping[str, Any], what: str, expected: str, plugin: Optional[str] = None,
+           wrong: Callable[[Any], bool] = lambda answer: True) -> PluginAnswerError:
+    """The error for an answer the engine cannot use, naming the plugin (asked for if not known)."""
+    plugin = plugin or _answerer(engine, hook, kwargs, wrong)
+    who = f"plugin {plugin!r}" if plugin is not None else "a plugin"
+    return PluginAnswerError(f"{who} answered {hook} with {what}; expected {expected}", plugin, hook)
+
+
+def _holds(key: str) -> Callable[[Any], bool]:
+    return lambda answer: isinstance(answer, Mapping) and key in answer
+
+
+def _described(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return f"a tensor of shape {tuple(value.shape)} and dtype {str(value.dtype).removeprefix('torch.')}"
+    return f"a {type(value).__name__}"
+
+
+def _check_weights(engine: Engine, provided: Any, records: Mapping[str, Knowledge], kwargs: Mapping[str, Any],
+                   plugins: Mapping[str, str]) -> None:
+    """The loss-weight provider's answer, checked for what costs nothing (no value is read)."""
+    if not isinstance(provided, Mapping):
+        raise _wrong(engine, _HOOK, kwargs, _described(provided), "a mapping {student: LossWeights}")
+    for student, weights in provided.items():
+        if student not in records:
+            raise _wrong(engine, _HOOK, kwargs, f"weights for {student!r}, which is not a student",
+                         f"weights for the students {sorted(records)}", plugins.get(student))
+        if not isinstance(weights, LossWeights):
+            raise _wrong(engine, _HOOK, kwargs, f"{_described(weights)} for {student!r}",
+                         "a LossWeights per student (collab_distill.LossWeights)", plugins.get(student))
+        problem = weights.problem(records[student])
+        if problem is not None:
+            which, value, expected = problem
+            what = f"constant={value!r}" if which == "constant" else f"{which} {_described(value)}"
+            raise _wrong(engine, _HOOK, kwargs, f"{what} for {student!r}", expected, plugins.get(student))
+
+
+def _only_answer(engine: Engine, impls: list[HookImpl],
+                 kwargs: Mapping[str, Any]) -> tuple[Optional[Mapping[str, LossWeights]], dict[str, str]]:
+    """What the firstresult hook returns (the first answer that is not None) and, per student,
+    the plugin that gave it, having asked every provider that is not a fallback alone
+    (:func:`_ask_alone`): two answers for the same student are a :class:`ConfigError` naming
+    both plugins, since pluggy would silently use the first and never ask the second."""
     first: Optional[Mapping[str, LossWeights]] = None
     first_name = ""
     for impl in impls:
         if first is not None and impl.trylast:
             continue  # a fallback answers only when nobody else did
-        others = [i.plugin for i in impls if i.plugin is not impl.plugin]
-        ask = engine.pm.subset_hook_caller(_HOOK, remove_plugins=others)
-        try:
-            answer = cast(Optional[Mapping[str, LossWeights]], ask(**kwargs))
-        except (ConfigError, PluginError):
-            raise
-        except Exception as err:  # named like engine.hook names it (this call bypasses engine.hook)
-            message = f"plugin {impl.plugin_name!r} failed in hook {_HOOK}: {type(err).__name__}: {err}"
-            raise PluginError(message, impl.plugin_name, _HOOK) from err
+        answer = cast(Optional[Mapping[str, LossWeights]], _ask_alone(engine, _HOOK, impls, impl, kwargs))
         if answer is None:
             continue
         if first is None:
             first, first_name = answer, impl.plugin_name
             continue
-        both = sorted(set(first) & set(answer))
+        both = sorted(set(first) & set(answer)) if isinstance(answer, Mapping) and isinstance(first, Mapping) else []
         if both:
             raise _ProviderConflict(
                 f"plugins {first_name} and {impl.plugin_name} both provide loss weights (collab_distill_loss_weights) "
                 f"for student(s) {both}; the first answer would be used and the other silently ignored. "
                 "Keep one of them under `plugins:`."
             )
-    return first
+    names = {student: first_name for student in first} if isinstance(first, Mapping) else {}
+    return first, names
 
 
 def check_loss_weight_providers(engine: Engine) -> None:
@@ -115,8 +205,10 @@ def check_loss_weight_providers(engine: Engine) -> None:
             context = engine.task.shared_context(batch, engine.teachers, engine.students)
             records = {s: engine.task.knowledge(m, batch, view=0, context=context) for s, m in engine.students.items()}
             teacher_records = engine.teacher_records(batch, context)
-            _only_answer(engine, impls, dict(engine=engine, batch=batch, records=records, teacher_records=teacher_records,
-                                             phase="train"))
+            kwargs = dict(engine=engine, batch=batch, records=records, teacher_records=teacher_records, phase="train")
+            answer, plugins = _only_answer(engine, impls, kwargs)
+            if answer is not None:
+                _check_weights(engine, answer, records, kwargs, plugins)
     except PluginError:
         # a provider that cannot answer before training is prepared (it reads a meta module's
         # placed copy, say): the first training step asks every provider again, where the same
@@ -128,23 +220,32 @@ def check_loss_weight_providers(engine: Engine) -> None:
 
 
 def _provided_weights(engine: Engine, batch: Any, records: Mapping[str, Knowledge], teacher_records: Mapping[str, Knowledge],
-                      phase: str) -> dict[str, LossWeights]:
+                      phase: str) -> tuple[dict[str, LossWeights], bool]:
+    """Every student's weights (a student in warm-up: supervised only), checked, and whether this
+    was the first training step that asked the providers (each alone: conflicts, who answers)."""
     first = next(iter(records.values()))
     supervised_only = LossWeights.constant_weights(first.num_images, 1.0, 0.0, 0.0, first.logits.device)
     warming = {s for s in records if engine.warming_up(s)}
     if len(warming) == len(records):
-        return {s: supervised_only for s in records}
+        return {s: supervised_only for s in records}, False
     # weights from a meta module keep their graph only in the lookahead
     with torch.set_grad_enabled(phase != "train" and torch.is_grad_enabled()):
         kwargs = dict(engine=engine, batch=batch, records=records, teacher_records=teacher_records, phase=phase)
-        # two providers: ask each of them (not only the first that answers) to find a conflict, on
-        # the first training step only (later steps ask pluggy's first answer, as without a check)
-        impls = None if engine.flags.providers_checked else _weight_providers(engine)
-        provided = engine.hook.collab_distill_loss_weights(**kwargs) if impls is None else _only_answer(engine, impls, kwargs)
-        if impls is not None and phase == "train":
+        # until a real step asked them: each provider alone, to find a conflict and who answers
+        # (later steps ask pluggy's first answer, as without a check)
+        asking = not engine.flags.providers_checked
+        plugins: dict[str, str] = {}
+        if asking:
+            provided, plugins = _only_answer(engine, _in_call_order(engine, _HOOK), kwargs)
+        else:
+            provided = engine.hook.collab_distill_loss_weights(**kwargs)
+        first_step = asking and phase == "train"
+        if first_step:
             engine.flags.providers_checked = True
+            engine.guard.name_sources(_HOOK, plugins)
     if provided is None:
         raise ConfigError("no plugin provides loss weights (the built-in `defaults` plugin is disabled?)")
+    _check_weights(engine, provided, records, kwargs, plugins)
     missing = set(records) - set(provided)
     if missing:
         raise ConfigError(f"the loss-weight provider returned no weights for student(s) {sorted(missing)}")
@@ -153,7 +254,71 @@ def _provided_weights(engine: Engine, batch: Any, records: Mapping[str, Knowledg
         if unknown:
             raise ConfigError(f"the loss-weight provider weighs term(s) {sorted(unknown)} of {student!r}, which no plugin "
                               f"declares (declared: {sorted(engine.loss_terms)}); see collab_distill_declare_loss_terms")
-    return {s: supervised_only if s in warming else provided[s] for s in records}
+    return {s: supervised_only if s in warming else provided[s] for s in records}, first_step
+
+
+def _targets(engine: Engine, hook: str, kwargs: Mapping[str, Any], records: Mapping[str, Knowledge]) -> Mapping[str, SoftTarget]:
+    """A soft-target or consensus answer, checked for what costs nothing (students, types, shapes)."""
+    answer = getattr(engine.hook, hook)(**kwargs)
+    if not answer:
+        return {}
+    if not isinstance(answer, Mapping):
+        raise _wrong(engine, hook, kwargs, _described(answer), "a mapping {student: SoftTarget}")
+    for student, target in answer.items():
+        record = records.get(student)
+        if record is None:
+            raise _wrong(engine, hook, kwargs, f"a target for {student!r}, which is not a student",
+                         f"targets for the students {sorted(records)}")
+        if not isinstance(target, SoftTarget):
+            raise _wrong(engine, hook, kwargs, f"{_described(target)} for {student!r}", "a SoftTarget per student")
+        expected = tuple(record.logits.shape)
+        if not isinstance(target.probs, Tensor) or target.probs.shape != expected or not target.probs.is_floating_point():
+            raise _wrong(engine, hook, kwargs, f"probabilities {_described(target.probs)} for {student!r}",
+                         f"floating-point probabilities of shape [units, classes] = {expected}, as the student's logits")
+    return answer
+
+
+def _auxiliary(engine: Engine, kwargs: Mapping[str, Any], first_step: bool) -> list[tuple[str, Tensor]]:
+    """Every plugin's auxiliary terms, checked for what costs nothing (each a 0-d float tensor).
+    On the first training step, with two or more implementations, each is asked alone (in
+    pluggy's order, once) to learn which plugin gives which term."""
+    impls = _in_call_order(engine, AUX_HOOK) if first_step else []
+    groups: list[tuple[Optional[str], Any]]
+    if len(impls) >= 2:
+        groups = [(impl.plugin_name, _ask_alone(engine, AUX_HOOK, impls, impl, kwargs)) for impl in impls]
+    else:
+        name = impls[0].plugin_name if impls else None
+        groups = [(name, group) for group in engine.hook.collab_distill_auxiliary_losses(**kwargs)]
+    terms: list[tuple[str, Tensor]] = []
+    plugins: dict[str, str] = {}
+    for plugin, group in groups:
+        if group is None:
+            continue
+        if not isinstance(group, Mapping):
+            raise _wrong(engine, AUX_HOOK, kwargs, _described(group), "a mapping {term name: scalar tensor}", plugin,
+                         lambda answer: not isinstance(answer, Mapping))
+        for key, value in group.items():
+            if not isinstance(value, Tensor) or value.dim() != 0 or not value.is_floating_point():
+                raise _wrong(engine, AUX_HOOK, kwargs, f"{_described(value)} for the term {key!r}",
+                             "a scalar (0-d) floating-point tensor per term", plugin, _holds(key))
+            terms.append((key, value))
+            if plugin is not None:
+                plugins[key] = plugin
+    if first_step:
+        engine.guard.name_sources(AUX_HOOK, plugins)
+    return terms
+
+
+def _watch(engine: Engine, weights: Mapping[str, LossWeights], extra: list[tuple[str, Tensor]], first_step: bool) -> None:
+    """Hand the values of this training step's weights and auxiliary losses to the NaN guard:
+    numbers are judged now, tensors stay on the device until the guard reads its flags (logging
+    steps, checkpoints), so an ordinary step gains no host sync. On the first training step, and
+    when a number is wrong, the guard reads them at once."""
+    answers = [(_HOOK, student, which, value) for student, w in weights.items() for which, value in w.values()]
+    answers += [(AUX_HOOK, key, "", value) for key, value in extra]
+    wrong = engine.guard.record_answers(engine.global_step, answers, finite=engine.trainer.detect_nonfinite)
+    if first_step or wrong:
+        engine.check_finite()
 
 
 def cohort_loss(
@@ -180,16 +345,16 @@ def cohort_loss(
     """
     tau = engine.trainer.temperature
     signals = records if signals is None else signals
-    weights = _provided_weights(engine, batch, signals, teacher_records, phase)
+    weights, first_step = _provided_weights(engine, batch, signals, teacher_records, phase)
     if weights_out is not None:
         weights_out.update(weights)
     kwargs = dict(engine=engine, batch=batch, records=signals, teacher_records=teacher_records, temperature=tau)
     targets: Mapping[str, SoftTarget] = {}
     consensus: Mapping[str, SoftTarget] = {}
     if any(w.uses("distill") for w in weights.values()):
-        targets = engine.hook.collab_distill_soft_targets(**kwargs) or {}
+        targets = _targets(engine, "collab_distill_soft_targets", kwargs, records)
     if any(w.uses("consensus") for w in weights.values()):
-        consensus = engine.hook.collab_distill_consensus_targets(**kwargs) or {}
+        consensus = _targets(engine, "collab_distill_consensus_targets", kwargs, records)
     named = _named_terms(engine, batch, records, teacher_records, weights, tau, phase)
     logs: dict[str, Tensor | float] = {}
     per_student: dict[str, Tensor] = {}
@@ -219,23 +384,23 @@ def cohort_loss(
         if detailed:
             for key, value in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
                 logs[f"{name}/{key}"] = value.detach().float().mean() if isinstance(value, Tensor) else value
-    extra = engine.hook.collab_distill_auxiliary_losses(
-        engine=engine, batch=batch, records=records, teacher_records=teacher_records, weights=weights, phase=phase,
-    )
+    extra = _auxiliary(engine, dict(engine=engine, batch=batch, records=records, teacher_records=teacher_records,
+                                    weights=weights, phase=phase), first_step)
     total: Tensor | float = 0.0
-    for group in extra:
-        for key, value in (group or {}).items():
-            owner = key.split("/", 1)[0]
-            if owner in per_student and "/" in key:  # "<student>/<term>": part of that student's loss
-                per_student[owner] = per_student[owner] + value
-            else:
-                total = total + value
-            logs[key] = value.detach()
+    for key, value in extra:
+        owner = key.split("/", 1)[0]
+        if owner in per_student and "/" in key:  # "<student>/<term>": part of that student's loss
+            per_student[owner] = per_student[owner] + value
+        else:
+            total = total + value
+        logs[key] = value.detach()
     for name, student_loss in per_student.items():
         logs[f"{name}/loss"] = student_loss.detach()
         total = total + student_loss
     assert isinstance(total, Tensor)
     logs["loss"] = total.detach()
+    if phase == "train" and (first_step or engine.trainer.detect_nonfinite):
+        _watch(engine, weights, extra, first_step)
     return total, logs
 
 
@@ -272,34 +437,3 @@ def _named_terms(engine: Engine, batch: Any, records: Mapping[str, Knowledge], t
                 if student in wanted and wanted[student].uses(term):
                     out.setdefault(student, {})[term] = values
     return out
-
-
-def untrained_leaves(loss: Tensor, trained: set[int], owners: Mapping[str, Any]) -> list[str]:
-    """Trainable leaf tensors of ``loss``'s graph whose ``id`` is not in ``trained``, described as
-    ``"<owner>: <attribute> <shape>"`` when one of ``owners`` (name -> plugin object) holds them."""
-    seen, stack, strays = set(), [loss.grad_fn], []
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        variable = getattr(node, "variable", None)
-        if variable is not None and id(variable) not in trained:
-            strays.append(variable)
-        stack.extend(next_node for next_node, _ in node.next_functions)
-    described = []
-    for tensor in strays:
-        owner = next((f"{name}: {attr}" for name, plugin in owners.items() for attr, value in _tensors_of(plugin)
-                      if value is tensor), None)
-        described.append(f"{owner or 'an unnamed tensor'} {tuple(tensor.shape)}")
-    return described
-
-
-def _tensors_of(plugin: Any) -> Iterator[tuple[str, Tensor]]:
-    """``(attribute path, tensor)`` of the parameters a plugin object holds (for error messages)."""
-    for attr, value in vars(plugin).items() if hasattr(plugin, "__dict__") else ():
-        if isinstance(value, nn.Module):
-            for name, p in value.named_parameters():
-                yield f"{attr}.{name}", p
-        elif isinstance(value, Tensor):
-            yield attr, value

@@ -198,6 +198,34 @@ class LossWeights:
         """The weight of the named term ``name``: ``[B]`` or a number (1 when not given)."""
         return self.terms.get(name, 1.0)
 
+    def values(self) -> list[tuple[str, Tensor | float]]:
+        """Every weight as the loss uses it, named: ``alpha``, ``beta``, ``gamma`` (the number
+        ``constant`` gives, else the tensor), ``unit_beta``/``unit_gamma`` when given, ``terms[...]``."""
+        named: list[tuple[str, Tensor | float]] = list(zip(("alpha", "beta", "gamma"), self.factors()))
+        named += [(which, value) for which in ("unit_beta", "unit_gamma") if (value := getattr(self, which)) is not None]
+        return named + [(f"terms[{name!r}]", value) for name, value in self.terms.items()]
+
+    def problem(self, record: Knowledge) -> tuple[str, Any, str] | None:
+        """``(which, its value, what was expected)`` of the first field that does not fit the
+        student's ``record`` (type, shape, dtype: nothing that reads a value), or ``None``."""
+        if not isinstance(self.terms, Mapping):
+            return "terms", self.terms, "terms as {name: [num_images] tensor or number}"
+        images, units = record.num_images, record.logits.shape[0]
+        fields = [("alpha", self.alpha, images), ("beta", self.beta, images), ("gamma", self.gamma, images),
+                  ("unit_beta", self.unit_beta, units), ("unit_gamma", self.unit_gamma, units),
+                  *((f"terms[{name!r}]", value, images) for name, value in self.terms.items())]
+        for which, value, size in fields:
+            if (value is None and which.startswith("unit_")) or (_is_number(value) and which.startswith("terms")):
+                continue
+            if not isinstance(value, Tensor) or value.shape != (size,) or not value.is_floating_point():
+                per = "[units] (one per unit of the student's record)" if which.startswith("unit_") else "[num_images]"
+                return which, value, f"a floating-point tensor of shape {per} = ({size},)"
+        known = self.constant
+        if known is not None and not (isinstance(known, (tuple, list)) and len(known) == 3
+                                      and all(k is None or _is_number(k) for k in known)):
+            return "constant", known, "constant as (alpha, beta, gamma), each a number or None (per image), or None"
+        return None
+
     @classmethod
     def from_tensor(cls, weights: Tensor) -> LossWeights:
         """From a ``[B, 3]`` tensor whose columns are alpha, beta, gamma."""
@@ -205,6 +233,10 @@ class LossWeights:
 
     def as_tensor(self) -> Tensor:
         return torch.stack([self.alpha, self.beta, self.gamma], dim=1)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def per_image_mean(values: Tensor, unit_image: Tensor, num_images: int, counted: Tensor | None = None) -> Tensor:

@@ -44,3 +44,18 @@ class FailsToStart(Plugin):
 
     def __init__(self, path: str = "rules.txt") -> None:
         raise RuntimeError(f"cannot read {path}")
+
+
+class WrongShapeWeights(Plugin):
+    """Per-image loss weights whose beta has one value too many (issue 22: named with its plugin)."""
+
+    @hookimpl
+    def collab_distill_loss_weights(self, records: Mapping[str, Knowledge]) -> dict[str, LossWeights]:
+        import torch
+
+        out = {}
+        for name, rec in records.items():
+            w = LossWeights.constant_weights(rec.num_images, 1.0, 0.0, 0.0, rec.logits.device)
+            out[name] = LossWeights(w.alpha, torch.zeros(rec.num_images + 1, device=rec.logits.device), w.gamma)
+        return out
+
