@@ -45,3 +45,17 @@ def teacher_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
     torch.save(model.state_dict(), path)
     return path
+
+
+#: modules whose every test trains a detector, spawns processes or runs the command line end to end
+_SLOW_MODULES = {"test_cli", "test_ddp", "test_detection", "test_detection_meta", "test_detection_noise", "test_detectron2",
+                 "test_docs", "test_dry_run", "test_examples", "test_fpn_imitation", "test_resume", "test_teacher_cache"}
+
+
+def pytest_collection_modifyitems(items):
+    """``slow`` also marks every test that runs the CLI in a subprocess (the ``cli_env`` fixture)
+    or lives in a module of end-to-end runs: ``pytest -q -m "not slow"`` is the edit-test loop."""
+    for item in items:
+        module = getattr(item, "module", None)
+        if "cli_env" in getattr(item, "fixturenames", ()) or (module is not None and module.__name__ in _SLOW_MODULES):
+            item.add_marker(pytest.mark.slow)
