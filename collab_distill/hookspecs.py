@@ -136,10 +136,11 @@ def collab_distill_loss_weights(
     The answer is checked, and a wrong one stops the run naming the plugin, the hook and what was
     expected: a ``LossWeights`` for each student and for no other name; ``alpha``, ``beta``,
     ``gamma`` and tensor ``terms`` floating-point ``[B]`` tensors (``B`` = the student record's
-    ``num_images``), ``unit_beta``/``unit_gamma`` ``[U]``. Values must be >= 0: numbers are judged at
-    once, tensors on the device on the first training step and then with the NaN guard's flags
-    (every ``trainer.log_every_n_steps`` steps and before each checkpoint; with
-    ``trainer.detect_nonfinite``), so checking adds no host synchronisation to a step.
+    ``num_images``), ``unit_beta``/``unit_gamma`` ``[U]``. Values must be finite and >= 0: numbers
+    are judged at once, tensors on the device on the first training step and then with the NaN
+    guard's flags (every ``trainer.log_every_n_steps`` steps and before each checkpoint; with
+    ``trainer.detect_nonfinite``), so checking adds no host synchronisation to a step; a NaN
+    loss that weights from a plugin caused is blamed on that plugin, not on the learning rate.
 
     In the finite-difference meta step this hook (and the target hooks) is called at perturbed
     student parameters with ``records`` of the unperturbed ones: read records as data (detached).

@@ -59,3 +59,23 @@ class WrongShapeWeights(Plugin):
             out[name] = LossWeights(w.alpha, torch.zeros(rec.num_images + 1, device=rec.logits.device), w.gamma)
         return out
 
+
+class NaNImageWeights(Plugin):
+    """Per-image loss weights (tensors, no ``constant``) whose beta of one image becomes NaN from
+    training step ``after_step`` on: a NaN the engine finds on the device, at a logging step."""
+
+    def __init__(self, after_step: int = 1) -> None:
+        self.after_step = after_step
+
+    @hookimpl
+    def collab_distill_loss_weights(self, engine: Any, records: Mapping[str, Knowledge]) -> dict[str, LossWeights]:
+        import torch
+
+        out = {}
+        for name, rec in records.items():
+            n, device = rec.num_images, rec.logits.device
+            beta = torch.full((n,), 0.5, device=device)
+            if engine.global_step >= self.after_step:
+                beta[0] = float("nan")
+            out[name] = LossWeights(torch.full((n,), 0.5, device=device), beta, torch.zeros(n, device=device))
+        return out

@@ -1,6 +1,6 @@
 """What plugins answer is checked, and what the engine hands them back (issue 22): per-term
 constant loss weights, the loss weights the meta objective sees, answers the engine cannot use
-named with their plugin and hook."""
+named with their plugin and hook, and a NaN from a plugin's weights blamed on that plugin."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import re
 import pytest
 import torch
 
+from bad_input_plugins import NonFiniteLossWeights
 from collab_distill import ConfigError, LossWeights, Plugin, SoftTarget, hookimpl
 from collab_distill.cli import main
 from collab_distill.loss import PluginAnswerError
@@ -360,3 +361,31 @@ def test_the_cli_prints_a_wrong_answer_as_one_error_line(tmp_path, capsys):
                    "tensor of shape (33,) and dtype float32 for 's'; expected a floating-point tensor of shape "
                    "[num_images] = (32,)\n"), err
 
+
+# ---------------------------------------------------------------------------- 2. a NaN from a plugin's weights is blamed on it
+
+
+@pytest.mark.parametrize("weights", ["per_image", "numbers"])
+def test_a_nan_from_a_plugins_loss_weights_is_blamed_on_that_plugin(tmp_path, teacher_file, weights):
+    """Per-image weights are read on the device at the next logging step (every 3rd), numbers at
+    once; either way the message names the plugin and the step, not the learning rate."""
+    plugin = PerImageWeights(after=1, value=float("nan")) if weights == "per_image" else NonFiniteLossWeights(after_step=1)
+    engine = make_engine(tmp_path, teacher_file, [plugin], max_steps=6, log_every_n_steps=3)
+    with pytest.raises(NonFiniteLossError) as err:
+        engine.fit()
+    message, name = str(err.value), type(plugin).__name__ + "#0"
+    which = "beta" if weights == "per_image" else "alpha"
+    assert message.startswith(f"non-finite loss at epoch 0 step 1: the loss weights from plugin '{name}' became NaN/inf "
+                              f"at step 1 ({which} of 'xxs'; collab_distill_loss_weights must return finite weights >= 0), "
+                              "so xxs/loss is NaN/inf"), message
+    assert "Lower optimizer.init_args.lr" not in message and "No checkpoint had been written yet." in message
+    assert (err.value.plugin, err.value.hook) == (name, "collab_distill_loss_weights")
+    assert engine.global_step == (2 if weights == "per_image" else 1)
+
+
+def test_the_cli_blames_a_nan_on_the_plugin_whose_weights_caused_it(tmp_path, capsys):
+    rc, err = cli_fit(tmp_path, capsys, "NaNImageWeights")
+    assert rc == 1, err
+    assert err.count("error:") == 1 and "Traceback" not in err, err
+    assert err.startswith("collab-distill: error: non-finite loss at epoch 0 step 1: the loss weights from plugin "
+                          "'NaNImageWeights#0' became NaN/inf at step 1 (beta of 's'"), err

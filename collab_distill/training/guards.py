@@ -1,7 +1,7 @@
 """Checks on the training step that would otherwise fail silently: a non-finite loss (read on
-the host only every few steps), plugins' answers whose values are wrong (negative loss weights,
-a non-finite auxiliary loss: read with the same flags, each blamed on its plugin) and trainable
-tensors that reach the loss but no optimizer."""
+the host only every few steps), plugins' answers whose values are wrong (negative or non-finite
+loss weights, a non-finite auxiliary loss: read with the same flags, each blamed on its plugin)
+and trainable tensors that reach the loss but no optimizer."""
 
 from __future__ import annotations
 
@@ -143,14 +143,19 @@ class NonFiniteGuard:
             raise PluginAnswerError(
                 f"{who} answered {hook} with a negative {which} for {subject!r} at step {step}; expected weights >= 0 "
                 "(a weight scales a loss term; 0 switches it off)", plugin, hook)
+        if hook == AUX_HOOK:
+            raise NonFiniteLossError(
+                f"non-finite loss at epoch {epoch} step {step}: the auxiliary loss {subject!r} from {who} became NaN/inf "
+                f"at step {step}; {hook} must return a finite scalar tensor per term. {kept}", plugin, hook)
         raise NonFiniteLossError(
-            f"non-finite loss at epoch {epoch} step {step}: the auxiliary loss {subject!r} from {who} became NaN/inf "
-            f"at step {step}; {hook} must return a finite scalar tensor per term. {kept}", plugin, hook)
+            f"non-finite loss at epoch {epoch} step {step}: the loss weights from {who} became NaN/inf at step {step} "
+            f"({which} of {subject!r}; {hook} must return finite weights >= 0), so {subject}/loss is NaN/inf: "
+            f"fix that plugin (lowering the learning rate would not help). {kept}", plugin, hook)
 
 
 def _problem(hook: str, nonfinite: bool, negative: bool, finite: bool) -> str:
-    """What is wrong with one answer ('' if nothing): weights must be >= 0, auxiliary losses finite."""
-    if nonfinite and finite and hook == AUX_HOOK:
+    """What is wrong with one answer ('' if nothing): weights must be >= 0, everything finite."""
+    if nonfinite and finite:
         return "non-finite"
     if negative and hook == WEIGHTS_HOOK:
         return "negative"
