@@ -330,15 +330,14 @@ def collab_distill_report_sections(engine: Engine, results: Mapping[str, Any]) -
     """What this plugin adds to ``collab-distill report``: sections with a title, Markdown text
     and figures (:class:`~collab_distill.report.ReportSection`).
 
-    Called once at the end of every run's fit (roles ``fit``, ``teacher_training``, ``stage``),
-    on rank 0 only, after ``fit_end`` (whatever ``fit_end``
-    wrote is there to draw from); not called for a run that ``max_steps`` stopped early. Write the
-    figures under ``engine.run_dir / "plugins" / <your name>`` and return sections whose
-    ``figures`` are their paths relative to ``engine.run_dir`` (e.g. ``plugins/<name>/x.png``).
-    The engine stores every plugin's sections with :func:`~collab_distill.report.write_sections`
-    (``RUN_DIR/report_sections.json``; a figure that is missing or outside the run folder is an
-    error), and the report renders them after its generic parts (results, loss weights over
-    training, meta steps, accuracy vs MACs), each figure copied next to the report.
+    Called once at the end of every run's fit (roles ``fit``, ``teacher_training``, ``stage``), on
+    rank 0 only, by the built-in ``report`` service after every other ``fit_end`` (what they wrote
+    is there to draw from); not for a run that ``max_steps`` stopped early. Write figures under
+    ``engine.run_dir / "plugins" / <your name>`` and return sections whose ``figures`` are their
+    paths relative to ``engine.run_dir`` (``plugins/<name>/x.png``). The service stores the
+    sections with :func:`~collab_distill.report.write_sections` (``RUN_DIR/report_sections.json``;
+    a figure missing or outside the run folder is an error); the report renders them after its
+    generic parts (results, loss weights, meta steps, accuracy vs MACs), figures copied beside it.
 
     :param results: what went into ``results.json``.
     :return: a list of sections (in the order to show them), or ``None`` for none.
