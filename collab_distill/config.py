@@ -292,7 +292,13 @@ def check_optimizer(
     ``what`` names the optimizer in the message; ``key`` is its config key (``optimizer``), whose
     ``init_args`` the fix names; without one the fix points at the settings of a plugin."""
     try:
-        factory([torch.nn.Parameter(torch.zeros(1, device=device))])
+        probe = torch.nn.Parameter(torch.zeros(1, device=device))
+        optimizer = factory([probe])
+        _check_step(optimizer, what, key)
+        probe.grad = torch.zeros_like(probe)
+        optimizer.step()  # a setting torch only reads in step() (an lr beyond float32) fails here, not in training
+    except ConfigError:
+        raise
     except Exception as err:
         target = _partial_target(factory)
         described = "its optimizer"
@@ -301,6 +307,10 @@ def check_optimizer(
             described = f"torch.optim.{target.__name__}" if public else f"{target.__module__}.{target.__qualname__}"
         keywords = getattr(factory, "keywords", None) or {}
         names = [k for k in keywords if re.search(rf"\b{re.escape(k)}\b", str(err))]
+        huge = [f"{k}={v!r}" for k, v in keywords.items() if isinstance(v, (int, float)) and abs(v) > _FLOAT32_MAX]
+        if "overflow" in str(err) and huge:  # torch names no argument: the numbers float32 cannot hold
+            names += [h.split("=")[0] for h in huge]
+            err = RuntimeError(f"{err} ({', '.join(huge)} is beyond float32's largest number, {_FLOAT32_MAX:.3g})")
         names += [name for phrase, name in _OPTIMIZER_PHRASES.items() if phrase in str(err).lower() and name not in names]
         if key is not None:
             fix = ", ".join(f"{key}.init_args.{n}" for n in names) or f"{key}.init_args"
@@ -308,6 +318,24 @@ def check_optimizer(
             settings = ", ".join(names) or "of the optimizer"
             fix = f"the setting{'s' if len(names) > 1 else ''} {settings} of the plugin that declares it"
         raise ConfigError(f"{what}: {described} rejects its settings: {type(err).__name__}: {err}. Fix {fix}") from None
+
+
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def _check_step(optimizer: Any, what: str, key: Optional[str]) -> None:
+    """The training step calls ``optimizer.step()`` without arguments; an optimizer whose step
+    needs a closure (L-BFGS re-evaluates the loss) cannot be driven by it."""
+    import inspect
+
+    closure = inspect.signature(optimizer.step).parameters.get("closure")
+    if closure is not None and closure.default is inspect.Parameter.empty:
+        where = key or "the plugin's optimizer"
+        raise ConfigError(
+            f"{what}: {type(optimizer).__name__}.step() needs a closure that re-evaluates the loss, which the "
+            f"training step (one forward and backward per batch) does not give; set {where} to an optimizer "
+            "whose step() takes no arguments (torch.optim.SGD, Adam, AdamW, ...)"
+        )
 
 
 #: torch.optim's messages name some arguments in words

@@ -94,6 +94,12 @@ class BilevelConfig:
             raise ValueError("meta.every_n_epochs must be >= 1 or null")
         if self.steps_in_meta_epoch not in ("first", "every_n_steps"):
             raise ValueError(f"meta.steps_in_meta_epoch={self.steps_in_meta_epoch!r} must be 'first' or 'every_n_steps'")
+        if not self.fd_epsilon > 0:  # 0 divides by zero (NaN hypergradients); a step size is positive
+            raise ConfigError(f"meta.fd_epsilon={self.fd_epsilon!r} must be > 0 (the finite difference's relative "
+                              "step, e.g. 0.01)")
+        if self.grad_clip is not None and not self.grad_clip > 0:  # 0 silently meant "off"; null says it
+            raise ConfigError(f"meta.grad_clip={self.grad_clip!r} must be > 0 (the largest meta-gradient norm) or null "
+                              "(no clipping)")
 
 
 def _optimizer_terms(optimizer: torch.optim.Optimizer | None) -> dict[int, tuple[float, float, float, Tensor | None]]:

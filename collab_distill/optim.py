@@ -9,6 +9,8 @@ from collections.abc import Callable, Iterable
 import torch
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
+from collab_distill.task import ConfigError
+
 __all__ = ["OptimizerCallable", "Schedule", "Constant", "Cosine", "CosineWarmRestarts", "MultiStep", "sgd"]
 
 #: a student optimizer as configured in YAML: ``class_path: torch.optim.SGD`` + ``init_args``
@@ -31,6 +33,14 @@ class Schedule(abc.ABC):
         return LambdaLR(optimizer, lambda e: self.factor(e, max(1, total_epochs)))
 
 
+def _check_min_factor(min_factor: float) -> None:
+    """The floor of a decay is a fraction of the base LR: below 0 the LR turns negative (the
+    students climb their loss), above 1 the "decay" raises it."""
+    if not 0 <= min_factor <= 1:
+        raise ConfigError(f"schedule.init_args.min_factor={min_factor!r} must be between 0 and 1 (the last LR as a "
+                          "fraction of the base LR; 0 decays to zero)")
+
+
 class Constant(Schedule):
     """No decay."""
 
@@ -42,6 +52,9 @@ class Cosine(Schedule):
     """Cosine decay from the base LR to ``min_factor`` x base over the run, after linear warm-up."""
 
     def __init__(self, warmup_epochs: int = 0, min_factor: float = 0.0) -> None:
+        if warmup_epochs < 0:
+            raise ConfigError(f"schedule.init_args.warmup_epochs={warmup_epochs!r} must be >= 0 (0: no warm-up)")
+        _check_min_factor(min_factor)
         self.warmup_epochs = warmup_epochs
         self.min_factor = min_factor
 
@@ -59,6 +72,7 @@ class CosineWarmRestarts(Schedule):
     def __init__(self, period: int = 10, period_mult: int = 1, min_factor: float = 0.0) -> None:
         if period < 1 or period_mult < 1:
             raise ValueError("CosineWarmRestarts: period and period_mult must be >= 1")
+        _check_min_factor(min_factor)
         self.period = period
         self.period_mult = period_mult
         self.min_factor = min_factor
@@ -76,6 +90,11 @@ class MultiStep(Schedule):
     """Multiply the LR by ``gamma`` at each milestone epoch."""
 
     def __init__(self, milestones: list[int], gamma: float = 0.1) -> None:
+        if not gamma > 0:  # a negative factor flips the LR's sign at every other milestone, 0 stops learning
+            raise ConfigError(f"schedule.init_args.gamma={gamma!r} must be > 0 (the LR's factor at each milestone, "
+                              "e.g. 0.1)")
+        if any(m < 0 for m in milestones):
+            raise ConfigError(f"schedule.init_args.milestones={milestones!r} must be epochs >= 0")
         self.milestones = sorted(milestones)
         self.gamma = gamma
 

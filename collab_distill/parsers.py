@@ -99,9 +99,10 @@ def check_config_files(argv: list[str]) -> None:
         else:
             continue
         try:
-            text = Path(path).read_text()
-        except (OSError, UnicodeDecodeError, ValueError):
+            raw = Path(path).read_bytes()
+        except (OSError, ValueError):
             continue  # not a readable file (inline YAML, or missing): jsonargparse reports it
+        text = _utf8_text(path, raw)
         try:
             node = yaml.compose(text, Loader=yaml.SafeLoader)
         except yaml.YAMLError as err:
@@ -118,6 +119,41 @@ def check_config_files(argv: list[str]) -> None:
                               "`section: ...` lines (task, cohort, trainer, plugins, ...)")
         for key, first, second in _duplicate_keys(node):
             raise ConfigError(f"{path}: {_duplicate_message(key, first, second)}")
+        _check_sections(path, node)
+
+
+def _utf8_text(path: str, raw: bytes) -> str:
+    """The file's text; a file that is not UTF-8 (a binary file, UTF-16 from an editor) is one
+    message naming it, not the decoder's traceback from inside jsonargparse."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        kind = "UTF-16 text, not UTF-8" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else "not UTF-8 text (a binary file?)"
+        raise ConfigError(
+            f"{path}: the config file is {kind} (byte {raw[err.start]:#04x} at position {err.start} "
+            "cannot be decoded); give a YAML text file saved as UTF-8"
+        ) from None
+
+
+#: sections whose value is a mapping of their own settings (``trainer: {max_epochs: 2}``)
+_MAPPING_SECTIONS = ("cohort", "trainer", "meta")
+
+
+def _check_sections(path: str, node: Any) -> None:
+    """A section such as ``trainer:`` given a list or a single value instead of its settings."""
+    import yaml
+
+    for key, value in node.value:
+        name = key.value if isinstance(key, yaml.ScalarNode) else None
+        if name in _MAPPING_SECTIONS and not isinstance(value, yaml.MappingNode):
+            if isinstance(value, yaml.ScalarNode) and value.tag.endswith(":null"):
+                continue  # `trainer:` with nothing below it: the defaults
+            kind = "a list" if isinstance(value, yaml.SequenceNode) else f"the single value {value.value!r}"
+            raise ConfigError(
+                f"{path}: section `{name}` (line {key.start_mark.line + 1}) is {kind}, not a mapping of its settings; "
+                f"write `{name}:` followed by indented `key: value` lines (`collab-distill fit --help` lists "
+                f"the {name}.* keys)"
+            )
 
 
 def _install_strict_yaml() -> None:

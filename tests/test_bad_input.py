@@ -96,6 +96,12 @@ def files(tmp_path_factory) -> dict[str, Path]:
     out["empty_yaml"].write_text("# nothing but a comment\n")
     out["list_yaml"] = d / "list.yaml"
     out["list_yaml"].write_text("- trainer\n- seed\n")
+    out["section_list"] = d / "section_list.yaml"
+    out["section_list"].write_text("trainer:\n  - max_epochs\n  - 1\n")
+    out["utf16"] = d / "utf16.yaml"
+    out["utf16"].write_bytes("trainer:\n  max_epochs: 1\n".encode("utf-16"))
+    out["binary"] = d / "binary.yaml"
+    out["binary"].write_bytes(bytes(range(256)) * 4)
     out["one_class"] = _image_folder(d / "one_class", ("cat",))
     out["three_classes"] = _image_folder(d / "three_classes", ("cat", "dog", "eel"))
     out["corrupt"] = _image_folder(d / "corrupt", ("cat", "dog"))
@@ -194,6 +200,45 @@ CASES = [
     ("config_file_whose_top_level_is_a_list",
      ["--config", "{list_yaml}"],
      ["{list_yaml}", "top level is a list, not a mapping"]),
+    ("config_file_section_is_a_list",
+     ["--config", "{section_list}"],
+     ["{section_list}", "section `trainer` (line 1) is a list, not a mapping", "indented `key: value` lines"]),
+    ("config_file_utf16",
+     ["--config", "{utf16}"],
+     ["{utf16}", "is UTF-16 text, not UTF-8", "saved as UTF-8"]),
+    ("config_file_is_binary",
+     ["--config", "{binary}"],
+     ["{binary}", "is not UTF-8 text (a binary file?)", "byte 0x80 at position 128", "saved as UTF-8"]),
+    ("optimizer_lr_beyond_float32",
+     ["--optimizer.init_args.lr", "1e300"],
+     ["optimizer: torch.optim.SGD", "lr=1e+300 is beyond float32's largest number", "Fix optimizer.init_args.lr"]),
+    ("optimizer_whose_step_needs_a_closure",
+     ["--optimizer", "{class_path: torch.optim.LBFGS}"],
+     ["optimizer: LBFGS.step() needs a closure", "set optimizer to an optimizer whose step() takes no arguments"]),
+    ("schedule_negative_warmup",
+     ["--schedule.init_args.warmup_epochs", "-1"],
+     ["schedule.init_args.warmup_epochs=-1", "must be >= 0"]),
+    ("schedule_min_factor_negative",
+     ["--schedule.init_args.min_factor", "-0.5"],
+     ["schedule.init_args.min_factor=-0.5", "between 0 and 1"]),
+    ("schedule_min_factor_above_one",
+     ["--schedule.init_args.min_factor", "2"],
+     ["schedule.init_args.min_factor=2.0", "between 0 and 1"]),
+    ("schedule_multistep_negative_gamma",
+     ["--schedule", "{class_path: collab_distill.optim.MultiStep, init_args: {milestones: [1], gamma: -1}}"],
+     ["schedule.init_args.gamma=-1.0", "must be > 0"]),
+    ("meta_fd_epsilon_zero",
+     ["--meta.fd_epsilon", "0"],
+     ["meta.fd_epsilon=0.0", "must be > 0"]),
+    ("meta_fd_epsilon_negative",
+     ["--meta.fd_epsilon", "-1"],
+     ["meta.fd_epsilon=-1.0", "must be > 0"]),
+    ("meta_grad_clip_zero",
+     ["--meta.grad_clip", "0"],
+     ["meta.grad_clip=0.0", "must be > 0", "or null (no clipping)"]),
+    ("meta_grad_clip_negative",
+     ["--meta.grad_clip", "-1"],
+     ["meta.grad_clip=-1.0", "must be > 0"]),
     ("data_root_is_a_file",
      ["--task.init_args.data",
       "{class_path: collab_distill.tasks.classification.CIFAR100, init_args: {root: {garbage}}}"],
