@@ -13,6 +13,7 @@ fit) stops with one message naming the field before any file is written.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -41,6 +42,19 @@ def _experiment_name(cfg: Namespace) -> str:
         path = getattr(last, "relative", None) or getattr(last, "abs_path", None) or str(last)
         return Path(str(path)).stem
     return "run"
+
+
+def _raised_at(err: BaseException) -> str:
+    """`` (raised at FILE:LINE in FUNCTION; COLLAB_DISTILL_TRACEBACK=1 prints the traceback)``: the
+    innermost frame of ``err``'s traceback, which for a plugin's own exception is its code."""
+    import traceback
+
+    frames = traceback.extract_tb(err.__traceback__)
+    if not frames:
+        return ""
+    last = frames[-1]
+    return (f" (raised at {last.filename}:{last.lineno} in {last.name}; "
+            "COLLAB_DISTILL_TRACEBACK=1 prints the whole traceback)")
 
 
 def _instantiate(sub_parser: ArgumentParser, cfg: Namespace) -> Namespace:
@@ -184,11 +198,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         full = _disk_full(err, command)  # e.g. the built-in checkpointing's write
         if full is not None:
             return full
-        # which plugin failed in which hook first, then where: the plugin's own traceback
-        import traceback
+        # which plugin failed in which hook, and the line of its code that raised; the whole
+        # traceback only on request, so that the error stays one line
+        print(f"collab-distill: error: {err}{_raised_at(err.__cause__ or err)}", file=sys.stderr)
+        if os.environ.get("COLLAB_DISTILL_TRACEBACK"):
+            import traceback
 
-        details = "".join(traceback.format_exception(err.__cause__ or err)).rstrip()
-        print(f"collab-distill: error: {err}\n{details}", file=sys.stderr)
+            traceback.print_exception(err.__cause__ or err, file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("collab-distill: interrupted; resume with --resume last", file=sys.stderr)

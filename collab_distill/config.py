@@ -12,6 +12,8 @@ from typing import Any, Literal, Optional, Union, get_args
 import torch
 from lightning_fabric.loggers import Logger
 
+from collab_distill.cluster import check_num_nodes
+from collab_distill.path_limits import check_run_path
 from collab_distill.task import ConfigError, ModelFactory
 
 __all__ = [
@@ -182,6 +184,7 @@ class TrainerConfig:
             )
         if self.compile is not None:
             check_compile_backend(self.compile)
+        check_run_path(str(self.root_dir), self.name)
 
 
 def _compile_backends() -> tuple[list[str], list[str]]:
@@ -228,7 +231,9 @@ def _fabric_precisions() -> tuple[str, ...]:
 
 def check_accelerator(trainer: TrainerConfig) -> None:
     """``trainer.accelerator`` names a device this machine has (Fabric's own error for a missing
-    GPU, "No supported gpu backend found!", names no config key)."""
+    GPU, "No supported gpu backend found!", names no config key), and that a multi-node run was
+    launched as one."""
+    check_num_nodes(trainer.num_nodes)
     accelerator = str(trainer.accelerator)
     cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
     if (accelerator in ("gpu", "cuda") and not cuda and not (accelerator == "gpu" and mps)) or (accelerator == "mps" and not mps):

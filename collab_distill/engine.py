@@ -6,6 +6,7 @@ results are built-in plugins (:mod:`collab_distill.training.services`). No metho
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -139,7 +140,6 @@ class Engine(StateView):
         if saved is not None:
             self.restore(saved["_path"])
 
-
     def student_module(self, student: str, name: str) -> Any:
         """A module a plugin attached to ``student``, callable in the current phase."""
         return self.bilevel.student_module(student, name)
@@ -255,7 +255,7 @@ class Engine(StateView):
             return self._fit(resume, allow_changes)
         finally:
             if self.run is not None:
-                self.run.release()
+                self.run.close(sys.exc_info()[1])
 
     def _fit(self, resume: Optional[str], allow_changes: bool) -> dict[str, Any]:
         self.open_run(resume, allow_changes)

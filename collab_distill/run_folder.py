@@ -7,13 +7,12 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import re
+import shutil
 import time
-import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, cast
@@ -24,12 +23,11 @@ from collab_distill import console
 from collab_distill.checkpoint import load_checkpoint, new_run_dir, state_dict_mismatch, versions, write_json
 from collab_distill.config import check_writable_folder
 from collab_distill.run_lock import RunFolderBusy, RunLock, lock_holder, remove_partial_files
+from collab_distill.run_logs import make_loggers
 from collab_distill.task import ConfigError
 from collab_distill.wrapping import unwrap
 
 if TYPE_CHECKING:
-    from lightning_fabric.loggers import Logger
-
     from collab_distill.config import TrainerConfig
 
 __all__ = [
@@ -225,6 +223,10 @@ def resolve_resume(
         )
         if given.is_dir() and not path.is_file() and not (given / "config.yaml").is_file():
             raise ConfigError(f"--resume {resume}: this folder is not a run folder (no checkpoints/last.ckpt, no config.yaml)")
+    if run_dir is not None and not path.is_file() and (run_dir / "results.json").is_file():
+        # only a run killed before its first checkpoint (while training its teachers) has none
+        raise ConfigError(f"--resume {resume}: the run {run_dir} wrote its results but has no checkpoints/last.ckpt "
+                          "to continue from; start a new run (without --resume)")
     parent = run_dir.parent.parent if run_dir is not None else None
     inner = run_dir is not None and run_dir.parent.name in ("teachers", "stages")
     if not nested and run_dir is not None and parent is not None and inner and (parent / "models.json").is_file():
@@ -274,9 +276,13 @@ def check_run_target(trainer: TrainerConfig, point: Optional[ResumePoint]) -> No
         check_writable_folder(trainer.root_dir, "trainer.root_dir")
 
 
-def _record_resume(run_dir: Path, point: ResumePoint, config_text: Optional[str]) -> list[dict[str, Any]]:
-    """Append this resume to ``resumes.json``; a changed config becomes ``config.yaml`` and the
-    previous one is kept as ``config.<n>.yaml``."""
+def _resume_record(
+    run_dir: Path, point: ResumePoint, config_text: Optional[str],
+) -> tuple[list[dict[str, Any]], Callable[[], None]]:
+    """This resume appended to the run's ``resumes.json`` entries, and the function that writes
+    it: ``resumes.json``, and a changed config as ``config.yaml`` with the previous one kept as
+    ``config.<n>.yaml``. Written when the resumed run saves its first checkpoint, so that a resume
+    that fails before then changes nothing in the run folder."""
     path = run_dir / "resumes.json"
     try:
         resumes: list[dict[str, Any]] = json.loads(path.read_text()) if path.is_file() else []
@@ -290,30 +296,81 @@ def _record_resume(run_dir: Path, point: ResumePoint, config_text: Optional[str]
         "changes": {k: {"run": old, "now": new} for k, (old, new) in point.changes.items()},
         "versions": versions(),
     }
-    if point.changes and config_text is not None and (run_dir / "config.yaml").is_file():
-        kept = run_dir / f"config.{len(resumes)}.yaml"
-        os.replace(run_dir / "config.yaml", kept)
-        entry["previous_config"] = kept.name
-        (run_dir / "config.yaml").write_text(config_text)
+    swap_config = bool(point.changes) and config_text is not None and (run_dir / "config.yaml").is_file()
+    if swap_config:
+        entry["previous_config"] = f"config.{len(resumes)}.yaml"
     resumes.append(entry)
-    write_json(resumes, path)
-    return resumes
+
+    def write() -> None:
+        if swap_config:
+            os.replace(run_dir / "config.yaml", run_dir / entry["previous_config"])
+            (run_dir / "config.yaml").write_text(cast(str, config_text))
+        write_json(resumes, path)
+
+    return resumes, write
+
+
+def _missing_folders(path: Path) -> list[Path]:
+    """The folders ``path`` needs that do not exist yet, outermost first."""
+    missing = []
+    for folder in [path, *path.parents]:
+        if folder.exists():
+            break
+        missing.append(folder)
+    return missing[::-1]
 
 
 @dataclass
 class RunFolder:
     """An open run folder: its path, rank 0's lock on it (``None`` for a run nested in a locked
-    folder, and on other ranks), the run's ``resumes.json`` entries and its loggers."""
+    folder, and on other ranks), the run's ``resumes.json`` entries and its loggers.
+
+    ``created``: the folders a new run created (rank 0; outermost first), which :meth:`discard`
+    removes when the run stops on a config or plugin error before it saved anything.
+    ``pending``: the resume record, written by :meth:`commit` with the resumed run's first checkpoint."""
 
     path: Path
     lock: Optional[RunLock] = None
     resumes: list[dict[str, Any]] = field(default_factory=list)
     loggers: list[Any] = field(default_factory=list)
+    created: list[Path] = field(default_factory=list)
+    pending: Optional[Callable[[], None]] = None
 
     def release(self) -> None:
         if self.lock is not None:
             self.lock.release()
             self.lock = None
+
+    def close(self, error: Optional[BaseException] = None) -> None:
+        """Release the lock; a new run that ``error`` (a config or plugin error) stopped before it
+        saved anything is removed (:meth:`discard`)."""
+        self.release()
+        if isinstance(error, ConfigError):
+            self.discard()
+
+    def commit(self) -> None:
+        """The run has a checkpoint of its own now: write what opening it deferred."""
+        if self.pending is not None:
+            self.pending, write = None, self.pending
+            write()
+
+    def discard(self) -> bool:
+        """Remove the folders this new run created if it saved nothing worth keeping (no
+        checkpoint, trained teacher, stage or results), so that a run refused at its first step
+        leaves no trace. Call after :meth:`release`; returns whether they were removed."""
+        if not self.created or not self.path.is_dir():
+            return False
+        kept = ("checkpoints/*.ckpt", "teachers/*", "stages/*", "results.json")
+        if any(next(self.path.glob(pattern), None) is not None for pattern in kept):
+            return False
+        shutil.rmtree(self.path)
+        for folder in reversed(self.created[:-1]):  # its parents, innermost first, while empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        self.created = []
+        return True
 
 
 def open_run_dir(
@@ -326,6 +383,7 @@ def open_run_dir(
     describe how the run started) and appends to ``resumes.json``. With ``lock`` (a run of its own,
     not one nested in a locked run's folder) rank 0 first locks the folder and removes what killed
     writers left; a folder in use is an error raised on every rank."""
+    created: list[Path] = []
     if folder is not None:
         run_dir = Path(folder)
         if fabric.is_global_zero:
@@ -333,10 +391,14 @@ def open_run_dir(
     elif point is not None and point.run_dir is not None:
         run_dir = point.run_dir
     else:
-        created = new_run_dir(trainer.root_dir, run_name(trainer)) if fabric.is_global_zero else None
+        new_dir: Optional[Path] = None
+        if fabric.is_global_zero:
+            created = _missing_folders(Path(trainer.root_dir) / run_name(trainer))
+            new_dir = new_run_dir(trainer.root_dir, run_name(trainer))
+            created.append(new_dir)
         # rank 0's path on every rank (None only on the other ranks' side of the broadcast)
-        run_dir = Path(cast(Path, fabric.broadcast(created, src=0)))
-    opened = RunFolder(run_dir)
+        run_dir = Path(cast(Path, fabric.broadcast(new_dir, src=0)))
+    opened = RunFolder(run_dir, created=created)
     problem: Optional[str] = None
     if fabric.is_global_zero:
         try:
@@ -348,7 +410,7 @@ def open_run_dir(
             resumed = (run_dir / "config.yaml").is_file() or (run_dir / "models.json").is_file()
             (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
             if point is not None and point.run_dir is not None and lock:
-                opened.resumes = _record_resume(run_dir, point, config_text)
+                opened.resumes, opened.pending = _resume_record(run_dir, point, config_text)
             if config_text is not None and not (run_dir / "config.yaml").exists():
                 (run_dir / "config.yaml").write_text(config_text)
             if not resumed:
@@ -362,48 +424,6 @@ def open_run_dir(
     fabric.barrier()
     console.model_table(fabric, model_summary)
     return opened
-
-
-def make_loggers(kinds: list[Any], run_dir: Path, resume_step: Optional[int] = None) -> list[Logger]:
-    """The run's loggers: ``csv`` and ``tensorboard`` write under ``run_dir/logs``; any other
-    entry is a ready ``lightning_fabric.loggers.Logger`` (W&B, MLflow, ... by ``class_path``).
-
-    ``resume_step``: the run resumes from a checkpoint written at this step; the CSV log keeps
-    every row the run logged up to it (and drops later ones, which the resumed run logs again)."""
-    from lightning_fabric.loggers import CSVLogger, Logger, TensorBoardLogger
-
-    loggers: list[Logger] = []
-    for kind in kinds:
-        if kind == "csv":
-            csv_logger = CSVLogger(root_dir=str(run_dir), name="logs", version="csv", flush_logs_every_n_steps=50)
-            if resume_step is not None:
-                _carry_over(csv_logger, resume_step)
-            loggers.append(csv_logger)
-        elif kind == "tensorboard":
-            loggers.append(TensorBoardLogger(root_dir=str(run_dir), name="logs", version="tensorboard"))
-        elif isinstance(kind, Logger):
-            loggers.append(kind)
-        else:
-            raise ConfigError(f"trainer.loggers: {kind!r} is neither csv, tensorboard nor a lightning_fabric Logger (class_path)")
-    return loggers
-
-
-def _carry_over(logger: Any, resume_step: int) -> None:
-    """Lightning's CSV writer deletes an existing ``metrics.csv`` when it starts: read the rows
-    first, log those up to ``resume_step`` again through the logger and write them at once."""
-    path = Path(logger.log_dir) / "metrics.csv"
-    if not path.is_file():
-        return
-    with path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    with warnings.catch_warnings():
-        # Lightning warns that it deletes the old file: its rows are being carried over right here
-        warnings.filterwarnings("ignore", message="Experiment logs directory")
-        for row in rows:
-            step = int(float(row.pop("step")))
-            if step <= resume_step:
-                logger.log_metrics({k: float(v) for k, v in row.items() if v not in ("", None)}, step)
-        logger.save()
 
 
 def open_for_fit(

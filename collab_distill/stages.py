@@ -108,6 +108,7 @@ def fit_stages(spec: RunSpec, fabric: Any, model_summary: Mapping[str, Any], tea
         )
     check_run_target(spec.trainer, point)
     folder = open_run_dir(fabric, spec.trainer, spec.config_text, model_summary, point)
+    folder.commit()  # each stage checkpoints in its own folder: the staged run records its resume now
     try:
         return _fit_stages(spec, fabric, folder, teachers, make_engine)
     finally:

@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from collab_distill.cli import main
+from collab_distill.cluster import launching_environment
 from collab_distill.tasks.classification.models import RESNET_FAMILY, ResNetCifar
 from tiny_config import RESNET, tiny_digits_yaml
 
@@ -239,6 +240,19 @@ CASES = [
     ("meta_grad_clip_negative",
      ["--meta.grad_clip", "-1"],
      ["meta.grad_clip=-1.0", "must be > 0"]),
+    ("run_name_too_long",
+     ["--trainer.name", "n" * 300],
+     ["trainer.name: the folder name 'nnnn", "has 300 characters", "give a shorter --trainer.name"]),
+    ("root_dir_path_too_long",
+     ["--trainer.root_dir", "{empty_dir}/" + "/".join(["d" * 200] * 25)],
+     ["trainer.root_dir and trainer.name make the path", "give a shorter --trainer.root_dir"]),
+    ("root_dir_empty_string",
+     ["--trainer.root_dir", ""],
+     ["trainer.root_dir='' is empty", "--trainer.root_dir runs"]),
+    ("num_nodes_two_without_a_cluster_launch",
+     ["--trainer.num_nodes", "2"],
+     ["trainer.num_nodes=2", "not launched as one node of 2", "torchrun --nnodes 2", "--trainer.num_nodes 1"],
+     pytest.mark.skipif(launching_environment() is not None, reason="launched as one node of several")),
     ("data_root_is_a_file",
      ["--task.init_args.data",
       "{class_path: collab_distill.tasks.classification.CIFAR100, init_args: {root: {garbage}}}"],
@@ -408,7 +422,17 @@ def test_loss_weight_providers_that_answer_only_in_training_conflict_at_the_firs
     rc, err = _fit(capsys, files, root, "--plugins", plugins)
     assert rc == 2, err
     _assert_one_error(err, ("LearnedImageWeights#0", "FixedLossWeights#1", "both provide loss weights", "['s']"))
-    assert not (root / "bad" / "version_0" / "checkpoints" / "last.ckpt").exists()
+    assert _nothing_written(root), sorted(root.rglob("*"))  # the new run's folder is removed: it saved nothing
+
+
+def test_a_run_refused_at_its_first_step_keeps_folders_that_were_there(capsys, files, tmp_path):
+    """Only what the refused run created goes: an earlier run's folder beside it stays."""
+    root = tmp_path / "runs"
+    (root / "bad" / "version_0").mkdir(parents=True)
+    plugins = f"[{{class_path: support_plugins.LearnedImageWeights}}, {{class_path: {FIXED}}}]"
+    rc, err = _fit(capsys, files, root, "--plugins", plugins)
+    assert rc == 2, err
+    assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*")) == ["bad", "bad/version_0"]
 
 
 # (id, subcommand, extra arguments, needles): `validate`/`test` of a checkpoint; "{ckpt}" is the
@@ -476,6 +500,21 @@ def test_nonfinite_loss_on_resume_keeps_the_last_checkpoint(capsys, files, good_
     _assert_one_error(err, ("non-finite loss at epoch 1", "s/loss", "was left untouched (resume with --resume last)"))
     assert {p: p.read_bytes() for p in before} == before
     assert sorted(p.name for p in run.parent.iterdir()) == ["version_0"]
+    # the resume is recorded (resumes.json, the changed config.yaml) only with its first checkpoint
+    assert (run / "config.yaml").read_bytes() == (good_run / "config.yaml").read_bytes()
+    assert not (run / "resumes.json").exists() and not (run / "config.0.yaml").exists()
+
+
+def test_a_run_without_its_checkpoint_but_with_results_is_not_resumed(capsys, files, good_run, tmp_path):
+    """Its checkpoint was removed: resuming would train it again from scratch over its results."""
+    run = tmp_path / "runs" / "good" / "version_0"
+    shutil.copytree(good_run, run)
+    shutil.rmtree(run / "checkpoints")
+    before = _digests(run)
+    rc, err = _fit(capsys, files, tmp_path / "runs", "--resume", str(run), "--trainer.max_epochs", "2", name="good")
+    assert rc == 2, err
+    _assert_one_error(err, (f"--resume {run}", "wrote its results but has no checkpoints/last.ckpt", "start a new run"))
+    assert _digests(run) == before
 
 
 @pytest.mark.parametrize("failure", [
@@ -566,7 +605,8 @@ def test_command_plugin_that_calls_sys_exit_is_a_plugin_error(files, tmp_path):
                    "sys.exit(0)", "must not end the process"):
         assert needle in first, f"{needle!r} not in:\n{proc.stderr}"
     assert proc.stderr.count("error:") == 1, proc.stderr
-    assert "sys.exit(self.code)" in proc.stderr  # the plugin's own line, in its traceback
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "bad_input_plugins.py:" in first and "COLLAB_DISTILL_TRACEBACK=1" in first  # where, and how to see more
     assert not (root / "cmd" / "version_0" / "results.json").exists()
 
 

@@ -148,14 +148,23 @@ plugins:
 """
 
 
-def test_the_cli_names_the_failing_plugin_then_prints_its_traceback(tmp_path: Path, capsys) -> None:
+def test_the_cli_names_the_failing_plugin_and_its_line_and_prints_the_traceback_on_request(
+        tmp_path: Path, capsys, monkeypatch) -> None:
     config = tmp_path / "failing.yaml"
     config.write_text(_CLI_CONFIG)
+    monkeypatch.delenv("COLLAB_DISTILL_TRACEBACK", raising=False)
     rc = main(["fit", "--config", str(config), "--trainer.root_dir", str(tmp_path / "runs")])
     err = capsys.readouterr().err
     assert rc == 1, err
     assert err.startswith("collab-distill: error: plugin 'FailingLossWeights#0' failed in hook "
-                          "collab_distill_loss_weights: KeyError: 'teacher'\n"), err
+                          "collab_distill_loss_weights: KeyError: 'teacher' (raised at "), err
+    assert "support_plugins.py:" in err and "COLLAB_DISTILL_TRACEBACK=1" in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+    monkeypatch.setenv("COLLAB_DISTILL_TRACEBACK", "1")
+    rc = main(["fit", "--config", str(config), "--trainer.root_dir", str(tmp_path / "runs2")])
+    err = capsys.readouterr().err
+    assert rc == 1, err
     assert "Traceback (most recent call last)" in err and 'teacher = records["teacher"]' in err, err
     assert err.rstrip().endswith("KeyError: 'teacher'"), err
 

@@ -97,6 +97,7 @@ class Checkpointing:
         path = Path(host.run.path) / "checkpoints" / "last.ckpt"
         save_run_state(host.fabric, path, host.state, host.loop, extra, plugins)
         if host.fabric.is_global_zero:
+            host.run.commit()  # a resumed run's record, now that it has a checkpoint of its own
             for logger in host.run.loggers:  # what was logged up to this checkpoint survives a kill
                 logger.save()
         return path
