@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 from jsonargparse import ArgumentParser, Namespace
 
-from collab_distill.cli_hints import PluginFailedToStart, argument_hint, located, plugin_instantiators
+from collab_distill.cli_hints import PluginFailedToStart, argument_hint, located, plugin_instantiators, simplify_union_error
 from collab_distill.parsers import (  # build_parser: re-exported
     Parsers,
     build_parser,
@@ -184,7 +184,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0 if results is not None else 1
     except argparse.ArgumentError as err:
         # jsonargparse: a wrong type, an unknown option or key, a class_path that cannot be imported
-        message = str(err).strip()
+        message = simplify_union_error(str(err).strip())
         try:
             hint = argument_hint(list(argv), parsers or build_parsers())
         except Exception:  # noqa: BLE001 - a hint must never hide the error itself

@@ -6,6 +6,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import re
 import typing
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,6 +42,9 @@ def located(cfg: Namespace, err: Exception) -> ConfigError:
     the config it was (by building the innermost class nodes again, one by one) and prefix the
     message with its path, e.g. ``cohort.students.s: Unknown ResNet size 'zz' ...``."""
     message = str(err) if isinstance(err, ConfigError) else f"{type(err).__name__}: {err}"
+    simpler = simplify_union_error(str(err))
+    if simpler != str(err):  # the union's complaint names its node already (``task.topk=[0] must be ...``)
+        return ConfigError(simpler)
     for path, node in _class_nodes(cfg, ""):
         init_args = node.get("init_args")
         if any(True for _ in _class_nodes(init_args, "")):
@@ -300,6 +304,26 @@ def _class_problem(value: Any, expected: tuple[type, ...]) -> Optional[_ClassPro
             if problem is not None:
                 return problem
     return None
+
+
+def simplify_union_error(message: str) -> str:
+    """jsonargparse's error for a value that no member of a ``Union``/``Optional`` accepts lists
+    every member's complaint (``Expected a <class 'NoneType'>`` too) and dumps the whole given
+    node: keep what says what is wrong, as ``Parser key "K": <the complaints>``."""
+    if "Does not validate against any of the Union subtypes" not in message:
+        return message
+    lines = [line.strip() for line in message.splitlines()]
+    errors = [line[2:] for line in lines if line.startswith("- ")]
+    useful = [e for e in errors if not e.startswith("Expected a <class")]
+    key = next((line for line in lines if line.startswith("Parser key")), "")
+    if useful:
+        body = "; ".join(dict.fromkeys(useful))
+    else:
+        subtypes = next((line for line in lines if line.startswith("Subtypes:")), "")
+        names = ["null" if t == "NoneType" else t.rsplit(".", 1)[-1] for t in re.findall(r"<class '([\w.]+)'>", subtypes)]
+        given = next((line.removeprefix("Given value:").strip() for line in lines if line.startswith("Given value:")), "?")
+        body = f"expected {' or '.join(names) or 'another type'}, got {given!r}"
+    return f"{key}\n  {body}" if key.endswith(":") else f"{key} {body}".strip()
 
 
 def argument_hint(argv: list[str], parsers: Parsers) -> str:
