@@ -80,6 +80,14 @@ class Cohort:
                     f"cohort.teachers.{name}: give a `checkpoint` to load, `train_epochs` > 0 to train it first, "
                     "or a model factory that loads trained weights"
                 )
+            if teacher.checkpoint is not None and teacher.train_epochs > 0:  # training would be skipped silently
+                raise ConfigError(
+                    f"cohort.teachers.{name}: both a `checkpoint` ({teacher.checkpoint}) and `train_epochs: "
+                    f"{teacher.train_epochs}` are given, but a teacher is either loaded or trained here; remove "
+                    "train_epochs to use the checkpoint, or the checkpoint to train it"
+                )
+            if teacher.cache_dir is not None and teacher.train_epochs > 0:
+                check_writable_folder(teacher.cache_dir, f"cohort.teachers.{name}.cache_dir")
         self.students = students
         self.teachers = teachers
         self.student_checkpoints = student_checkpoints
@@ -274,7 +282,7 @@ def check_writable_folder(path: str, field: str) -> None:
     fix = f"give a folder you can write to (--{field} DIR)"
     if not existing.is_dir():
         raise ConfigError(
-            f"{field}={str(path)!r}: {str(existing)!r} is a file, not a folder, so the runs cannot be written "
+            f"{field}={str(path)!r}: {str(existing)!r} is a file, not a folder, so nothing can be written "
             f"below it; {fix}"
         )
     try:

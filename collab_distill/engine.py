@@ -26,7 +26,7 @@ from collab_distill.optim import Constant, OptimizerCallable, Schedule, sgd
 from collab_distill.plugin_manager import ROLES, NamedHookRelay, make_plugin_manager
 from collab_distill.records import Knowledge, LossWeights
 from collab_distill.run_folder import RunFolder, open_for_fit
-from collab_distill.stages import Stage, check_stages
+from collab_distill.stages import Stage, check_stages, stage_list
 from collab_distill.task import ConfigError, Task
 from collab_distill.training import build as parts
 from collab_distill.training.bilevel import BilevelStep, flush_meta_steps, sync_buffers
@@ -67,7 +67,7 @@ class Engine(StateView):
         #: everything the engine was built from (nested runs derive theirs from it)
         self.spec = RunSpec(task, cohort, trainer or TrainerConfig(), optimizer, schedule or Constant(),
                             meta or BilevelConfig(), list(plugins or []), list(disable_plugins or []), seed,
-                            trace_plugins, config_text, run_dir, list(stages) if stages else None, role)
+                            trace_plugins, config_text, run_dir, stage_list(stages), role)
         #: pluggy's plugin manager; call hooks through ``hook`` (a plugin's exception names it)
         self.pm = make_plugin_manager(self.spec.plugins, self.spec.disable_plugins, trace=trace_plugins)
         self.hook = NamedHookRelay(self.pm)

@@ -15,7 +15,9 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["ForwardCall", "count_parameters", "count_macs", "format_count"]
+from collab_distill.task import ConfigError
+
+__all__ = ["ForwardCall", "count_parameters", "count_macs", "member_macs", "format_count"]
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,37 @@ def count_macs(model: nn.Module, example_input: Any) -> int:
         for module, training in modes.items():
             module.training = training
     return counter.get_total_flops() // 2
+
+
+def _input_described(example: Any) -> str:
+    """``a [1, 3, 8, 8] float32 tensor``, or what a :class:`ForwardCall` holds."""
+    if isinstance(example, torch.Tensor):
+        return f"a {list(example.shape)} {str(example.dtype).removeprefix('torch.')} tensor"
+    if isinstance(example, ForwardCall):
+        parts = [_input_described(a) for a in example.args] + [f"{k}={v!r}" for k, v in example.kwargs.items()]
+        return f"({', '.join(parts)})"
+    if isinstance(example, (list, tuple)):
+        return f"[{', '.join(_input_described(e) for e in example)}]"
+    if isinstance(example, Mapping):
+        return "{" + ", ".join(f"{k}: {_input_described(v)}" for k, v in example.items()) + "}"
+    return type(example).__name__
+
+
+def member_macs(model: nn.Module, example: Any, where: str, factory: str, task: str) -> int:
+    """:func:`count_macs` of a cohort member, its first forward pass: a model that fails on the
+    task's input (a detector given an image classification batch, a ViT that needs 224 px) is one
+    error naming the member (``where``), its factory and the input, with the model's own message,
+    instead of the model's traceback once the run has started."""
+    try:
+        return count_macs(model, example)
+    except (ConfigError, MemoryError):
+        raise
+    except Exception as err:
+        said = f"{type(err).__name__}: {err}" if str(err) else f"{type(err).__name__} (without a message)"
+        raise ConfigError(
+            f"{where}: {factory} ({type(model).__name__}) fails on {task}'s input, {_input_described(example)}: "
+            f"{said}; choose a model made for this task and its image size (or data that fits the model)"
+        ) from err
 
 
 def format_count(n: int) -> str:

@@ -36,7 +36,7 @@ from collab_distill.wrapping import unwrap
 if TYPE_CHECKING:
     from collab_distill.training.spec import RunSpec
 
-__all__ = ["Stage", "check_stages", "fit_stages"]
+__all__ = ["Stage", "stage_list", "check_stages", "fit_stages"]
 
 
 @dataclass
@@ -53,6 +53,15 @@ class Stage:
     name: str
     students: list[str]
     teachers: list[str] = field(default_factory=list)
+
+
+def stage_list(stages: Optional[list[Stage]]) -> Optional[list[Stage]]:
+    """``stages`` as a list, ``None`` for an ordinary run; an empty list (one that lost its
+    entries, or an override meant to drop them) is refused rather than silently read as ``null``."""
+    if stages is not None and not list(stages):
+        raise ConfigError("stages is an empty list: give at least one stage ({name, students, teachers}), or "
+                          "stages: null (the default) for one ordinary run")
+    return list(stages) if stages else None
 
 
 def check_stages(stages: list[Stage], cohort: Cohort) -> None:

@@ -17,7 +17,7 @@ from collab_distill.checkpoint import load_weights
 from collab_distill.config import Cohort, TrainerConfig, check_accelerator, fabric_refused
 from collab_distill.features import FeatureCapture, FeatureRequest
 from collab_distill.meta import MetaModule
-from collab_distill.profiling import count_macs, count_parameters
+from collab_distill.profiling import count_parameters, member_macs
 from collab_distill.task import ConfigError, Task, TaskInfo
 from collab_distill.wrapping import unwrap_optimizer
 
@@ -83,7 +83,7 @@ def build_members(task: Task, info: TaskInfo, cohort: Cohort, seed: int
             ) from err
         summary: dict[str, Any] = {"kind": kind[:-1], "model": factory.describe(), "params": count_parameters(model)}
         if example is not None:
-            summary["macs"] = count_macs(model, example)
+            summary["macs"] = member_macs(model, example, f"cohort.{kind}.{name}", factory.describe(), task.describe())
         summaries[name] = summary
         return model
 
