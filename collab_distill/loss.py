@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Optional, Protocol, cast
 import torch
 from torch import Tensor
 
+from collab_distill.answers import PluginAnswerError, ask_alone, described, in_call_order, wrong_answer
 from collab_distill.engine_view import EngineView
 from collab_distill.plugin_manager import PluginError
 from collab_distill.records import Knowledge, LossWeights, SoftTarget
@@ -57,104 +58,39 @@ class Engine(EngineView, Protocol):
     def check_finite(self) -> None: ...
 
 
-class PluginAnswerError(ConfigError):
-    """A plugin answered a hook with something the engine cannot use (a wrong type, shape or
-    dtype, a student that does not exist, a negative weight): the message names the plugin
-    (``plugin``, ``None`` when it could not be found), the hook (``hook``) and what was expected."""
-
-    def __init__(self, message: str, plugin: Optional[str] = None, hook: str = "") -> None:
-        super().__init__(message)
-        self.plugin, self.hook = plugin, hook
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (str(self), self.plugin, self.hook))
-
-
 class _ProviderConflict(ConfigError):
     """Two plugins answer ``collab_distill_loss_weights`` for the same student."""
-
-
-def _in_call_order(engine: Engine, hook: str) -> list[HookImpl]:
-    """The implementations of ``hook`` in the order pluggy calls them, wrappers left out."""
-    return [i for i in reversed(getattr(engine.pm.hook, hook).get_hookimpls()) if not (i.hookwrapper or i.wrapper)]
 
 
 def _weight_providers(engine: Engine) -> Optional[list[HookImpl]]:
     """The implementations of ``collab_distill_loss_weights`` in the order pluggy calls them
     (wrappers left out), when two or more of them are not fallbacks (``trylast``, like the
     built-in defaults); otherwise ``None`` (one provider: nothing can conflict)."""
-    impls = _in_call_order(engine, _HOOK)
+    impls = in_call_order(engine, _HOOK)
     return impls if sum(not i.trylast for i in impls) >= 2 else None
-
-
-def _ask_alone(engine: Engine, hook: str, impls: list[HookImpl], impl: HookImpl, kwargs: Mapping[str, Any]) -> Any:
-    """``impl``'s answer to ``hook``, through a hook caller without the other ``impls`` (pluggy's
-    ``subset_hook_caller``), so wrappers, tracing and call monitoring still see the call; an
-    exception inside it is a :class:`PluginError` naming the plugin, as through ``engine.hook``."""
-    others = [i.plugin for i in impls if i.plugin is not impl.plugin]
-    ask = engine.pm.subset_hook_caller(hook, remove_plugins=others)
-    try:
-        answer = ask(**kwargs)
-    except (ConfigError, PluginError):
-        raise
-    except Exception as err:  # named like engine.hook names it (this call bypasses engine.hook)
-        message = f"plugin {impl.plugin_name!r} failed in hook {hook}: {type(err).__name__}: {err}"
-        raise PluginError(message, impl.plugin_name, hook) from err
-    firstresult = getattr(engine.pm.hook, hook).spec.opts.get("firstresult")
-    return answer if firstresult else (answer[0] if answer else None)
-
-
-def _answerer(engine: Engine, hook: str, kwargs: Mapping[str, Any], wrong: Callable[[Any], bool]) -> Optional[str]:
-    """The plugin whose answer to ``hook`` is ``wrong`` (the first that answers, for a provider
-    hook): on the error path only, each implementation asked again alone (no grad, the CPU RNG
-    untouched); ``None`` when none is found."""
-    impls = _in_call_order(engine, hook)
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        for impl in impls:
-            try:
-                answer = _ask_alone(engine, hook, impls, impl, kwargs)
-            except Exception:  # noqa: BLE001 - the answer that is wrong is the error to report
-                continue
-            if answer is not None and wrong(answer):
-                return impl.plugin_name
-    return None
-
-
-def _wrong(engine: Engine, hook: str, kwargs: Mapping[str, Any], what: str, expected: str, plugin: Optional[str] = None,
-           wrong: Callable[[Any], bool] = lambda answer: True) -> PluginAnswerError:
-    """The error for an answer the engine cannot use, naming the plugin (asked for if not known)."""
-    plugin = plugin or _answerer(engine, hook, kwargs, wrong)
-    who = f"plugin {plugin!r}" if plugin is not None else "a plugin"
-    return PluginAnswerError(f"{who} answered {hook} with {what}; expected {expected}", plugin, hook)
 
 
 def _holds(key: str) -> Callable[[Any], bool]:
     return lambda answer: isinstance(answer, Mapping) and key in answer
 
 
-def _described(value: Any) -> str:
-    if isinstance(value, Tensor):
-        return f"a tensor of shape {tuple(value.shape)} and dtype {str(value.dtype).removeprefix('torch.')}"
-    return f"a {type(value).__name__}"
-
-
 def _check_weights(engine: Engine, provided: Any, records: Mapping[str, Knowledge], kwargs: Mapping[str, Any],
                    plugins: Mapping[str, str]) -> None:
     """The loss-weight provider's answer, checked for what costs nothing (no value is read)."""
     if not isinstance(provided, Mapping):
-        raise _wrong(engine, _HOOK, kwargs, _described(provided), "a mapping {student: LossWeights}")
+        raise wrong_answer(engine, _HOOK, kwargs, described(provided), "a mapping {student: LossWeights}")
     for student, weights in provided.items():
         if student not in records:
-            raise _wrong(engine, _HOOK, kwargs, f"weights for {student!r}, which is not a student",
-                         f"weights for the students {sorted(records)}", plugins.get(student))
+            raise wrong_answer(engine, _HOOK, kwargs, f"weights for {student!r}, which is not a student",
+                               f"weights for the students {sorted(records)}", plugins.get(student))
         if not isinstance(weights, LossWeights):
-            raise _wrong(engine, _HOOK, kwargs, f"{_described(weights)} for {student!r}",
-                         "a LossWeights per student (collab_distill.LossWeights)", plugins.get(student))
+            raise wrong_answer(engine, _HOOK, kwargs, f"{described(weights)} for {student!r}",
+                               "a LossWeights per student (collab_distill.LossWeights)", plugins.get(student))
         problem = weights.problem(records[student])
         if problem is not None:
             which, value, expected = problem
-            what = f"constant={value!r}" if which == "constant" else f"{which} {_described(value)}"
-            raise _wrong(engine, _HOOK, kwargs, f"{what} for {student!r}", expected, plugins.get(student))
+            what = f"constant={value!r}" if which == "constant" else f"{which} {described(value)}"
+            raise wrong_answer(engine, _HOOK, kwargs, f"{what} for {student!r}", expected, plugins.get(student))
 
 
 def _only_answer(engine: Engine, impls: list[HookImpl],
@@ -168,7 +104,7 @@ def _only_answer(engine: Engine, impls: list[HookImpl],
     for impl in impls:
         if first is not None and impl.trylast:
             continue  # a fallback answers only when nobody else did
-        answer = cast(Optional[Mapping[str, LossWeights]], _ask_alone(engine, _HOOK, impls, impl, kwargs))
+        answer = cast(Optional[Mapping[str, LossWeights]], ask_alone(engine, _HOOK, impls, impl, kwargs))
         if answer is None:
             continue
         if first is None:
@@ -236,7 +172,7 @@ def _provided_weights(engine: Engine, batch: Any, records: Mapping[str, Knowledg
         asking = not engine.flags.providers_checked
         plugins: dict[str, str] = {}
         if asking:
-            provided, plugins = _only_answer(engine, _in_call_order(engine, _HOOK), kwargs)
+            provided, plugins = _only_answer(engine, in_call_order(engine, _HOOK), kwargs)
         else:
             provided = engine.hook.collab_distill_loss_weights(**kwargs)
         first_step = asking and phase == "train"
@@ -260,21 +196,21 @@ def _provided_weights(engine: Engine, batch: Any, records: Mapping[str, Knowledg
 def _targets(engine: Engine, hook: str, kwargs: Mapping[str, Any], records: Mapping[str, Knowledge]) -> Mapping[str, SoftTarget]:
     """A soft-target or consensus answer, checked for what costs nothing (students, types, shapes)."""
     answer = getattr(engine.hook, hook)(**kwargs)
-    if not answer:
+    if answer is None:
         return {}
-    if not isinstance(answer, Mapping):
-        raise _wrong(engine, hook, kwargs, _described(answer), "a mapping {student: SoftTarget}")
+    if not isinstance(answer, Mapping):  # before any truth test: a tensor has no single truth value
+        raise wrong_answer(engine, hook, kwargs, described(answer), "a mapping {student: SoftTarget}")
     for student, target in answer.items():
         record = records.get(student)
         if record is None:
-            raise _wrong(engine, hook, kwargs, f"a target for {student!r}, which is not a student",
-                         f"targets for the students {sorted(records)}")
+            raise wrong_answer(engine, hook, kwargs, f"a target for {student!r}, which is not a student",
+                               f"targets for the students {sorted(records)}")
         if not isinstance(target, SoftTarget):
-            raise _wrong(engine, hook, kwargs, f"{_described(target)} for {student!r}", "a SoftTarget per student")
+            raise wrong_answer(engine, hook, kwargs, f"{described(target)} for {student!r}", "a SoftTarget per student")
         expected = tuple(record.logits.shape)
         if not isinstance(target.probs, Tensor) or target.probs.shape != expected or not target.probs.is_floating_point():
-            raise _wrong(engine, hook, kwargs, f"probabilities {_described(target.probs)} for {student!r}",
-                         f"floating-point probabilities of shape [units, classes] = {expected}, as the student's logits")
+            raise wrong_answer(engine, hook, kwargs, f"probabilities {described(target.probs)} for {student!r}",
+                               f"floating-point probabilities of shape [units, classes] = {expected}, as the student's logits")
     return answer
 
 
@@ -282,10 +218,10 @@ def _auxiliary(engine: Engine, kwargs: Mapping[str, Any], first_step: bool) -> l
     """Every plugin's auxiliary terms, checked for what costs nothing (each a 0-d float tensor).
     On the first training step, with two or more implementations, each is asked alone (in
     pluggy's order, once) to learn which plugin gives which term."""
-    impls = _in_call_order(engine, AUX_HOOK) if first_step else []
+    impls = in_call_order(engine, AUX_HOOK) if first_step else []
     groups: list[tuple[Optional[str], Any]]
     if len(impls) >= 2:
-        groups = [(impl.plugin_name, _ask_alone(engine, AUX_HOOK, impls, impl, kwargs)) for impl in impls]
+        groups = [(impl.plugin_name, ask_alone(engine, AUX_HOOK, impls, impl, kwargs)) for impl in impls]
     else:
         name = impls[0].plugin_name if impls else None
         groups = [(name, group) for group in engine.hook.collab_distill_auxiliary_losses(**kwargs)]
@@ -295,12 +231,17 @@ def _auxiliary(engine: Engine, kwargs: Mapping[str, Any], first_step: bool) -> l
         if group is None:
             continue
         if not isinstance(group, Mapping):
-            raise _wrong(engine, AUX_HOOK, kwargs, _described(group), "a mapping {term name: scalar tensor}", plugin,
-                         lambda answer: not isinstance(answer, Mapping))
+            raise wrong_answer(engine, AUX_HOOK, kwargs, described(group), "a mapping {term name: scalar tensor}", plugin,
+                               lambda answer: not isinstance(answer, Mapping))
         for key, value in group.items():
             if not isinstance(value, Tensor) or value.dim() != 0 or not value.is_floating_point():
-                raise _wrong(engine, AUX_HOOK, kwargs, f"{_described(value)} for the term {key!r}",
-                             "a scalar (0-d) floating-point tensor per term", plugin, _holds(key))
+                raise wrong_answer(engine, AUX_HOOK, kwargs, f"{described(value)} for the term {key!r}",
+                                   "a scalar (0-d) floating-point tensor per term", plugin, _holds(key))
+            owner, slash, _ = key.partition("/")
+            if slash and owner not in kwargs["records"] and owner not in engine.students:  # else silently the cohort's
+                raise wrong_answer(engine, AUX_HOOK, kwargs, f"the term {key!r}, but {owner!r} is not a student",
+                                   f"'<student>/<term>' for a student's own term (students: {sorted(kwargs['records'])}), "
+                                   "or a name without '/' for a term of the whole cohort", plugin, _holds(key))
             terms.append((key, value))
             if plugin is not None:
                 plugins[key] = plugin

@@ -11,9 +11,9 @@ A faulty plugin is named, never a bare traceback: an entry point that fails to i
 run with its name, its import error and the ``--disable_plugins`` fix; a hook implementation
 whose name or arguments match no hook is a :class:`~collab_distill.task.ConfigError`; a
 ``collab_distill_*`` method the engine would never call is a :class:`PluginWarning`; an
-exception raised inside a hook (``sys.exit`` too, but not Ctrl-C's KeyboardInterrupt) becomes a
-:class:`PluginError` naming the plugin and the hook (through :class:`NamedHookRelay`, the engine's
-``engine.hook``).
+exception raised inside a hook (``sys.exit`` and any BaseException too, but not Ctrl-C's
+KeyboardInterrupt) becomes a :class:`PluginError` naming the plugin and the hook (through
+:class:`NamedHookRelay`, the engine's ``engine.hook``).
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ __all__ = [
     "PluginWarning",
     "NamedHookRelay",
     "NamedHookCaller",
+    "named_caller",
     "discover",
     "make_plugin_manager",
     "hooks_implemented_by",
@@ -377,15 +378,18 @@ class NamedHookCaller(Protocol):
     def get_hookimpls(self) -> list[pluggy.HookImpl]: ...
 
 
-def _named_caller(caller: pluggy.HookCaller) -> NamedHookCaller:
-    """A plain function, not an object with ``__call__``: calling it costs one frame and a ``try``."""
+def named_caller(caller: pluggy.HookCaller) -> NamedHookCaller:
+    """``caller``, naming the plugin an exception inside it came from. A plain function, not an
+    object with ``__call__``: calling it costs one frame and a ``try``."""
 
     def call(**kwargs: Any) -> Any:
         try:
             return caller(**kwargs)
         except (ConfigError, PluginError):  # already says what to fix, or names an inner hook's plugin
             raise
-        except (Exception, SystemExit) as err:  # not KeyboardInterrupt: Ctrl-C stops the run as ever
+        except (KeyboardInterrupt, GeneratorExit):  # Ctrl-C stops the run as ever
+            raise
+        except BaseException as err:  # noqa: BLE001 - a plugin's own BaseException subclass too, named like any error
             plugin = _culprit(caller, err)
             who = f"plugin {plugin!r}" if plugin is not None else "a plugin"
             if isinstance(err, SystemExit):  # would end the run with its exit code, no message, no checkpoint
@@ -415,7 +419,7 @@ class NamedHookRelay:
     def __getattr__(self, name: str) -> NamedHookCaller:
         if name.startswith("_"):
             raise AttributeError(name)
-        caller = _named_caller(getattr(self._relay, name))  # AttributeError for a hook that does not exist
+        caller = named_caller(getattr(self._relay, name))  # AttributeError for a hook that does not exist
         setattr(self, name, caller)  # from now on a plain instance attribute: no __getattr__
         return caller
 

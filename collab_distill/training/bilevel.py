@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from collab_distill.answers import AnswerSource, described, wrong_answer
 from collab_distill.meta import BilevelConfig, hypergradient
 from collab_distill.records import Knowledge, LossWeights
 from collab_distill.task import ConfigError, Task
@@ -29,6 +30,9 @@ PLUGIN_PREFIX = "@plugin:"
 
 #: ``cohort_loss(batch, records, teacher_records, phase=, signals=, weights_out=)`` -> (loss, logs)
 LossFn = Callable[..., tuple[Tensor, dict[str, Any]]]
+
+
+META_OBJECTIVE = "collab_distill_meta_objective"
 
 
 class BilevelStep:
@@ -146,7 +150,13 @@ class BilevelStep:
                 self._bound = None
             if value is None:
                 raise ConfigError("no plugin provides a meta objective")
-            return cast(Tensor, value)
+            if not isinstance(value, Tensor) or value.dim() != 0 or not value.is_floating_point() or not value.requires_grad:
+                what = described(value) + ("" if not isinstance(value, Tensor) or value.requires_grad else " without a graph")
+                kwargs = dict(engine=self.view, batch=meta_batch, records=records, weights=weights)
+                raise wrong_answer(cast(AnswerSource, self.view), META_OBJECTIVE, kwargs, what,
+                                   "a scalar (0-d) floating-point tensor computed from records or weights with their graph "
+                                   "(not float(...), .item() or .detach()), so its gradient reaches the meta modules")
+            return value
 
         meta_params = [p for m in cohort.meta_modules.values() for p in m.parameters() if p.requires_grad]
         optimizers = {n: unwrap_optimizer(o) for n, o in cohort.optimizers.items()}

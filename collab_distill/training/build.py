@@ -5,16 +5,18 @@ real images, plugin modules and meta-module specifications."""
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sized
-from typing import TYPE_CHECKING, Any, Optional, cast
+from collections.abc import Callable, Iterable, Mapping, Sized
+from typing import TYPE_CHECKING, Any, Optional, Protocol, cast
 
 import torch
 from lightning_fabric import Fabric
 from torch import Tensor, nn
 
 from collab_distill import console
+from collab_distill.answers import AnswerSource, PluginAnswerError, described, in_call_order, wrong_answer
 from collab_distill.checkpoint import load_weights
 from collab_distill.config import Cohort, TrainerConfig, check_accelerator, fabric_refused
+from collab_distill.engine_view import EngineView
 from collab_distill.features import FeatureCapture, FeatureRequest
 from collab_distill.meta import MetaModule
 from collab_distill.profiling import count_parameters, member_macs
@@ -24,12 +26,34 @@ from collab_distill.wrapping import unwrap_optimizer
 if TYPE_CHECKING:
     from lightning_fabric.plugins.precision.precision import _PRECISION_INPUT
 
-    from collab_distill.engine_view import EngineView
     from collab_distill.optim import OptimizerCallable, Schedule
     from collab_distill.training.state import CohortState
 
-__all__ = ["make_fabric", "warmup_until", "check_warmup", "build_members", "capture_features", "collect_plugin_modules",
-           "collect_loss_terms", "collect_meta_specs", "place_for_training"]
+__all__ = ["PluginHost", "make_fabric", "warmup_until", "check_warmup", "build_members", "capture_features",
+           "collect_plugin_modules", "collect_loss_terms", "collect_meta_specs", "place_for_training"]
+
+
+class PluginHost(EngineView, AnswerSource, Protocol):
+    """The engine as the set-up checks see it: they call the hooks, and on a wrong answer ask
+    each plugin alone to name the one that gave it."""
+
+    hook: Any
+
+
+def _listed(engine: PluginHost, hook: str, group: Any, expected: str, kwargs: Mapping[str, Any]) -> Iterable[Any]:
+    """One plugin's answer to a hook that answers a list: a string or a non-iterable is refused
+    (a string would be read letter by letter)."""
+    def not_a_list(answer: Any) -> bool:
+        return isinstance(answer, (str, bytes)) or not isinstance(answer, Iterable)
+
+    if not_a_list(group):
+        raise wrong_answer(engine, hook, kwargs, f"{group!r} ({described(group)})", expected, wrong=not_a_list)
+    return cast(Iterable[Any], group)
+
+
+def _holding(item: Any) -> Callable[[Any], bool]:
+    """Whether a plugin's answer, asked again, holds ``item`` (by equality: asking again builds it anew)."""
+    return lambda answer: any(type(i) is type(item) and i == item for i in answer)
 
 
 def make_fabric(trainer: TrainerConfig) -> Fabric:
@@ -119,11 +143,19 @@ def _check_outputs(example: Tensor, info: TaskInfo, groups: Mapping[str, Mapping
                 )
 
 
-def capture_features(task: Task, answers: list[Any], teachers: Mapping[str, nn.Module], students: Mapping[str, nn.Module]
+def capture_features(engine: PluginHost, teachers: Mapping[str, nn.Module], students: Mapping[str, nn.Module]
                      ) -> tuple[Optional[FeatureCapture], dict[str, dict[str, tuple[int, ...]]]]:
     """Hook the modules the plugins' ``feature_requests`` name and measure each feature's shape on
     two real images (buffers, modes and the RNG untouched); ``(None, {})`` when nobody asked."""
-    requests: list[FeatureRequest] = [r for group in answers if group for r in group]
+    hook, kwargs, task = "collab_distill_feature_requests", {"engine": engine}, engine.task
+    expected = 'a list of FeatureRequest(member, module path), e.g. [FeatureRequest("s", "layer3")]'
+    requests: list[FeatureRequest] = []
+    for group in engine.hook.collab_distill_feature_requests(**kwargs):
+        for request in _listed(engine, hook, group, expected, kwargs):
+            if not isinstance(request, FeatureRequest):
+                raise wrong_answer(engine, hook, kwargs, f"{request!r} ({described(request)})", expected,
+                                   wrong=_holding(request))
+            requests.append(request)
     if not requests:
         return None, {}
     members = {**teachers, **students}
@@ -178,25 +210,54 @@ def collect_plugin_modules(answers: list[Any], students: Mapping[str, nn.Module]
 _RESERVED = ("supervised", "distill", "consensus", "loss", "alpha", "beta", "gamma")
 
 
-def collect_loss_terms(answers: list[Any]) -> list[str]:
-    """The per-image terms the plugins declare (``declare_loss_terms``), checked."""
+def collect_loss_terms(engine: PluginHost) -> list[str]:
+    """The per-image terms the plugins declare (``declare_loss_terms``), checked; a plugin that
+    returns terms (``loss_terms``) but declares none would never be asked for them."""
+    hook, kwargs = "collab_distill_declare_loss_terms", {"engine": engine}
+    expected = "a list of term names (letters, digits, '_', '-'), e.g. ['hint']"
     names: list[str] = []
-    for group in answers:
-        for name in group or ():
+    for group in engine.hook.collab_distill_declare_loss_terms(**kwargs):
+        for name in _listed(engine, hook, group or (), expected, kwargs):
             if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-]+", name) or name in _RESERVED:
                 raise ConfigError(f"collab_distill_declare_loss_terms: {name!r} is not a valid term name (letters, digits, "
                                   f"'_', '-'; not one of {', '.join(_RESERVED)})")
             if name in names:
                 raise ConfigError(f"two plugins declare a loss term named {name!r}; rename one")
             names.append(name)
+    declaring = {impl.plugin for impl in in_call_order(engine, hook)}
+    for impl in in_call_order(engine, "collab_distill_loss_terms"):
+        if impl.plugin not in declaring:
+            raise PluginAnswerError(
+                f"plugin {impl.plugin_name!r} implements collab_distill_loss_terms but declares no term "
+                f"({hook}), so its terms would never be asked for; declare their names there (e.g. return ['hint'])",
+                impl.plugin_name, hook)
     return names
 
 
-def collect_meta_specs(answers: list[Any], view: EngineView) -> dict[str, MetaModule]:
-    """``{name: MetaModule}`` from the plugins' ``meta_modules`` answers; an exact hypergradient
-    needs a task that can differentiate twice."""
+def _declaring(name: str) -> Callable[[Any], bool]:
+    """Whether a plugin's ``meta_modules`` answer, asked again, declares a meta module ``name``."""
+    return lambda answer: any(isinstance(m, MetaModule) and m.name == name for m in answer)
+
+
+def collect_meta_specs(view: PluginHost) -> dict[str, MetaModule]:
+    """``{name: MetaModule}`` from the plugins' ``meta_modules`` answers, each a module with
+    parameters (the meta step's optimizer needs some); an exact hypergradient needs a task that
+    can differentiate twice."""
+    hook, kwargs = "collab_distill_meta_modules", {"engine": view}
+    expected = "a list of MetaModule(name, module) whose modules have parameters"
     specs: dict[str, MetaModule] = {}
-    for spec in (m for group in answers if group for m in group):
+    for spec in (m for group in view.hook.collab_distill_meta_modules(**kwargs) if group
+                 for m in _listed(view, hook, group, expected, kwargs)):
+        if not isinstance(spec, MetaModule) or not isinstance(spec.module, nn.Module):
+            what = spec if not isinstance(spec, MetaModule) else spec.module
+            raise wrong_answer(view, hook, kwargs, f"{described(what)} ({type(what).__module__}.{type(what).__name__})",
+                               "a list of MetaModule(name, module), e.g. [MetaModule('weights', nn.Linear(10, 1))]",
+                               wrong=lambda answer: any(not isinstance(m, MetaModule) or not isinstance(m.module, nn.Module)
+                                                        for m in answer))
+        if next(iter(spec.module.parameters()), None) is None:
+            raise wrong_answer(view, hook, kwargs, f"the meta module {spec.name!r} ({type(spec.module).__name__}), "
+                               "which has no parameters", "meta modules with parameters the meta step can learn",
+                               wrong=_declaring(spec.name))
         if spec.name in specs:
             raise ConfigError(f"two plugins declare a meta module named {spec.name!r}")
         specs[spec.name] = spec

@@ -13,7 +13,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from collab_distill.loss import AUX_HOOK, WEIGHTS_HOOK, PluginAnswerError
+from collab_distill.answers import PluginAnswerError
+from collab_distill.loss import AUX_HOOK, WEIGHTS_HOOK
 from collab_distill.task import ConfigError
 
 __all__ = ["NonFiniteLossError", "NonFiniteGuard", "check_trained_leaves", "untrained_leaves"]

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Optional, Protocol, cast
 
 from collab_distill import console
+from collab_distill.answers import AnswerSource, plugin_state
 from collab_distill.checkpoint import write_json
 from collab_distill.hookspecs import hookimpl
 from collab_distill.report import write_sections
@@ -90,8 +91,7 @@ class Checkpointing:
         host.flush_meta_history()
         # meta and plugin modules' BatchNorm statistics move with each rank's batches: save their mean
         sync_buffers(host.fabric, host.state.synced_modules())
-        plugins: dict[str, Any] = {}
-        host.hook.collab_distill_save_state(engine=host, state=plugins)
+        plugins = plugin_state(cast(AnswerSource, host))
         extra = {"meta_batches": host.bilevel.meta_batches, "model_summary": host.model_summary,
                  "config": host.spec.config_text, "task_info": task_info(host.info)}
         path = Path(host.run.path) / "checkpoints" / "last.ckpt"
