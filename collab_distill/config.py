@@ -31,7 +31,8 @@ class Teacher:
         checkpoint: a state dict (or a collab-distill checkpoint / export) to load. Required
             unless ``train_epochs`` > 0 or the model factory loads trained weights itself.
         train_epochs: if no checkpoint is given, first train the teacher with plain
-            cross-entropy for this many epochs, as a run of its own inside the run folder.
+            cross-entropy for this many epochs, as a run of its own inside the run folder
+            (with a checkpoint as well it is refused: a teacher is either loaded or trained).
         cache_dir: keep a teacher trained in the run here and reuse it in later runs whose
             teacher training would be the same (same data, teacher model, epochs, optimizer,
             schedule, seed, precision and devices; the file name carries a hash of them), so that

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Optional
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-__all__ = ["SeededSampler", "SeededSample", "augment_seeded", "make_loader", "PlainIndices", "Cycle", "folder_problem"]
+__all__ = ["SeededSampler", "SeededSample", "augment_seeded", "make_loader", "PlainIndices", "Cycle", "folder_problem",
+           "unreadable_images", "images_problem"]
 
 #: what :class:`SeededSampler` yields: ``(dataset index, augmentation seed)``
 SeededSample = tuple[int, int]
@@ -171,3 +172,36 @@ class Cycle:
 
     def load_state_dict(self, state: Mapping[str, int]) -> None:
         self.epoch, self.position, self._it = state["epoch"], state["position"], None
+
+
+def unreadable_images(paths: Sequence[str]) -> list[tuple[str, str]]:
+    """``(path, reason)`` of every file in ``paths`` that PIL cannot open and verify, in order.
+    Threads: the work is mostly file reads, which release the GIL (network file systems gain most)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    def problem(path: str) -> str | None:
+        try:
+            with Image.open(path) as img:
+                img.verify()
+        except Exception as err:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ... for bad files
+            return f"{type(err).__name__}: {err}"
+        return None
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        reasons = list(pool.map(problem, paths))
+    return [(path, reason) for path, reason in zip(paths, reasons) if reason is not None]
+
+
+def images_problem(owner: str, paths: Sequence[str]) -> Optional[str]:
+    """The message for the files of ``paths`` that cannot be read (at most five named), for a
+    data set ``owner`` whose ``check_images`` option skips the check; ``None`` when all can."""
+    bad = unreadable_images(paths)
+    if not bad:
+        return None
+    shown = "; ".join(f"{path} ({reason})" for path, reason in bad[:5])
+    more = f"; and {len(bad) - 5} more" if len(bad) > 5 else ""
+    files, them = ("image files", "them") if len(bad) > 1 else ("image file", "it")
+    return (f"{owner}: {len(bad)} {files} cannot be read: {shown}{more}. Delete or replace {them} "
+            "(check_images: false skips this check at set-up; a bad file then stops the run when it is read).")

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from collab_distill.checkpoint import atomic_save, load_checkpoint, write_text
+from collab_distill.config import check_writable_folder
 from collab_distill.task import ConfigError
 
 __all__ = ["export_student", "GRAPH_FORMATS"]
@@ -126,6 +127,7 @@ def export_student(
         names = ", ".join(p.name for p in earlier)
         raise ConfigError(f"--output: {str(out)!r} already holds an export of {student!r} ({names}); "
                           "give another --output folder, or --overwrite true to replace them")
+    check_writable_folder(str(out), "output")  # a file of that name, or a folder nobody may write to
     out.mkdir(parents=True, exist_ok=True)
     requested = {"torchscript": torchscript, "exported_program": exported_program}
     if not state.get("config") or not state.get("task_info"):

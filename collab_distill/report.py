@@ -85,12 +85,26 @@ def write_sections(run_dir: str | Path, sections: Sequence[ReportSection]) -> Pa
     return path
 
 
+def _read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON object a run wrote; a file that is not one (cut short by a full disk, edited by
+    hand) is one error naming it, not the JSON decoder's traceback."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"report: {str(path)!r} is not valid JSON ({err}); the run's files are damaged: "
+                          "restore the file, or run the config again") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"report: {str(path)!r} holds a JSON {type(data).__name__}, not the object the run wrote; "
+                          "restore the file, or run the config again")
+    return data
+
+
 def read_sections(run_dir: str | Path) -> list[ReportSection]:
     """The sections :func:`write_sections` stored for a run (none when it stored none)."""
     path = Path(run_dir) / SECTIONS_FILE
     if not path.is_file():
         return []
-    data = json.loads(path.read_text())
+    data = _read_json_object(path)
     return [ReportSection(s["title"], s.get("text", ""), list(s.get("figures", []))) for s in data.get("sections", [])]
 
 
@@ -285,7 +299,7 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     results_path = run / "results.json"
     if not results_path.is_file():
         raise ConfigError(f"report: {str(run)!r} has no results.json; give the folder of a finished run (runs/NAME/version_N)")
-    results = json.loads(results_path.read_text())
+    results = _read_json_object(results_path)
     if results.get("status") != "finished":
         raise ConfigError(f"report: the run in {str(run)!r} did not finish (status {results.get('status')!r}); resume it first")
     out = run / "report"

@@ -201,13 +201,13 @@ CASES = [
     ("config_file_whose_top_level_is_a_list",
      ["--config", "{list_yaml}"],
      ["{list_yaml}", "top level is a list, not a mapping"]),
-    ("config_file_section_is_a_list",
+    ("config_section_given_a_list",
      ["--config", "{section_list}"],
      ["{section_list}", "section `trainer` (line 1) is a list, not a mapping", "indented `key: value` lines"]),
-    ("config_file_utf16",
+    ("config_file_saved_as_utf16",
      ["--config", "{utf16}"],
      ["{utf16}", "is UTF-16 text, not UTF-8", "saved as UTF-8"]),
-    ("config_file_is_binary",
+    ("config_file_that_is_binary",
      ["--config", "{binary}"],
      ["{binary}", "is not UTF-8 text (a binary file?)", "byte 0x80 at position 128", "saved as UTF-8"]),
     ("optimizer_lr_beyond_float32",
@@ -216,16 +216,16 @@ CASES = [
     ("optimizer_whose_step_needs_a_closure",
      ["--optimizer", "{class_path: torch.optim.LBFGS}"],
      ["optimizer: LBFGS.step() needs a closure", "set optimizer to an optimizer whose step() takes no arguments"]),
-    ("schedule_negative_warmup",
+    ("cosine_schedule_negative_warmup",
      ["--schedule.init_args.warmup_epochs", "-1"],
      ["schedule.init_args.warmup_epochs=-1", "must be >= 0"]),
-    ("schedule_min_factor_negative",
+    ("cosine_schedule_min_factor_below_zero",
      ["--schedule.init_args.min_factor", "-0.5"],
      ["schedule.init_args.min_factor=-0.5", "between 0 and 1"]),
-    ("schedule_min_factor_above_one",
+    ("cosine_schedule_min_factor_above_one",
      ["--schedule.init_args.min_factor", "2"],
      ["schedule.init_args.min_factor=2.0", "between 0 and 1"]),
-    ("schedule_multistep_negative_gamma",
+    ("multistep_schedule_negative_gamma",
      ["--schedule", "{class_path: collab_distill.optim.MultiStep, init_args: {milestones: [1], gamma: -1}}"],
      ["schedule.init_args.gamma=-1.0", "must be > 0"]),
     ("meta_fd_epsilon_zero",
@@ -240,26 +240,26 @@ CASES = [
     ("meta_grad_clip_negative",
      ["--meta.grad_clip", "-1"],
      ["meta.grad_clip=-1.0", "must be > 0"]),
-    ("run_name_too_long",
+    ("run_name_longer_than_a_file_name",
      ["--trainer.name", "n" * 300],
      ["trainer.name: the folder name 'nnnn", "has 300 characters", "give a shorter --trainer.name"]),
-    ("root_dir_path_too_long",
+    ("root_dir_longer_than_a_path",
      ["--trainer.root_dir", "{empty_dir}/" + "/".join(["d" * 200] * 25)],
      ["trainer.root_dir and trainer.name make the path", "give a shorter --trainer.root_dir"]),
-    ("root_dir_empty_string",
+    ("root_dir_given_empty",
      ["--trainer.root_dir", ""],
      ["trainer.root_dir='' is empty", "--trainer.root_dir runs"]),
-    ("student_detector_on_classification",
+    ("detector_student_on_image_classification",
      ["--cohort.students", "{s: {class_path: collab_distill.tasks.detection.FasterRCNN, init_args: {backbone: xxs}}}"],
      ["cohort.students.s: FasterRCNN(xxs-FPN256)", "fails on ImageClassification(Digits)'s input",
       "a [1, 1, 8, 8] float32 tensor", "AssertionError", "choose a model made for this task"]),
-    ("teacher_cache_dir_is_a_file",
+    ("teacher_cache_dir_that_is_a_file",
      ["--cohort.teachers", _teacher("xxxs", train_epochs=1).replace("train_epochs: 1", "train_epochs: 1, cache_dir: {garbage}")],
      ["cohort.teachers.t.cache_dir=", "garbage.ckpt' is a file, not a folder", "--cohort.teachers.t.cache_dir DIR"]),
-    ("teacher_checkpoint_and_train_epochs",
+    ("teacher_with_checkpoint_and_train_epochs",
      ["--cohort.teachers", _teacher("s", "{s10}", train_epochs=1)],
      ["cohort.teachers.t: both a `checkpoint`", "`train_epochs: 1`", "remove train_epochs to use the checkpoint"]),
-    ("stages_empty_list",
+    ("stages_given_empty",
      ["--stages", "[]"],
      ["stages is an empty list", "stages: null (the default)"]),
     ("num_nodes_two_without_a_cluster_launch",
@@ -653,3 +653,51 @@ def test_weights_in_detectron2_format_or_under_a_wrapper_prefix_load_completely(
     with pytest.raises(ConfigError, match=r"does not fit the configured model: .*missing keys.*unexpected keys"):
         load_weights(ResNetCifar(widths, blocks, num_classes=10, in_channels=1), tmp_path / "partial.pt", member="t",
                      field="cohort.teachers.t.checkpoint")
+
+
+@pytest.mark.parametrize("target, needles", [
+    ("{tmp}/out.pt", ["output='{tmp}/out.pt'", "is a file, not a folder", "give a folder you can write to (--output DIR)"]),
+    pytest.param("/sys/collab-distill-export", ["output='/sys/collab-distill-export'", "cannot create files in '/sys'",
+                                                "(--output DIR)"],
+                 marks=pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sysfs is Linux's")),
+], ids=["output_is_a_file", "output_unwritable"])
+def test_export_to_an_output_it_cannot_write(capsys, good_run, tmp_path, target, needles):
+    kept = tmp_path / "out.pt"
+    kept.write_bytes(b"a file the user kept")
+    target = target.replace("{tmp}", str(tmp_path))
+    capsys.readouterr()
+    rc = _call(["export", "--ckpt_path", str(good_run / "checkpoints" / "last.ckpt"), "--student", "s", "--output", target])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    _assert_one_error(err, tuple(n.replace("{tmp}", str(tmp_path)) for n in needles))
+    assert kept.read_bytes() == b"a file the user kept" and sorted(tmp_path.iterdir()) == [kept]
+
+
+def test_report_of_a_run_whose_results_json_is_not_json(capsys, good_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(good_run, run)
+    (run / "results.json").write_text("{not json")
+    before = sorted(run.rglob("*"))
+    capsys.readouterr()
+    rc = _call(["report", str(run)])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    _assert_one_error(err, (f"report: '{run}/results.json' is not valid JSON", "restore the file"))
+    assert sorted(run.rglob("*")) == before  # no report/ folder
+
+
+def test_coco_image_that_cannot_be_read_is_named_at_set_up(tmp_path):
+    """Like ImageFolderData, CocoDetection opens every image its splits use at set-up, so a corrupt
+    file is one message naming it before training (not PIL's traceback mid-epoch)."""
+    from collab_distill.task import ConfigError
+    from collab_distill.tasks.detection.data import CocoDetection
+    from collab_distill.tasks.detection.shapes import write_shapes_coco
+
+    root = write_shapes_coco(tmp_path / "shapes", train=8, val=2, size=32)
+    bad = sorted((root / "train2017").iterdir())[2]
+    bad.write_bytes(b"not an image\n")
+    with pytest.raises(ConfigError) as err:
+        CocoDetection(root=str(root), meta_fraction=0.25, val_fraction=0.25).setup(0)
+    for needle in ("CocoDetection: 1 image file cannot be read", str(bad), "Delete or replace it", "check_images: false"):
+        assert needle in str(err.value), str(err.value)
+    CocoDetection(root=str(root), meta_fraction=0.25, val_fraction=0.25, check_images=False).setup(0)  # skipped on request

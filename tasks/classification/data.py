@@ -49,7 +49,7 @@ from torch.utils.data import Dataset
 from torchvision import datasets
 from torchvision.transforms import v2
 
-from collab_distill.data import IndexedDataset, SeededSample, augment_seeded, folder_problem
+from collab_distill.data import IndexedDataset, SeededSample, augment_seeded, folder_problem, images_problem
 from collab_distill.task import ConfigError, TaskInfo
 
 __all__ = [
@@ -1223,35 +1223,9 @@ class ImageFolderData(ClassificationData):
             return
         assert isinstance(loaded.train, _FileSource) and isinstance(loaded.test, _FileSource)
         paths = [str(p) for p in loaded.train.paths[np.sort(train_indices)]] + [str(p) for p in loaded.test.paths]
-        bad = _unreadable_images(paths)
-        if bad:
-            shown = "; ".join(f"{path} ({reason})" for path, reason in bad[:5])
-            more = f"; and {len(bad) - 5} more" if len(bad) > 5 else ""
-            files, them = ("image files", "them") if len(bad) > 1 else ("image file", "it")
-            raise ConfigError(
-                f"ImageFolderData: {len(bad)} {files} cannot be read: {shown}{more}. Delete or replace {them} "
-                "(check_images: false skips this check at set-up; a bad file then stops the run when it is read)."
-            )
+        problem = images_problem("ImageFolderData", paths)
+        if problem is not None:
+            raise ConfigError(problem)
 
     def _augmentation(self, image_size: tuple[int, int]) -> list[Callable]:
         return [v2.RandomCrop(image_size, padding=max(1, image_size[0] // 8)), v2.RandomHorizontalFlip()]
-
-
-def _unreadable_images(paths: Sequence[str]) -> list[tuple[str, str]]:
-    """``(path, reason)`` of every file in ``paths`` that PIL cannot open and verify, in order.
-    Threads: the work is mostly file reads, which release the GIL (network file systems gain most)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from PIL import Image
-
-    def problem(path: str) -> str | None:
-        try:
-            with Image.open(path) as img:
-                img.verify()
-        except Exception as err:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ... for bad files
-            return f"{type(err).__name__}: {err}"
-        return None
-
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        reasons = list(pool.map(problem, paths))
-    return [(path, reason) for path, reason in zip(paths, reasons) if reason is not None]

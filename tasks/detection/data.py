@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from collab_distill.data import IndexedDataset, SeededSample, augment_seeded, folder_problem
+from collab_distill.data import IndexedDataset, SeededSample, augment_seeded, folder_problem, images_problem
 from collab_distill.task import ConfigError
 from collab_distill.tasks.detection.noise import AnnotationNoise, Corruption, corrupt_boxes, crop_features
 
@@ -177,6 +177,8 @@ class CocoDetection:
         annotation_noise: corrupt the ``train`` split's boxes (class flips, dropped and
             jittered boxes; seeded; see :class:`~collab_distill.tasks.detection.noise.AnnotationNoise`);
             meta, val and test keep the file's boxes. ``None``: no noise.
+        check_images: At set-up, open every image the splits use, so that a file PIL cannot
+            read is named before training starts rather than stopping the run when it is loaded.
     """
 
     def __init__(
@@ -195,6 +197,7 @@ class CocoDetection:
         keep_empty: bool = False,
         subset: Optional[int] = None,
         annotation_noise: Optional[AnnotationNoise] = None,
+        check_images: bool = True,
     ) -> None:
         for field, value in (("meta_fraction", meta_fraction), ("val_fraction", val_fraction), ("flip", flip)):
             if not 0 <= value < 1:
@@ -218,6 +221,7 @@ class CocoDetection:
         if annotation_noise is not None:
             annotation_noise.check(f"{type(self).__name__}.annotation_noise")
         self.annotation_noise = annotation_noise
+        self.check_images = check_images
         self.splits: dict[str, CocoSplit] = {}
         self.categories: list[dict[str, Any]] = []
 
@@ -250,6 +254,7 @@ class CocoDetection:
             parts["val"] = parts["meta"] or parts["train"][: max(1, len(parts["train"]) // 10)]
         if not parts["meta"]:
             parts["meta"] = parts["val"]
+        self._check_files([(train, [i for ids_ in parts.values() for i in ids_]), (test, [im["id"] for im in test.images])])
         corruption = self._corrupt(train, sorted(parts["train"]), ids, seed)
         self.splits = {
             "train": CocoSplit(train, sorted(parts["train"]), label_of, flip=self.flip, name="train", corruption=corruption),
@@ -257,6 +262,17 @@ class CocoDetection:
             "val": CocoSplit(train, sorted(parts["val"]), label_of, name="val"),
             "test": CocoSplit(test, [im["id"] for im in test.images], label_of, name="test"),
         }
+
+    def _check_files(self, used: list[tuple[CocoIndex, list[int]]]) -> None:
+        """Every image the splits use opens in PIL (``check_images``)."""
+        if not self.check_images:
+            return
+        by_id = [{im["id"]: im for im in index.images} for index, _ in used]
+        paths = [str(index.image_root / names[i]["file_name"]) for (index, ids), names in zip(used, by_id)
+                 for i in sorted(set(ids))]
+        problem = images_problem(type(self).__name__, paths)
+        if problem is not None:
+            raise ConfigError(problem)
 
     def _corrupt(self, index: CocoIndex, image_ids: list[int], category_ids: list[int], seed: int) -> Optional[Corruption]:
         """The annotation noise of the training images (``None`` without noise)."""
