@@ -22,6 +22,7 @@ import yaml
 from collab_distill import console
 from collab_distill.checkpoint import load_checkpoint, new_run_dir, state_dict_mismatch, versions, write_json
 from collab_distill.config import check_writable_folder
+from collab_distill.plugin_manager import PluginError
 from collab_distill.run_lock import RunFolderBusy, RunLock, lock_holder, remove_partial_files
 from collab_distill.run_logs import make_loggers
 from collab_distill.task import ConfigError
@@ -342,16 +343,17 @@ class RunFolder:
             self.lock = None
 
     def close(self, error: Optional[BaseException] = None) -> None:
-        """Release the lock; a new run that ``error`` (a config or plugin error) stopped before it
-        saved anything is removed (:meth:`discard`)."""
+        """Release the lock; a new run that ``error`` stopped before it saved anything is removed
+        (:meth:`discard`) when the error is a config error or a plugin's failure: nothing was
+        trained. A run stopped by a non-finite loss keeps its folder (its logs show the way there)."""
         self.release()
-        if isinstance(error, ConfigError):
+        if isinstance(error, (ConfigError, PluginError)):
             self.discard()
 
     def commit(self) -> None:
         """The run has a checkpoint of its own now: write what opening it deferred."""
-        if self.pending is not None:
-            self.pending, write = None, self.pending
+        write, self.pending = self.pending, None
+        if write is not None:
             write()
 
     def discard(self) -> bool:
