@@ -198,3 +198,32 @@ def test_a_base_exception_from_a_hook_is_a_plugin_error_but_ctrl_c_is_not():
 
     with pytest.raises(KeyboardInterrupt):
         NamedHookRelay(make_plugin_manager([Interrupted()])).collab_distill_fit_start(engine=None)
+
+
+# ---------------------------------------------------------------------------- state that cannot be saved, before the first step
+
+
+class StepCounter(Plugin):
+    """Counts its steps and keeps a callable in its state, which no checkpoint can hold."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    @hookimpl
+    def collab_distill_train_step_end(self):
+        self.steps += 1
+
+    @hookimpl
+    def collab_distill_save_state(self, state):
+        state["step_counter"] = {"steps": self.steps, "format": lambda n: f"{n} steps"}
+
+
+def test_plugin_state_that_cannot_be_saved_stops_the_run_before_its_first_step(tmp_path):
+    """It used to be found at the first checkpoint, after an epoch of training that was then lost."""
+    counter = StepCounter()
+    engine = make_engine(tmp_path, None, [FixedLossWeights(), counter])
+    with pytest.raises(Exception, match=re.escape("plugin state state['step_counter']['format'] is a builtins.function")) as err:
+        engine.fit()
+    assert "Nothing was trained yet" in str(err.value)
+    assert counter.steps == 0
+    assert not list(tmp_path.iterdir())  # the new run's folder is removed: it saved nothing

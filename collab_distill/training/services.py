@@ -18,7 +18,14 @@ from collab_distill.checkpoint import write_json
 from collab_distill.hookspecs import hookimpl
 from collab_distill.report import write_sections
 from collab_distill.training.bilevel import sync_buffers
-from collab_distill.training.state import CohortState, LoopState, load_run_state, save_run_state, task_info
+from collab_distill.training.state import (
+    CohortState,
+    LoopState,
+    check_plugin_state,
+    load_run_state,
+    save_run_state,
+    task_info,
+)
 from collab_distill.wrapping import unwrap
 
 if TYPE_CHECKING:
@@ -107,6 +114,12 @@ class Checkpointing:
         load_run_state(host.fabric, path, host.state, host.loop, {"meta_batches": host.bilevel.meta_batches},
                        lambda plugins: host.hook.collab_distill_load_state(engine=host, state=plugins))
         console.info(host.fabric, f"resumed from {path} at epoch {host.loop.epoch}, step {host.loop.global_step}")
+
+    @hookimpl(trylast=True)
+    def collab_distill_fit_start(self, engine: EngineView) -> None:
+        """The plugins' state as a checkpoint would take it, checked before the first step: a state
+        that cannot be saved stops the run now, not after an epoch of training."""
+        check_plugin_state(plugin_state(cast(AnswerSource, engine)), "Nothing was trained yet.")
 
     @hookimpl(trylast=True)
     def collab_distill_train_step_end(self, engine: EngineView, step: int, losses: Mapping[str, Any]) -> None:

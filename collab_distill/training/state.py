@@ -194,7 +194,7 @@ def _proxied(entries: Mapping[str, Any]) -> dict[str, Any]:
 _PLAIN = (Tensor, int, float, bool, str, bytes, type(None))
 
 
-def check_plugin_state(state: Mapping[str, Any]) -> None:
+def check_plugin_state(state: Mapping[str, Any], outcome: str = "The previous checkpoint was kept.") -> None:
     """Plugin state must be tensors, numbers, strings, lists, tuples and dicts (what
     ``torch.load(weights_only=True)`` reads back): anything else is one error naming the entry,
     before the checkpoint is written (the previous one stays)."""
@@ -210,7 +210,7 @@ def check_plugin_state(state: Mapping[str, Any]) -> None:
             raise ConfigError(
                 f"plugin state {where} is a {type(value).__module__}.{type(value).__name__}; collab_distill_save_state "
                 "may store tensors, numbers, strings, lists, tuples and dicts only (convert it, e.g. a NumPy array "
-                "with torch.as_tensor). The previous checkpoint was kept."
+                f"with torch.as_tensor). {outcome}"
             )
 
     for key, value in state.items():
