@@ -44,7 +44,8 @@ def _engine(adapter: str, data: Path, workdir: Path, *extra: str) -> Any:
     args = ["--config", str(ADAPTERS[adapter]["config"]), "--task.init_args.data.init_args.root", str(data),
             "--trainer.root_dir", str(workdir), "--trainer.progress_bar", "false", "--trainer.loggers", "[]"]
     if teacher_run is not None:
-        args += ["--cohort.teachers.teacher.checkpoint", str(teacher_run / "checkpoints" / "last.ckpt")]
+        args += ["--cohort.teachers.teacher.checkpoint", str(teacher_run / "checkpoints" / "last.ckpt"),
+                 "--cohort.teachers.teacher.train_epochs", "0"]  # a checkpoint and train_epochs exclude each other
     else:
         args += ["--cohort.teachers.teacher.train_epochs", "1"]  # not trained: ready_training() skips it
     engine = engine_from_args([*args, *extra])
