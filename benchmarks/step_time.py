@@ -56,7 +56,9 @@ from collab_distill.engine import Engine
 from collab_distill.plugins.fixed_weights import FixedLossWeights
 from collab_distill.plugins.hints import FitNets
 from collab_distill.tasks.classification import Digits, ImageClassification, ResNet
-from collab_distill.tasks.classification.data import ClassificationData, _Loaded, _TensorSource
+from collab_distill.tasks.classification.data import ClassificationData
+from collab_distill.tasks.classification.sources import LoadedData as _Loaded
+from collab_distill.tasks.classification.sources import TensorSource as _TensorSource
 
 HERE = Path(__file__).resolve().parent
 ALPHA, BETA, TAU = 0.3, 0.7, 4.0
@@ -342,7 +344,7 @@ def bench_loader(name: str, data_factory, workdir: Path, epochs: int) -> dict[st
     """Time per training batch of the engine's own loader (num_workers=0, seeded augmentation)
     with the current ``augment_seeded`` and with the former ``torch.manual_seed`` version; the
     variants alternate by epoch (ABBA) and must give identical pixels."""
-    import collab_distill.tasks.classification.data as data_module
+    import collab_distill.tasks.classification.sources as data_module  # SplitDataset's augment_seeded
 
     engine = make_engine(data_factory(), {"xxs": "xxs"}, "xxs", workdir)
     engine.ready_training()
