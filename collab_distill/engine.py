@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from collab_distill import console
 from collab_distill.config import Cohort, TrainerConfig, check_optimizer
 from collab_distill.data import Cycle, make_loader
-from collab_distill.evaluation import evaluate, read_for_evaluation, restore_for_evaluation, write_metrics
+from collab_distill.evaluation import evaluate, evaluate_into, read_for_evaluation, restore_for_evaluation
 from collab_distill.loss import check_loss_weight_providers, cohort_loss
 from collab_distill.meta import BilevelConfig
 from collab_distill.nested import train_teachers
@@ -344,6 +344,4 @@ class Engine(StateView):
                                         info=self.info, state=self.state, meta_specs=self.built.meta_specs)
         self.run = RunFolder(folder)
         self.loaders = {split: make_loader(self.task, split, self.seed, self.fabric)}
-        metrics = self.evaluate(split)
-        write_metrics(self.fabric, folder, split, checkpoint, which, metrics)
-        return metrics
+        return evaluate_into(self.fabric, folder, split, checkpoint, which, self.evaluate)

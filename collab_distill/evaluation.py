@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from collab_distill.task import Task, TaskInfo
     from collab_distill.training.state import CohortState
 
-__all__ = ["evaluate", "read_for_evaluation", "restore_for_evaluation", "write_metrics"]
+__all__ = ["evaluate", "evaluate_into", "read_for_evaluation", "restore_for_evaluation", "write_metrics"]
 
 
 @torch.no_grad()
@@ -100,6 +100,25 @@ def restore_for_evaluation(
             _load_member(spec.module, saved_meta[name], f"{where}: meta module {name!r}", fix)
             state.meta_modules[name] = fabric.to_device(spec.module)
     return _evaluation_dir(fabric, split, checkpoint, which, output_dir)
+
+
+def evaluate_into(fabric: Any, folder: Path, split: str, checkpoint: str, which: str,
+                  evaluate: Callable[[str], dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """``evaluate(split)``, its metrics written into ``folder``; an evaluation that fails (a
+    plugin's ``evaluation_end``, say) before anything was written there removes the empty folder
+    (and an ``evaluations/`` folder it was the first of), so a failed ``validate`` leaves no trace."""
+    try:
+        metrics = evaluate(split)
+    except BaseException:
+        if fabric.is_global_zero:
+            for empty in (folder, folder.parent) if folder.parent.name == "evaluations" else (folder,):
+                try:
+                    empty.rmdir()  # only ever an empty folder
+                except OSError:
+                    break
+        raise
+    write_metrics(fabric, folder, split, checkpoint, which, metrics)
+    return metrics
 
 
 def write_metrics(fabric: Any, folder: Path, split: str, checkpoint: str, which: str,

@@ -344,10 +344,11 @@ class RunFolder:
 
     def close(self, error: Optional[BaseException] = None) -> None:
         """Release the lock; a new run that ``error`` stopped before it saved anything is removed
-        (:meth:`discard`) when the error is a config error or a plugin's failure: nothing was
-        trained. A run stopped by a non-finite loss keeps its folder (its logs show the way there)."""
+        (:meth:`discard`) when the error is a config error or a plugin's fault (an exception in
+        its hook, a NaN its answer caused): nothing was trained. A run stopped by a non-finite loss
+        of its own keeps its folder (its logs show the way there)."""
         self.release()
-        if isinstance(error, (ConfigError, PluginError)):
+        if isinstance(error, (ConfigError, PluginError)) or getattr(error, "plugin", None) is not None:
             self.discard()
 
     def commit(self) -> None:

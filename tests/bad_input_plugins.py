@@ -79,3 +79,11 @@ class NaNImageWeights(Plugin):
                 beta[0] = float("nan")
             out[name] = LossWeights(torch.full((n,), 0.5, device=device), beta, torch.zeros(n, device=device))
         return out
+
+
+class FailsAtEvaluationEnd(Plugin):
+    """Raises when an evaluation ends: a `validate` / `test` that fails after its folder was made."""
+
+    @hookimpl
+    def collab_distill_evaluation_end(self, split: str) -> None:
+        raise RuntimeError(f"cannot summarise the {split} split")

@@ -488,6 +488,19 @@ def test_bad_evaluation_leaves_the_run_untouched(capsys, files, good_run, comman
     assert sorted(good_run.rglob("*")) == paths  # no evaluations/ folder either
 
 
+def test_an_evaluation_a_plugin_fails_leaves_no_evaluation_folder(capsys, files, good_run):
+    before, paths = _digests(good_run), sorted(good_run.rglob("*"))
+    capsys.readouterr()
+    rc = _call(["validate", "--config", str(files["base"]), "--ckpt_path", str(good_run / "checkpoints" / "last.ckpt"),
+                "--plugins", "[{class_path: bad_input_plugins.FailsAtEvaluationEnd}]"])
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    _assert_one_error(err, ("plugin 'FailsAtEvaluationEnd#0' failed in hook collab_distill_evaluation_end",
+                            "cannot summarise the val split"))
+    assert _digests(good_run) == before
+    assert sorted(good_run.rglob("*")) == paths  # no evaluations/ folder either
+
+
 def test_nonfinite_loss_leaves_an_earlier_run_untouched(capsys, files, good_run):
     before = _digests(good_run)
     root, name = good_run.parent.parent, good_run.parent.name
@@ -602,9 +615,8 @@ def test_command_nonfinite_loss_from_a_plugin(files, tmp_path):
     root = tmp_path / "runs"
     proc = _command(files, root, "--plugins", f"[{{class_path: {NONFINITE}, init_args: {{after_step: 2, value: inf}}}}]")
     assert proc.returncode == 1, proc.stderr
-    _assert_one_error(proc.stderr, ("non-finite loss at epoch 0 step 2", "s/loss", "NaN/inf"))
-    assert sorted(p.name for p in (root / "cmd").iterdir()) == ["version_0"]
-    assert not (root / "cmd" / "version_0" / "checkpoints" / "last.ckpt").exists()
+    _assert_one_error(proc.stderr, ("non-finite loss at epoch 0 step 2", "s/loss", "NaN/inf", "NonFiniteLossWeights#0"))
+    assert _nothing_written(root), sorted(root.rglob("*"))  # the plugin's fault, before any checkpoint: no folder left
 
 
 def test_command_plugin_that_calls_sys_exit_is_a_plugin_error(files, tmp_path):
