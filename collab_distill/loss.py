@@ -193,8 +193,10 @@ def _provided_weights(engine: Engine, batch: Any, records: Mapping[str, Knowledg
     return {s: supervised_only if s in warming else provided[s] for s in records}, first_step
 
 
-def _targets(engine: Engine, hook: str, kwargs: Mapping[str, Any], records: Mapping[str, Knowledge]) -> Mapping[str, SoftTarget]:
-    """A soft-target or consensus answer, checked for what costs nothing (students, types, shapes)."""
+def _targets(engine: Engine, hook: str, kwargs: Mapping[str, Any], records: Mapping[str, Knowledge],
+             first_step: bool = False) -> Mapping[str, SoftTarget]:
+    """A soft-target or consensus answer, checked for what costs nothing (students, types, shapes);
+    on the first training step (which reads the device anyway) its values must be finite too."""
     answer = getattr(engine.hook, hook)(**kwargs)
     if answer is None:
         return {}
@@ -211,6 +213,9 @@ def _targets(engine: Engine, hook: str, kwargs: Mapping[str, Any], records: Mapp
         if not isinstance(target.probs, Tensor) or target.probs.shape != expected or not target.probs.is_floating_point():
             raise wrong_answer(engine, hook, kwargs, f"probabilities {described(target.probs)} for {student!r}",
                                f"floating-point probabilities of shape [units, classes] = {expected}, as the student's logits")
+        if first_step and not bool(torch.isfinite(target.probs).all()):
+            raise wrong_answer(engine, hook, kwargs, f"probabilities with NaN/inf for {student!r}",
+                               "finite probabilities (each row sums to 1)")
     return answer
 
 
@@ -293,9 +298,9 @@ def cohort_loss(
     targets: Mapping[str, SoftTarget] = {}
     consensus: Mapping[str, SoftTarget] = {}
     if any(w.uses("distill") for w in weights.values()):
-        targets = _targets(engine, "collab_distill_soft_targets", kwargs, records)
+        targets = _targets(engine, "collab_distill_soft_targets", kwargs, records, first_step)
     if any(w.uses("consensus") for w in weights.values()):
-        consensus = _targets(engine, "collab_distill_consensus_targets", kwargs, records)
+        consensus = _targets(engine, "collab_distill_consensus_targets", kwargs, records, first_step)
     named = _named_terms(engine, batch, records, teacher_records, weights, tau, phase)
     logs: dict[str, Tensor | float] = {}
     per_student: dict[str, Tensor] = {}

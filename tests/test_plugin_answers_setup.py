@@ -227,3 +227,25 @@ def test_plugin_state_that_cannot_be_saved_stops_the_run_before_its_first_step(t
     assert "Nothing was trained yet" in str(err.value)
     assert counter.steps == 0
     assert not list(tmp_path.iterdir())  # the new run's folder is removed: it saved nothing
+
+
+class NaNTargets(Plugin):
+    """Distils every student towards a target full of NaN."""
+
+    @hookimpl
+    def collab_distill_loss_weights(self, records):
+        return {n: LossWeights.constant_weights(r.num_images, 1.0, 1.0, 0.0, r.logits.device) for n, r in records.items()}
+
+    @hookimpl
+    def collab_distill_soft_targets(self, records):
+        from collab_distill import SoftTarget
+
+        return {n: SoftTarget(torch.full_like(r.logits.detach(), float("nan"))) for n, r in records.items()}
+
+
+def test_soft_targets_with_nan_at_the_first_step_name_the_plugin(tmp_path):
+    """It used to be a NaN loss blamed on the learning rate, the data or the teacher."""
+    engine = make_engine(tmp_path, None, [NaNTargets()])
+    with pytest.raises(PluginAnswerError, match=_error("NaNTargets#0", "soft_targets", "probabilities with NaN/inf for")):
+        engine.fit()
+    assert not list(tmp_path.iterdir())  # refused at the first step: the new run's folder is removed
