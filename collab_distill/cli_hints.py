@@ -358,7 +358,9 @@ def argument_hint(argv: list[str], parsers: Parsers) -> str:
                         hints.append(f"did you mean `{close[0]}`?")
                 hints.append(f"{problem.cls.__name__} accepts init_args: {', '.join(problem.accepted_init_args) or 'none'}")
             else:
-                choices = sorted({path for base in bases for path in _public_subclasses(base)})
+                # collab-distill's own classes first, then those of installed packages and user modules
+                choices = sorted({path for base in bases for path in _public_subclasses(base)},
+                                 key=lambda path: (not path.startswith("collab_distill."), path))
                 if choices:
                     wanted = problem.class_path.rpartition(".")[2]
                     close = difflib.get_close_matches(wanted, [c.rpartition(".")[2] for c in choices], n=1, cutoff=0.6)

@@ -150,8 +150,10 @@ class BilevelStep:
                 self._bound = None
             if value is None:
                 raise ConfigError("no plugin provides a meta objective")
-            if not isinstance(value, Tensor) or value.dim() != 0 or not value.is_floating_point() or not value.requires_grad:
-                what = described(value) + ("" if not isinstance(value, Tensor) or value.requires_grad else " without a graph")
+            # under no_grad (a finite difference of the objective, say) no answer has a graph
+            detached = isinstance(value, Tensor) and torch.is_grad_enabled() and not value.requires_grad
+            if not isinstance(value, Tensor) or value.dim() != 0 or not value.is_floating_point() or detached:
+                what = described(value) + (" without a graph" if detached else "")
                 kwargs = dict(engine=self.view, batch=meta_batch, records=records, weights=weights)
                 raise wrong_answer(cast(AnswerSource, self.view), META_OBJECTIVE, kwargs, what,
                                    "a scalar (0-d) floating-point tensor computed from records or weights with their graph "
