@@ -4,6 +4,21 @@ from pathlib import Path
 
 import pytest
 
+
+def _threads_per_worker() -> None:
+    """Under pytest-xdist each worker would start as many torch threads as the machine has cores,
+    so N workers oversubscribe the cores N times over; each worker (and the processes it starts,
+    through OMP_NUM_THREADS) gets its share instead. An OMP_NUM_THREADS the user set is kept."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+        import torch
+
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+_threads_per_worker()
+
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 if str(TESTS) not in sys.path:
