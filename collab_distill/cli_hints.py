@@ -306,22 +306,53 @@ def _class_problem(value: Any, expected: tuple[type, ...]) -> Optional[_ClassPro
     return None
 
 
+def _union_branches(lines: list[str]) -> list[list[str]]:
+    """The top-level ``- ...`` items of a union error's ``Errors:`` list, each with the lines
+    indented below it (a nested class's own error)."""
+    dashes = [len(line) - len(line.lstrip()) for line in lines if line.lstrip().startswith("- ")]
+    if not dashes:
+        return []
+    level, branches = min(dashes), []
+    for line in lines:
+        indent = len(line) - len(line.lstrip())
+        if indent == level and line.lstrip().startswith("- "):
+            branches.append([line.lstrip()[2:]])
+        elif branches and indent > level:
+            branches[-1].append(line.rstrip())
+        elif branches and indent < level:
+            break
+    return branches
+
+
 def simplify_union_error(message: str) -> str:
     """jsonargparse's error for a value that no member of a ``Union``/``Optional`` accepts lists
-    every member's complaint (``Expected a <class 'NoneType'>`` too) and dumps the whole given
-    node: keep what says what is wrong, as ``Parser key "K": <the complaints>``."""
+    every member's complaint (``Expected a <class 'NoneType'>`` too) and dumps the given node:
+    keep the complaints that say something, a nested class's as the option the user gives
+    (``Parser key "task.init_args.data.init_args.augment": Expected a <class 'bool'>. ...``)."""
     if "Does not validate against any of the Union subtypes" not in message:
         return message
-    lines = [line.strip() for line in message.splitlines()]
-    errors = [line[2:] for line in lines if line.startswith("- ")]
-    useful = [e for e in errors if not e.startswith("Expected a <class")]
-    key = next((line for line in lines if line.startswith("Parser key")), "")
+    lines = message.splitlines()
+    key = next((line.strip() for line in lines if line.strip().startswith("Parser key")), "")
+    useful = []
+    for branch in _union_branches(lines):
+        if branch[0].startswith("Expected a <class"):
+            continue  # a bare type complaint says less than the summary below
+        nested = [re.match(r'\s*Parser key "([^"]+)":', line) for line in branch]
+        names = [m.group(1) for m in nested if m]
+        if names and key:  # a nested class's error: down to its innermost key and complaint
+            last = max(i for i, m in enumerate(nested) if m)
+            inner = "\n".join(branch[last + 1:])
+            leaf = simplify_union_error(inner) if "Union subtypes" in inner else " ".join(x.strip() for x in branch[last + 1:])
+            outer = key[len('Parser key "'):-2]
+            return f'Parser key "{outer}' + "".join(f".init_args.{n}" for n in names) + f'":\n  {leaf.strip()}'
+        useful.append(" ".join(x.strip() for x in branch))
     if useful:
         body = "; ".join(dict.fromkeys(useful))
     else:
-        subtypes = next((line for line in lines if line.startswith("Subtypes:")), "")
+        subtypes = next((line for line in lines if line.strip().startswith("Subtypes:")), "")
         names = ["null" if t == "NoneType" else t.rsplit(".", 1)[-1] for t in re.findall(r"<class '([\w.]+)'>", subtypes)]
-        given = next((line.removeprefix("Given value:").strip() for line in lines if line.startswith("Given value:")), "?")
+        given = next((line.strip().removeprefix("Given value:").strip() for line in lines
+                      if line.strip().startswith("Given value:")), "?")
         body = f"expected {' or '.join(names) or 'another type'}, got {given!r}"
     return f"{key}\n  {body}" if key.endswith(":") else f"{key} {body}".strip()
 

@@ -14,7 +14,11 @@ from tiny_config import tiny_digits_yaml
     (["--task.init_args.topk", "[0]"], "collab-distill: error: task.topk=[0] must be positive integers\n", "Namespace("),
     (["--trainer.gradient_clip", "nan"], 'Parser key "trainer.gradient_clip":\n  expected float or null, got \'nan\'',
      "NoneType"),
-], ids=["topk_0", "gradient_clip_nan"])
+    (["--task.init_args.data.init_args.augment", "maybe"],  # a nested class's field: the option the user gives
+     'Parser key "task.init_args.data.init_args.augment":\n  Expected a <class \'bool\'>. Got value: maybe', "Problem with"),
+    (["--task.init_args.data.init_args.subset", "abc"],  # a union inside a nested class
+     'Parser key "task.init_args.data.init_args.subset":\n  expected int or null, got \'abc\'', "NestedArg"),
+], ids=["topk_0", "gradient_clip_nan", "nested_bool", "nested_optional_int"])
 def test_a_value_no_member_of_a_union_accepts_is_one_message(capsys, tmp_path, extra, expected, absent):
     config = tmp_path / "base.yaml"
     config.write_text(tiny_digits_yaml())
