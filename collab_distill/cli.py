@@ -13,6 +13,7 @@ fit) stops with one message naming the field before any file is written.
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import sys
 from pathlib import Path
@@ -60,7 +61,13 @@ def _raised_at(err: BaseException) -> str:
 def _instantiate(sub_parser: ArgumentParser, cfg: Namespace) -> Namespace:
     """``cfg``'s objects (task, cohort, plugins, ...); a constructor's error names its config node."""
     try:
-        return sub_parser.instantiate(cfg, instantiators=plugin_instantiators(cfg))
+        instantiators = plugin_instantiators(cfg)
+        if "instantiators" in inspect.signature(sub_parser.instantiate).parameters:  # jsonargparse >= 4.53
+            return sub_parser.instantiate(cfg, instantiators=instantiators)
+        # older releases take them on the parser, which is built afresh for each command
+        for instantiator, class_type, subclasses in instantiators:
+            sub_parser.add_instantiator(instantiator, class_type, subclasses=subclasses, prepend=True)
+        return sub_parser.instantiate(cfg)
     except PluginFailedToStart:
         raise
     except (ConfigError, ValueError, TypeError) as err:

@@ -351,6 +351,7 @@ def simplify_union_error(message: str) -> str:
     else:
         subtypes = next((line for line in lines if line.strip().startswith("Subtypes:")), "")
         names = ["null" if t == "NoneType" else t.rsplit(".", 1)[-1] for t in re.findall(r"<class '([\w.]+)'>", subtypes)]
+        names.sort(key=lambda name: name == "null")  # 'float or null' whatever order jsonargparse lists them in
         given = next((line.strip().removeprefix("Given value:").strip() for line in lines
                       if line.strip().startswith("Given value:")), "?")
         body = f"expected {' or '.join(names) or 'another type'}, got {given!r}"
